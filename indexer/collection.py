@@ -1,0 +1,213 @@
+"""A collection on disk: image files under a root folder, and optional captions.
+
+Everything that touches a user's files goes through here, so that a bad file becomes
+a `SkippedFile` with a reason instead of an exception in the middle of a build.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+CAPTION_FILE_NAMES = ("captions.tsv", "captions.csv", "captions.jsonl")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A candidate image file: `path` is relative to the collection root, with '/' separators."""
+
+    path: str
+    abs_path: Path
+    bytes: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: str
+    reason: str
+
+
+@dataclass
+class LoadedImage:
+    entry: FileEntry
+    content_hash: str
+    image: Image.Image
+
+
+class BadImage(Exception):
+    """An image that cannot be indexed; the message is the reason shown to the user."""
+
+
+def scan(root: Path) -> tuple[list[FileEntry], list[SkippedFile]]:
+    """All image files under root, sorted; unreadable entries are reported, not raised.
+
+    Symlinked folders are not followed (no loops); symlinked files are, when they stay
+    inside the root.
+    """
+    root = root.resolve()
+    if not root.is_dir():
+        raise NotADirectoryError(f"collection folder not found: {root}")
+    entries: list[FileEntry] = []
+    skipped: list[SkippedFile] = []
+
+    def on_error(err: OSError) -> None:
+        skipped.append(SkippedFile(_relative(Path(err.filename), root), f"unreadable folder: {err.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            entry_or_skip = _entry(Path(dirpath) / name, root)
+            (entries if isinstance(entry_or_skip, FileEntry) else skipped).append(entry_or_skip)
+    return entries, skipped
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _entry(path: Path, root: Path) -> FileEntry | SkippedFile:
+    rel = _relative(path, root)
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return SkippedFile(rel.encode("utf-8", "replace").decode(), "file name is not valid UTF-8")
+    try:
+        real = path.resolve(strict=True)
+        if root not in real.parents:
+            return SkippedFile(rel, "symlink points outside the collection")
+        stat = real.stat()
+    except (OSError, RuntimeError) as err:
+        return SkippedFile(rel, f"unreadable: {getattr(err, 'strerror', None) or err}")
+    if not os.access(real, os.R_OK):
+        return SkippedFile(rel, "unreadable: permission denied")
+    return FileEntry(rel, path, stat.st_size, stat.st_mtime)
+
+
+def hash_bytes(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode to RGB with EXIF orientation applied; first frame of animations.
+
+    The pixel count is checked from the header, before any pixel is decoded.
+    """
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadImage(f"too many pixels: {width}x{height} exceeds the limit of {max_pixels}")
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImage(f"too many pixels: {err}") from err
+    except Image.UnidentifiedImageError as err:
+        raise BadImage("not an image (unrecognised content)") from err
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise BadImage(f"corrupt image: {err}") from err
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode to RGB; transparency is composited onto white, 16-bit scaled down."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
+        return background
+    return image.convert("RGB")
+
+
+def load_image(entry: FileEntry, max_bytes: int, max_pixels: int) -> LoadedImage:
+    """Read a file once: hash its bytes and decode them."""
+    if entry.bytes > max_bytes:
+        raise BadImage(f"file too large: {entry.bytes} bytes exceeds the limit of {max_bytes}")
+    try:
+        data = entry.abs_path.read_bytes()
+    except OSError as err:
+        raise BadImage(f"unreadable: {err.strerror or err}") from err
+    return LoadedImage(entry, hash_bytes(data), decode_image(data, max_pixels))
+
+
+@dataclass
+class Captions:
+    """Parsed captions: good (image, caption) rows in file order, and the rows we dropped."""
+
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    bad_rows: list[SkippedFile] = field(default_factory=list)
+
+
+def find_captions_file(root: Path) -> Path | None:
+    return next((root / n for n in CAPTION_FILE_NAMES if (root / n).is_file()), None)
+
+
+def read_captions(path: Path) -> Captions:
+    """Read a TSV, CSV or JSONL file with `image` and `caption` fields.
+
+    Undecodable bytes, missing fields and empty captions drop that row only.
+    """
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(text, path.name)
+    if suffix not in (".tsv", ".csv"):
+        raise ValueError(f"captions file must be .tsv, .csv or .jsonl: {path}")
+    reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+    if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+        raise ValueError(f"{path}: header must name the columns 'image' and 'caption', got {reader.fieldnames}")
+    captions = Captions()
+    for line_no, row in enumerate(reader, start=2):
+        _add_row(captions, f"{path.name}:{line_no}", row.get("image"), row.get("caption"))
+    return captions
+
+
+def _read_jsonl(text: str, name: str) -> Captions:
+    captions = Captions()
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            captions.bad_rows.append(SkippedFile(f"{name}:{line_no}", f"invalid JSON: {err.msg}"))
+            continue
+        if not isinstance(row, dict):
+            captions.bad_rows.append(SkippedFile(f"{name}:{line_no}", "row is not a JSON object"))
+            continue
+        _add_row(captions, f"{name}:{line_no}", row.get("image"), row.get("caption"))
+    return captions
+
+
+def _add_row(captions: Captions, where: str, image: object, caption: object) -> None:
+    if not isinstance(image, str) or not image.strip():
+        captions.bad_rows.append(SkippedFile(where, "missing image"))
+    elif not isinstance(caption, str) or not caption.strip():
+        captions.bad_rows.append(SkippedFile(where, "missing caption"))
+    elif "\ufffd" in caption or "\ufffd" in image:
+        captions.bad_rows.append(SkippedFile(where, "not valid UTF-8"))
+    else:
+        captions.rows.append((image.strip().replace("\\", "/"), " ".join(caption.split())))

@@ -1,0 +1,101 @@
+"""Retrieval quality with the standard Flickr 1k protocol.
+
+Text-to-image: a caption hits when its own image is in the top K of all images.
+Image-to-text: an image hits when any of its captions is in the top K of all captions.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+KS = (1, 5, 10)
+
+
+def _rank_of_first_hit(scores: np.ndarray, is_hit: np.ndarray) -> np.ndarray:
+    """0-based rank of the best-scored hit in each row (rows: queries)."""
+    best_hit = np.where(is_hit, scores, -np.inf).max(axis=1, keepdims=True)
+    return (scores > best_hit).sum(axis=1)
+
+
+def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.ndarray,
+                ks: tuple[int, ...] = KS, chunk: int = 2048) -> dict[str, dict[str, float]]:
+    """Recall@K (in %) both ways; caption_image[i] is the row in image_emb of caption i."""
+    caption_image = np.asarray(caption_image)
+    t2i_ranks = []
+    for start in range(0, len(text_emb), chunk):
+        scores = text_emb[start:start + chunk] @ image_emb.T
+        own = caption_image[start:start + chunk]
+        is_hit = np.zeros_like(scores, dtype=bool)
+        is_hit[np.arange(len(own)), own] = True
+        t2i_ranks.append(_rank_of_first_hit(scores, is_hit))
+    i2t_ranks = []
+    for start in range(0, len(image_emb), chunk):
+        rows = np.arange(start, min(start + chunk, len(image_emb)))
+        scores = image_emb[rows] @ text_emb.T
+        is_hit = caption_image[None, :] == rows[:, None]
+        i2t_ranks.append(_rank_of_first_hit(scores, is_hit))
+    return recall_from_ranks(np.concatenate(t2i_ranks), np.concatenate(i2t_ranks), ks)
+
+
+def recall_from_ranks(t2i: np.ndarray, i2t: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, dict[str, float]]:
+    """Ranks are 0-based positions of the first hit (any value >= max(ks) is a miss)."""
+    return {
+        "text_to_image": {f"R@{k}": float((t2i < k).mean() * 100) for k in ks},
+        "image_to_text": {f"R@{k}": float((i2t < k).mean() * 100) for k in ks},
+    }
+
+
+def _first_hit(neighbours: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Per row, the position of the first neighbour in `wanted[row]` (a set per row); len if none."""
+    hits = np.array([[n in w for n in row] for row, w in zip(neighbours, wanted)], dtype=bool)
+    return np.where(hits.any(1), hits.argmax(1), neighbours.shape[1])
+
+
+def evaluate_published(settings) -> dict:
+    """Recall of the published build, measured through its own FAISS indexes (what users get)."""
+    import faiss
+    from sqlalchemy import select
+
+    from indexer import faiss_index
+    from indexer.collection import hash_bytes
+    from indexer.store import CaptionRow, ImageRow, Store, load_embeddings, vectors_from_bytes
+
+    store = Store(settings.resolved_database_url())
+    build = store.published_build()
+    if build is None:
+        raise RuntimeError(f"no published index in {settings.index_dir}: run `crossmodal index FOLDER` first")
+    build_dir = faiss_index.build_dir_for(settings.index_dir, build.id)
+    manifest = faiss_index.Manifest.read(build_dir)
+    images = faiss_index.read_index(build_dir / faiss_index.IMAGES_FILE, manifest.search_params)
+    captions = faiss_index.read_index(build_dir / faiss_index.CAPTIONS_FILE, manifest.search_params)
+    image_ids = set(faiss.vector_to_array(images.id_map).tolist())
+    caption_ids = set(faiss.vector_to_array(captions.id_map).tolist())
+    with store.session() as s:
+        rows = s.execute(select(CaptionRow.id, CaptionRow.image_id, CaptionRow.text, ImageRow.content_hash)
+                         .join(ImageRow, CaptionRow.image_id == ImageRow.id)).tuples().all()
+        rows = [r for r in rows if r[0] in caption_ids and r[1] in image_ids]
+        if not rows:
+            raise ValueError("the published collection has no captions: eval needs a captioned collection")
+        text_keys = [hash_bytes(r[2].encode()) for r in rows]
+        query_images = sorted({(r[1], r[3]) for r in rows})
+        text_blobs = load_embeddings(s, manifest.model, "text", list(set(text_keys)))
+        image_blobs = load_embeddings(s, manifest.model, "image", list({h for _, h in query_images}))
+    text_vectors = vectors_from_bytes([text_blobs[k] for k in text_keys], manifest.dim)
+    image_vectors = vectors_from_bytes([image_blobs[h] for _, h in query_images], manifest.dim)
+    depth = max(KS)
+    _, t2i = faiss_index.search(images, text_vectors, depth)
+    t2i_ranks = _first_hit(t2i, [{r[1]} for r in rows])
+    captions_of: dict[int, set[int]] = {}
+    for caption_id, image_id, _, _ in rows:
+        captions_of.setdefault(image_id, set()).add(caption_id)
+    _, i2t = faiss_index.search(captions, image_vectors, depth)
+    i2t_ranks = _first_hit(i2t, [captions_of[i] for i, _ in query_images])
+    return {"model": manifest.model, "build_id": build.id, "n_images": len(query_images), "n_captions": len(rows),
+            "recall": recall_from_ranks(t2i_ranks, i2t_ranks)}
+
+
+def format_table(result: dict[str, dict[str, float]]) -> str:
+    ks = list(next(iter(result.values())).keys())
+    lines = [f"{'direction':<15}" + "".join(f"{k:>8}" for k in ks)]
+    for direction, row in result.items():
+        lines.append(f"{direction:<15}" + "".join(f"{row[k]:>8.1f}" for k in ks))
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""Train the heads of `crossmodal-lite` (LiT-style: frozen pretrained towers, trained projections).
+
+Tower features are computed once and cached, so training itself takes seconds per
+epoch on a CPU. Settings are chosen on the dev split; the best dev epoch is kept.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+from tqdm import tqdm
+
+from indexer.collection import FileEntry, decode_image, read_captions
+from indexer.default_model import HEADS_FILE, create_default_model
+from indexer.encoder import Encoder
+from indexer.evaluate import recall_at_k
+from indexer.prefetch import prefetched_batches
+
+log = logging.getLogger(__name__)
+VIEWS = ("center", "flip")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    input_dropout: float = 0.3
+    warmup_epochs: float = 1.0
+    seed: int = 0
+
+
+def _split_pairs(split_dir: Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """Image names, caption->image row, caption texts of a Flickr-style split folder."""
+    captions = read_captions(split_dir / "captions.tsv")
+    names = sorted({image for image, _ in captions.rows})
+    row = {name: i for i, name in enumerate(names)}
+    caption_image = np.array([row[image] for image, _ in captions.rows])
+    return names, caption_image, [text for _, text in captions.rows]
+
+
+def _feature_model(device: torch.device):
+    """The frozen towers only: projections replaced by identity, so outputs are tower features."""
+    model, preprocess, tokenizer = create_default_model(device, load_heads=False)
+    model.visual.head.proj = nn.Identity()
+    model.text.proj = nn.Identity()
+    return model.to(memory_format=torch.channels_last), preprocess, tokenizer
+
+
+@torch.inference_mode()
+def cache_features(split_dir: Path, cache_file: Path, device: torch.device, views: tuple[str, ...],
+                   batch_size: int = 8) -> dict[str, np.ndarray]:
+    if cache_file.exists():
+        return dict(np.load(cache_file))
+    model, preprocess, tokenizer = _feature_model(device)
+    names, caption_image, texts = _split_pairs(split_dir)
+
+    def load(name: str) -> torch.Tensor:
+        path = split_dir / "images" / name
+        image = decode_image(path.read_bytes(), max_pixels=10**9)
+        return torch.stack([preprocess(ImageOps.mirror(image) if v == "flip" else image) for v in views])
+
+    image_features = []
+    for batch in tqdm(prefetched_batches(names, load, batch_size), total=math.ceil(len(names) / batch_size),
+                      desc=f"image features {split_dir.name}", unit="batch"):
+        tensors = torch.stack([t for _, t in batch])  # [n, views, 3, H, W]
+        n, v = tensors.shape[:2]
+        pixels = tensors.flatten(0, 1).to(device).contiguous(memory_format=torch.channels_last)
+        feats = model.encode_image(pixels, normalize=False).float().cpu()
+        image_features.append(feats.view(n, v, -1).transpose(0, 1).numpy())
+    towers = Encoder("towers", model, preprocess, tokenizer, device)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    text_features = np.zeros((len(texts), towers.dim), dtype=np.float32)
+    for start in tqdm(range(0, len(texts), 256), desc=f"text features {split_dir.name}", unit="batch"):
+        rows = order[start:start + 256]
+        tokens = towers.tokenize([texts[i] for i in rows])
+        text_features[rows] = model.encode_text(tokens, normalize=False).float().cpu().numpy()
+    result = {"image": np.concatenate(image_features, axis=1), "text": text_features,
+              "caption_image": caption_image}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache_file, **result)
+    return result
+
+
+class Heads(nn.Module):
+    """Standardise, drop out, project; standardisation is folded into the linear layers on export."""
+
+    def __init__(self, image_stats, text_stats, dim: int = 512, dropout: float = 0.3):
+        super().__init__()
+        for prefix, (mean, std) in (("image", image_stats), ("text", text_stats)):
+            self.register_buffer(f"{prefix}_mean", torch.as_tensor(mean))
+            self.register_buffer(f"{prefix}_std", torch.as_tensor(std))
+        self.image_proj = nn.Linear(len(image_stats[0]), dim)
+        self.text_proj = nn.Linear(len(text_stats[0]), dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.dropout = nn.Dropout(dropout)
+
+    def embed(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        x = (x - getattr(self, f"{kind}_mean")) / getattr(self, f"{kind}_std")
+        return nn.functional.normalize(getattr(self, f"{kind}_proj")(self.dropout(x)), dim=-1)
+
+    def folded(self) -> dict[str, torch.Tensor]:
+        """Weights in open_clip's layout for crossmodal-lite (see default_model.py)."""
+        out = {}
+        for kind, key in (("image", "visual.head.proj"), ("text", "text.proj")):
+            proj = getattr(self, f"{kind}_proj")
+            weight = proj.weight / getattr(self, f"{kind}_std")[None, :]
+            out[f"{key}.weight"] = weight.detach().clone().contiguous()
+            out[f"{key}.bias"] = (proj.bias - weight @ getattr(self, f"{kind}_mean")).detach().clone().contiguous()
+        out["logit_scale"] = self.logit_scale.detach().clone().reshape(())
+        return out
+
+
+def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return x.mean(0).astype(np.float32), (x.std(0) + 1e-6).astype(np.float32)
+
+
+def evaluate_heads(heads: Heads, feats: dict[str, np.ndarray]) -> dict:
+    heads.eval()
+    with torch.no_grad():
+        img = heads.embed(torch.from_numpy(feats["image"][0]), "image").numpy()
+        txt = heads.embed(torch.from_numpy(feats["text"]), "text").numpy()
+    return recall_at_k(img, txt, feats["caption_image"])
+
+
+def rsum(metrics: dict) -> float:
+    return sum(v for row in metrics.values() for v in row.values())
+
+
+def train_heads(train: dict[str, np.ndarray], dev: dict[str, np.ndarray], cfg: TrainConfig):
+    """Symmetric InfoNCE over all caption pairs; returns (best heads, best dev metrics, history)."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    heads = Heads(_stats(train["image"][0]), _stats(train["text"]), dropout=cfg.input_dropout)
+    decay = [p for n, p in heads.named_parameters() if n.endswith("weight")]
+    rest = [p for n, p in heads.named_parameters() if not n.endswith("weight")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+    image_feats = torch.from_numpy(train["image"])  # [views, n_images, d]
+    text_feats = torch.from_numpy(train["text"])
+    caption_image = torch.from_numpy(train["caption_image"])
+    steps_per_epoch = len(text_feats) // cfg.batch_size
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, total - warmup)))))
+    best, best_metrics, history = None, None, []
+    for epoch in range(cfg.epochs):
+        heads.train()
+        order = torch.from_numpy(rng.permutation(len(text_feats)))
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            views = torch.from_numpy(rng.integers(0, image_feats.shape[0], len(idx)))
+            img = heads.embed(image_feats[views, caption_image[idx]], "image")
+            txt = heads.embed(text_feats[idx], "text")
+            logits = heads.logit_scale.exp().clamp(max=100) * img @ txt.T
+            labels = torch.arange(len(idx))
+            loss = (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels)) / 2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        metrics = evaluate_heads(heads, dev)
+        history.append({"epoch": epoch + 1, "loss": float(loss.detach()), "dev": metrics})
+        log.info("epoch %d loss %.3f dev %s", epoch + 1, float(loss.detach()), metrics)
+        if best_metrics is None or rsum(metrics) > rsum(best_metrics):
+            best, best_metrics = heads.folded(), metrics
+    return best, best_metrics, history
+
+
+def run_training(data_dir: Path, cache_dir: Path, seeds: list[int], cfg: TrainConfig, device: torch.device,
+                 out_file: Path = HEADS_FILE) -> dict:
+    """Cache features, train one model per seed, save the first seed's heads; report all seeds."""
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    train = cache_features(data_dir / "train", cache_dir / "train.npz", device, VIEWS)
+    dev = cache_features(data_dir / "dev", cache_dir / "dev.npz", device, ("center",))
+    feature_seconds = time.perf_counter() - start
+    runs = []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        heads, metrics, history = train_heads(train, dev, TrainConfig(**{**asdict(cfg), "seed": seed}))
+        runs.append({"seed": seed, "dev": metrics, "seconds": time.perf_counter() - t0, "history": history})
+        if seed == seeds[0]:
+            out_file.parent.mkdir(parents=True, exist_ok=True)
+            save_file(heads, str(out_file))
+    report = {"config": asdict(cfg), "feature_seconds": feature_seconds, "runs": runs,
+              "saved": str(out_file), "saved_bytes": out_file.stat().st_size}
+    (out_file.parent / "training_report.json").write_text(json.dumps(report, indent=2))
+    return report
