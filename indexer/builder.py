@@ -1,0 +1,409 @@
+"""Build or update the index of a collection, incrementally.
+
+A re-run reads only files whose size or mtime changed, embeds only content it has not
+embedded before with this model (looked up by content hash), and drops deleted files.
+Embeddings are committed batch by batch, so a killed build resumes where it stopped.
+The new FAISS indexes are written to a fresh build directory and published in one
+database transaction (see faiss_index.py for the layout).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from indexer import faiss_index
+from indexer.collection import (BadImage, FileEntry, LoadedImage, SkippedFile, find_captions_file, hash_bytes,
+                                load_image, read_captions, scan)
+from indexer.encoder import Encoder, load_encoder
+from indexer.prefetch import prefetched_batches
+from indexer.settings import Settings
+from indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings, utcnow,
+                           vector_to_bytes, vectors_from_bytes)
+
+log = logging.getLogger(__name__)
+
+
+class BuildInProgress(RuntimeError):
+    """Another build holds this index directory."""
+
+
+@dataclass
+class Progress:
+    """What a build is doing now; handed to the progress callback after every batch."""
+
+    phase: str  # scanning | images | captions | indexing | done
+    done: int = 0
+    total: int = 0
+    rate: float = 0.0  # items per second in this phase
+    eta_seconds: float | None = None
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class BuildReport:
+    build_id: int
+    model: str
+    previous_model: str | None
+    model_changed: bool
+    n_images: int = 0
+    n_captions: int = 0
+    n_embedded: int = 0  # images whose vectors were computed in this build
+    n_reused: int = 0  # images whose stored vectors were reused
+    n_removed: int = 0
+    skipped: list[SkippedFile] = field(default_factory=list)
+    bad_caption_rows: list[SkippedFile] = field(default_factory=list)
+    captions_for_unknown_images: int = 0
+    image_index_type: str = ""
+    caption_index_type: str = ""
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_images / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["images_per_second"] = self.images_per_second
+        return data
+
+
+class _Meter:
+    """Rate and ETA for one phase."""
+
+    def __init__(self, phase: str, total: int, callback: ProgressCallback | None):
+        self.phase, self.total, self.callback = phase, total, callback
+        self.done, self.start = 0, time.perf_counter()
+        self.report()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self.report()
+
+    def report(self) -> None:
+        if self.callback is None:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / elapsed if elapsed > 0 and self.done else 0.0
+        eta = (self.total - self.done) / rate if rate else None
+        self.callback(Progress(self.phase, self.done, self.total, rate, eta))
+
+
+@contextlib.contextmanager
+def build_lock(index_dir: Path) -> Iterator[None]:
+    """One build per index directory, across processes; released automatically if we die."""
+    index_dir.mkdir(parents=True, exist_ok=True)
+    with open(index_dir / ".build.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise BuildInProgress(f"another build is running on {index_dir}") from err
+        yield
+
+
+class IndexBuilder:
+    def __init__(self, settings: Settings, store: Store | None = None, encoder: Encoder | None = None):
+        self.settings = settings
+        self.store = store or Store(settings.resolved_database_url())
+        self._encoder = encoder
+
+    def encoder(self, model: str) -> Encoder:
+        if self._encoder is None or self._encoder.name != model:
+            self._encoder = load_encoder(model, self.settings.device)
+        return self._encoder
+
+    def build(self, collection: Path, captions_file: Path | None = None, model: str | None = None,
+              progress: ProgressCallback | None = None) -> BuildReport:
+        """Index `collection`; returns the report of the published build."""
+        with build_lock(self.settings.index_dir):
+            return self._build(collection.resolve(), captions_file, model or self.settings.model, progress)
+
+    def _build(self, root: Path, captions_file: Path | None, model: str,
+               progress: ProgressCallback | None) -> BuildReport:
+        start = time.perf_counter()
+        previous = self.store.published_build()
+        captions_file = self._captions_source(root, captions_file, previous)
+        build_id = self._start_build(root, captions_file, model)
+        report = BuildReport(build_id, model, previous.model if previous else None,
+                             model_changed=bool(previous and previous.model != model))
+        if report.model_changed:
+            log.warning("model changed from %s to %s: every image and caption is embedded again",
+                        previous.model, model)
+        # The encoder is loaded only when something needs embedding: an unchanged re-run takes seconds.
+        known_dim = previous.dim if previous and previous.model == model else None
+        lazy = _LazyEncoder(self, model, known_dim)
+        try:
+            _Meter("scanning", 0, progress)
+            entries, report.skipped = scan(root)
+            images = self._index_images(entries, lazy, build_id, report, progress)
+            captions = self._index_captions(captions_file, images, lazy, report, progress)
+            self._write_and_publish(build_id, lazy, images, captions, report, progress, start)
+        except BaseException as err:
+            self._fail(build_id, err)
+            raise
+        return report
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _captions_source(self, root: Path, given: Path | None, previous: Build | None) -> Path | None:
+        """Explicit file, else captions.{tsv,csv,jsonl} in the root, else the previous build's file."""
+        if given is not None:
+            if not given.is_file():
+                raise FileNotFoundError(f"captions file not found: {given}")
+            return given.resolve()
+        found = find_captions_file(root)
+        if found is None and previous and previous.captions_file and previous.collection_root == str(root):
+            found = Path(previous.captions_file) if Path(previous.captions_file).is_file() else None
+        return found
+
+    def _start_build(self, root: Path, captions_file: Path | None, model: str) -> int:
+        with self.store.session() as s, s.begin():
+            # Builds left 'building' by a killed process are over; their embeddings are reused.
+            s.execute(update(Build).where(Build.status == "building").values(status="failed"))
+            build = Build(model=model, collection_root=str(root),
+                          captions_file=str(captions_file) if captions_file else None)
+            s.add(build)
+            s.flush()
+            return build.id
+
+    def _fail(self, build_id: int, err: BaseException) -> None:
+        with contextlib.suppress(Exception), self.store.session() as s, s.begin():
+            s.execute(update(Build).where(Build.id == build_id).values(
+                status="failed", finished_at=utcnow(), report={"error": f"{type(err).__name__}: {err}"}))
+
+    # -- images ----------------------------------------------------------------------------
+
+    def _index_images(self, entries: list[FileEntry], lazy: "_LazyEncoder", build_id: int, report: BuildReport,
+                      progress: ProgressCallback | None) -> dict[int, str]:
+        """Returns {image row id: content hash} of every image in the new build."""
+        with self.store.session() as s:
+            known = defaultdict(list)
+            for row in s.scalars(select(ImageRow)):
+                known[row.path].append(row)
+            unchanged = {}
+            for entry in entries:
+                row = next((r for r in known.get(entry.path, ())
+                            if r.bytes == entry.bytes and abs(r.mtime - entry.mtime) < 1e-6), None)
+                if row is not None:
+                    unchanged[entry.path] = row
+            have = load_embeddings(s, lazy.name, "image", list({r.content_hash for r in unchanged.values()}))
+        live = {row.id: row.content_hash for row in unchanged.values() if row.content_hash in have}
+        report.n_reused = len(live)
+        todo = [e for e in entries if not (e.path in unchanged and unchanged[e.path].id in live)]
+        meter = _Meter("images", len(todo), progress)
+        if not todo:
+            report.n_images = len(live)
+            return live
+        encoder = lazy.get()
+        limits = (self.settings.max_file_bytes, self.settings.max_image_pixels)
+        batch_size = encoder.image_batch_size * 4
+        for batch in prefetched_batches(todo, lambda e: self._load(e, encoder, *limits), batch_size,
+                                        threads=self.settings.decode_threads):
+            loaded = []
+            for entry, result in batch:
+                if isinstance(result, Exception):
+                    reason = str(result) if isinstance(result, BadImage) else f"{type(result).__name__}: {result}"
+                    report.skipped.append(SkippedFile(entry.path, reason))
+                else:
+                    loaded.append(result)
+            live.update(self._store_images(loaded, encoder, build_id, report))
+            meter.advance(len(batch))
+        report.n_images = len(live)
+        return live
+
+    @staticmethod
+    def _load(entry: FileEntry, encoder: Encoder, max_bytes: int, max_pixels: int):
+        """Runs on decode threads: read, hash, decode and preprocess one file."""
+        image = load_image(entry, max_bytes, max_pixels)
+        return image, encoder.preprocess(image.image)
+
+    def _store_images(self, loaded: list[tuple[LoadedImage, torch.Tensor]], encoder: Encoder, build_id: int,
+                      report: BuildReport) -> dict[int, str]:
+        """Embed what is new, write rows and vectors in one transaction (a resumable step)."""
+        if not loaded:
+            return {}
+        with self.store.session() as s, s.begin():
+            hashes = list({item.content_hash for item, _ in loaded})
+            have = set(load_embeddings(s, encoder.name, "image", hashes))
+            new = {}
+            for item, pixels in loaded:
+                if item.content_hash not in have and item.content_hash not in new:
+                    new[item.content_hash] = pixels
+            if new:
+                for start in range(0, len(new), encoder.image_batch_size):
+                    keys = list(new)[start:start + encoder.image_batch_size]
+                    vectors = encoder.encode_image_tensors(torch.stack([new[k] for k in keys]))
+                    s.add_all(Embedding(model=encoder.name, kind="image", key=k, vector=vector_to_bytes(v))
+                              for k, v in zip(keys, vectors))
+            report.n_embedded += len(new)
+            report.n_reused += sum(1 for item, _ in loaded if item.content_hash in have)
+            return {self._image_row(s, item, build_id).id: item.content_hash for item, _ in loaded}
+
+    @staticmethod
+    def _image_row(s: Session, item: LoadedImage, build_id: int) -> ImageRow:
+        row = s.scalars(select(ImageRow).where(ImageRow.path == item.entry.path,
+                                               ImageRow.content_hash == item.content_hash)).first()
+        if row is None:
+            row = ImageRow(path=item.entry.path, content_hash=item.content_hash, build_id=build_id,
+                           bytes=item.entry.bytes, width=item.image.width, height=item.image.height,
+                           mtime=item.entry.mtime)
+            s.add(row)
+        else:
+            row.bytes, row.mtime = item.entry.bytes, item.entry.mtime
+        s.flush()
+        return row
+
+    # -- captions --------------------------------------------------------------------------
+
+    def _index_captions(self, captions_file: Path | None, images: dict[int, str], lazy: "_LazyEncoder",
+                        report: BuildReport, progress: ProgressCallback | None) -> dict[int, str]:
+        """Returns {caption row id: text hash} of every caption in the new build."""
+        if captions_file is None:
+            return {}
+        parsed = read_captions(captions_file)
+        report.bad_caption_rows = parsed.bad_rows
+        with self.store.session() as s, s.begin():
+            paths = self._live_paths(s, images)
+            by_name = defaultdict(list)
+            for path, image_id in paths.items():
+                by_name[path.rsplit("/", 1)[-1]].append(image_id)
+            wanted: dict[tuple[int, str], None] = {}
+            for ref, text in parsed.rows:
+                image_id = paths.get(ref) or (by_name[ref][0] if len(by_name.get(ref, ())) == 1 else None)
+                if image_id is None:
+                    report.captions_for_unknown_images += 1
+                else:
+                    wanted[(image_id, text)] = None
+            existing = {(r.image_id, r.text): r.id for r in s.scalars(select(CaptionRow))}
+            new_rows = [CaptionRow(image_id=i, text=t) for i, t in wanted if (i, t) not in existing]
+            s.add_all(new_rows)
+            s.flush()
+            existing.update({(r.image_id, r.text): r.id for r in new_rows})
+            live = {existing[key]: hash_bytes(key[1].encode()) for key in wanted}
+        self._embed_texts({h: t for (_, t), h in zip(wanted, live.values())}, lazy, progress)
+        report.n_captions = len(live)
+        return live
+
+    @staticmethod
+    def _live_paths(s: Session, images: dict[int, str]) -> dict[str, int]:
+        ids = set(images)
+        return {p: i for p, i in s.execute(select(ImageRow.path, ImageRow.id)) if i in ids}
+
+    def _embed_texts(self, texts: dict[str, str], lazy: "_LazyEncoder", progress: ProgressCallback | None) -> None:
+        with self.store.session() as s:
+            have = set(load_embeddings(s, lazy.name, "text", list(texts)))
+        todo = [k for k in texts if k not in have]
+        meter = _Meter("captions", len(todo), progress)
+        for start in range(0, len(todo), 1024):
+            keys = todo[start:start + 1024]
+            encoder = lazy.get()
+            vectors = encoder.encode_texts([texts[k] for k in keys])
+            with self.store.session() as s, s.begin():
+                s.add_all(Embedding(model=encoder.name, kind="text", key=k, vector=vector_to_bytes(v))
+                          for k, v in zip(keys, vectors))
+            meter.advance(len(keys))
+
+    # -- index files and publishing ----------------------------------------------------------
+
+    def _vectors(self, model: str, kind: str, rows: dict[int, str], dim: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.fromiter(rows, dtype=np.int64, count=len(rows))
+        with self.store.session() as s:
+            blobs = load_embeddings(s, model, kind, list(set(rows.values())))
+        return ids, vectors_from_bytes([blobs[rows[i]] for i in ids], dim)
+
+    def _write_and_publish(self, build_id: int, encoder: "_LazyEncoder", images: dict[int, str], captions: dict[int, str],
+                           report: BuildReport, progress: ProgressCallback | None, start: float) -> None:
+        _Meter("indexing", 2, progress)
+        settings = self.settings
+        build_dir = faiss_index.build_dir_for(settings.index_dir, build_id)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        params = {}
+        for kind, rows, file_name in (("image", images, faiss_index.IMAGES_FILE),
+                                      ("text", captions, faiss_index.CAPTIONS_FILE)):
+            ids, vectors = self._vectors(encoder.name, kind, rows, encoder.dim)
+            index_type = faiss_index.choose_index_type(len(ids), settings.index_factory, settings.exact_search_max)
+            log.info("%s index: %d vectors, type %s", kind, len(ids), index_type)
+            index = faiss_index.build_index(vectors.reshape(-1, encoder.dim), ids, index_type, settings.use_gpu_faiss)
+            faiss_index.write_index(index, build_dir / file_name)
+            params.update(faiss_index.default_search_params(index_type))
+            if kind == "image":
+                report.image_index_type = index_type
+            else:
+                report.caption_index_type = index_type
+        faiss_index.Manifest(build_id, encoder.name, encoder.dim, report.image_index_type,
+                             report.caption_index_type, len(images), len(captions), params).write(build_dir)
+        report.seconds = time.perf_counter() - start
+        self._publish(build_id, encoder, images, captions, report)
+        previous = {b for b in [build_id] + self._previous_published(build_id)}
+        faiss_index.remove_unpublished(settings.index_dir, keep=previous)
+        _Meter("done", 0, progress)
+
+    def _previous_published(self, build_id: int) -> list[int]:
+        with self.store.session() as s:
+            prev = s.scalars(select(Build.id).where(Build.status == "superseded", Build.id < build_id)
+                             .order_by(Build.id.desc()).limit(1)).all()
+        return list(prev)
+
+    def _publish(self, build_id: int, encoder: "_LazyEncoder", images: dict[int, str], captions: dict[int, str],
+                 report: BuildReport) -> None:
+        """The atomic switch: one transaction makes the new build current and drops stale rows."""
+        with self.store.session() as s, s.begin():
+            live_images = set(images)
+            stale_images = [i for i in s.scalars(select(ImageRow.id)) if i not in live_images]
+            stale_captions = [i for i in s.scalars(select(CaptionRow.id)) if i not in captions]
+            for chunk in _chunks(stale_captions):
+                s.execute(delete(CaptionRow).where(CaptionRow.id.in_(chunk)))
+            for chunk in _chunks(stale_images):
+                s.execute(delete(CaptionRow).where(CaptionRow.image_id.in_(chunk)))
+                s.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
+            report.n_removed = len(stale_images)
+            self._drop_unused_embeddings(s, encoder.name, set(images.values()), set(captions.values()))
+            s.execute(update(Build).where(Build.status == "published").values(status="superseded"))
+            s.execute(update(Build).where(Build.id == build_id).values(
+                status="published", dim=encoder.dim, image_index_type=report.image_index_type,
+                caption_index_type=report.caption_index_type, n_images=report.n_images,
+                n_captions=report.n_captions, n_embedded=report.n_embedded, n_reused=report.n_reused,
+                n_skipped=len(report.skipped), report=report.to_dict(), finished_at=utcnow(),
+                seconds=report.seconds))
+
+    @staticmethod
+    def _drop_unused_embeddings(s: Session, model: str, image_keys: set[str], text_keys: set[str]) -> None:
+        """Keep the stored vectors the published build uses; other models' vectors go."""
+        s.execute(delete(Embedding).where(Embedding.model != model))
+        for kind, keep in (("image", image_keys), ("text", text_keys)):
+            unused = [k for k in s.scalars(select(Embedding.key).where(Embedding.model == model,
+                                                                        Embedding.kind == kind)) if k not in keep]
+            for chunk in _chunks(unused):
+                s.execute(delete(Embedding).where(Embedding.model == model, Embedding.kind == kind,
+                                                  Embedding.key.in_(chunk)))
+
+
+class _LazyEncoder:
+    """The build's encoder, loaded on first use; `dim` comes from the previous build when it can."""
+
+    def __init__(self, builder: IndexBuilder, name: str, known_dim: int | None):
+        self.builder, self.name, self._dim = builder, name, known_dim
+
+    def get(self) -> Encoder:
+        return self.builder.encoder(self.name)
+
+    @property
+    def dim(self) -> int:
+        return self._dim or self.get().dim
+
+
+def _chunks(items: list, size: int = 900) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -1,0 +1,225 @@
+"""`crossmodal`: the one command-line entry point (index, search, eval, train, serve, ...).
+
+Each command turns its options into a `Settings` (options win over CROSSMODAL_* variables)
+and calls the indexer or the search engine; no logic lives here beyond presentation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from tqdm import tqdm
+
+from indexer.settings import Settings, get_settings
+
+app = typer.Typer(help="Cross-modal (text <-> image) search: index a folder of images, then search it.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+IndexDir = Annotated[Optional[Path], typer.Option("--index-dir", help="Index directory [env CROSSMODAL_INDEX_DIR].")]
+Model = Annotated[Optional[str], typer.Option("--model", help="Encoder: crossmodal-lite, ARCH:TAG or ARCH:FILE.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")]
+
+
+def _settings(**overrides) -> Settings:
+    updates = {k: v for k, v in overrides.items() if v is not None}
+    return get_settings().model_copy(update=updates)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+class _ProgressBars:
+    """One tqdm bar per build phase (images/s and ETA come from tqdm itself)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.phase = enabled, None, None
+
+    def __call__(self, progress) -> None:
+        if not self.enabled:
+            return
+        if progress.phase != self.phase:
+            self.close()
+            self.phase = progress.phase
+            if progress.total and progress.phase in ("images", "captions"):
+                unit = "img" if progress.phase == "images" else "caption"
+                self.bar = tqdm(total=progress.total, desc=f"embedding {progress.phase}", unit=unit,
+                                dynamic_ncols=True)
+        if self.bar is not None:
+            self.bar.update(progress.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@app.command()
+def index(
+    collection: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    captions: Annotated[Optional[Path], typer.Option(help="TSV, CSV or JSONL with image and caption columns; "
+                                                          "default: captions.tsv/csv/jsonl in the folder.")] = None,
+    index_dir: IndexDir = None,
+    model: Model = None,
+    index_type: Annotated[Optional[str], typer.Option(help="Force a FAISS index-factory string, e.g. HNSW32.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Build or update the index of COLLECTION (only new or changed files are embedded)."""
+    from indexer.builder import BuildInProgress, IndexBuilder
+
+    settings = _settings(index_dir=index_dir, model=model, index_factory=index_type, device=device)
+    bars = _ProgressBars(enabled=not json_out)
+    try:
+        report = IndexBuilder(settings).build(collection, captions, progress=bars)
+    except (FileNotFoundError, NotADirectoryError, ValueError, BuildInProgress) as err:
+        _fail(str(err))
+    finally:
+        bars.close()
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        return
+    if report.model_changed:
+        typer.secho(f"model changed from {report.previous_model} to {report.model}: everything was re-embedded",
+                    fg=typer.colors.YELLOW)
+    typer.echo(f"build {report.build_id} published to {settings.index_dir}")
+    typer.echo(f"  images:   {report.n_images} ({report.n_embedded} embedded, {report.n_reused} reused, "
+               f"{report.n_removed} removed), index {report.image_index_type}")
+    typer.echo(f"  captions: {report.n_captions}, index {report.caption_index_type}")
+    typer.echo(f"  time:     {report.seconds:.1f} s ({report.images_per_second:.1f} images/s)")
+    if report.captions_for_unknown_images:
+        typer.echo(f"  captions naming images not in the collection: {report.captions_for_unknown_images}")
+    for title, items in (("skipped files", report.skipped), ("bad caption rows", report.bad_caption_rows)):
+        if items:
+            typer.secho(f"  {title}: {len(items)}", fg=typer.colors.YELLOW)
+            for item in items[:20]:
+                typer.echo(f"    {item.path}: {item.reason}")
+            if len(items) > 20:
+                typer.echo(f"    ... and {len(items) - 20} more (see --json)")
+
+
+@app.command()
+def search(
+    text: Annotated[Optional[str], typer.Argument(help="Text query: finds images.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Image query: finds captions and similar images.")]
+    = None,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Results per list.")] = 10,
+    index_dir: IndexDir = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Search the published index with TEXT or --image FILE."""
+    from indexer.collection import BadImage, decode_image
+    from search.engine import NoIndex, SearchEngine
+
+    if (text is None) == (image is None):
+        _fail("give either a TEXT query or --image FILE", code=2)
+    if text is not None and not text.strip():
+        _fail("the text query is empty", code=2)
+    settings = _settings(index_dir=index_dir)
+    try:
+        engine = SearchEngine(settings)
+        if text is not None:
+            result = {"query": {"text": text}, "images": engine.images_by_text(text, k), "captions": []}
+        else:
+            query = decode_image(image.read_bytes(), settings.max_image_pixels)
+            result = {"query": {"image": str(image)}, "captions": engine.captions_by_image(query, k),
+                      "images": engine.images_by_image(query, k)}
+    except NoIndex as err:
+        _fail(str(err))
+    except (OSError, BadImage) as err:
+        _fail(f"cannot read {image}: {err}")
+    root = engine.snapshot.collection_root
+    if json_out:
+        as_dict = lambda hit: {**hit.__dict__, **({"file": str(root / hit.path)} if hasattr(hit, "path") else {})}
+        typer.echo(json.dumps({"query": result["query"], "images": [as_dict(h) for h in result["images"]],
+                               "captions": [as_dict(h) for h in result["captions"]]}, indent=2))
+        return
+    if result["captions"]:
+        typer.secho("captions", bold=True)
+        for rank, hit in enumerate(result["captions"], 1):
+            typer.echo(f"{rank:>3}. {hit.score:.3f}  {hit.text}  [{hit.image_path}]")
+    if result["images"]:
+        typer.secho("images", bold=True)
+        for rank, hit in enumerate(result["images"], 1):
+            caption = f"  \"{hit.captions[0]}\"" if hit.captions else ""
+            typer.echo(f"{rank:>3}. {hit.score:.3f}  {root / hit.path}{caption}")
+    if not result["images"] and not result["captions"]:
+        typer.echo("no results: the index is empty")
+
+
+@app.command("eval")
+def evaluate(index_dir: IndexDir = None, json_out: JsonOut = False) -> None:
+    """Recall@1/5/10 of the indexed, captioned collection (Flickr 1k protocol, both directions)."""
+    from indexer.evaluate import evaluate_published, format_table
+
+    settings = _settings(index_dir=index_dir)
+    try:
+        result = evaluate_published(settings)
+    except (RuntimeError, ValueError) as err:
+        _fail(str(err))
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"model {result['model']}, {result['n_images']} images, {result['n_captions']} captions")
+    typer.echo(format_table(result["recall"]))
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Folder with train/ and dev/ splits (images/ + captions.tsv).")]
+    = Path("../shared/datasets/flickr8k"),
+    cache_dir: Annotated[Path, typer.Option(help="Where frozen tower features are cached.")]
+    = Path(".cache/train-features"),
+    epochs: int = 10,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; the first seed's heads are saved.")] = "0",
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+) -> None:
+    """Train the heads of the offline default model (crossmodal-lite) on Flickr8k."""
+    from indexer.encoder import _quiet_model_loading, pick_device
+    from indexer.evaluate import format_table
+    from indexer.train import TrainConfig, run_training
+
+    if not (data / "train").is_dir() or not (data / "dev").is_dir():
+        _fail(f"{data} must contain train/ and dev/ splits")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _quiet_model_loading()
+    report = run_training(data, cache_dir, [int(s) for s in seeds.split(",")], TrainConfig(epochs=epochs),
+                          pick_device(device or get_settings().device))
+    for run in report["runs"]:
+        typer.echo(f"seed {run['seed']} ({run['seconds']:.0f} s):\n{format_table(run['dev'])}")
+    typer.echo(f"saved {report['saved']} ({report['saved_bytes']} bytes)")
+
+
+@app.command()
+def serve(
+    index_dir: IndexDir = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on [env CROSSMODAL_HOST].")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port [env CROSSMODAL_PORT].")] = None,
+) -> None:
+    """Start the search service (FastAPI on uvicorn); API docs at /docs."""
+    import uvicorn
+
+    from indexer.encoder import _quiet_model_loading
+    from search.service import create_app
+
+    settings = _settings(index_dir=index_dir, host=host, port=port)
+    _quiet_model_loading()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    typer.echo(f"serving {settings.index_dir} on http://{settings.host}:{settings.port} (docs at /docs)")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command("demo-data")
+def demo_data(dest: Annotated[Path, typer.Argument(help="Folder to write the sample collection to.")]) -> None:
+    """Write the sample collection (scikit-image's photos with our captions) to DEST."""
+    from indexer.sample_collection import write_sample_collection
+
+    typer.echo(f"sample collection written to {write_sample_collection(dest)}")
+
+
+if __name__ == "__main__":
+    app()

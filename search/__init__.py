@@ -1,0 +1,1 @@
+"""Search: read-only queries over a published build, and the HTTP service."""

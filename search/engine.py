@@ -1,0 +1,214 @@
+"""Read-only search over the published build: what the CLI and the service query.
+
+The engine holds one immutable `Snapshot` (manifest + FAISS indexes) and swaps it for a
+newer one in a single reference assignment, so a query in flight keeps using the
+snapshot it started with and never sees a half-swapped state.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from indexer import faiss_index
+from indexer.encoder import Encoder, load_encoder
+from indexer.settings import Settings
+from indexer.store import Build, CaptionRow, ImageRow, Store
+
+
+class NoIndex(RuntimeError):
+    """Nothing has been published in this index directory yet."""
+
+
+class NotFound(KeyError):
+    pass
+
+
+@dataclass(frozen=True)
+class ImageHit:
+    id: int
+    score: float
+    path: str
+    width: int
+    height: int
+    captions: list[str]
+
+
+@dataclass(frozen=True)
+class CaptionHit:
+    id: int
+    score: float
+    text: str
+    image_id: int
+    image_path: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    build: Build
+    manifest: faiss_index.Manifest
+    images: faiss.Index
+    captions: faiss.Index
+    collection_root: Path
+
+
+@dataclass
+class TextCache:
+    """LRU of query text -> vector; repeated and paged queries skip the text encoder."""
+
+    size: int = 4096
+    _items: OrderedDict = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, key: tuple[str, str]) -> np.ndarray | None:
+        with self._lock:
+            vector = self._items.get(key)
+            if vector is not None:
+                self._items.move_to_end(key)
+            return vector
+
+    def put(self, key: tuple[str, str], vector: np.ndarray) -> None:
+        with self._lock:
+            self._items[key] = vector
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+class SearchEngine:
+    def __init__(self, settings: Settings, encoder: Encoder | None = None, store: Store | None = None):
+        self.settings = settings
+        self.store = store or Store(settings.resolved_database_url())
+        self._encoder = encoder
+        self._encoder_lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        self.text_cache = TextCache()
+        self.reload()
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @property
+    def has_index(self) -> bool:
+        return self._snapshot is not None
+
+    @property
+    def snapshot(self) -> Snapshot:
+        if self._snapshot is None:
+            raise NoIndex(f"no published index in {self.settings.index_dir}: run `crossmodal index FOLDER` first")
+        return self._snapshot
+
+    @property
+    def encoder(self) -> Encoder:
+        snapshot = self.snapshot
+        if self._encoder is None or self._encoder.name != snapshot.manifest.model:
+            self._encoder = load_encoder(snapshot.manifest.model, self.settings.device)
+        return self._encoder
+
+    def reload(self) -> bool:
+        """Load the newest published build if it is not the one in use; True when swapped."""
+        build = self.store.published_build()
+        if build is None or (self._snapshot is not None and self._snapshot.build.id == build.id):
+            return False
+        build_dir = faiss_index.build_dir_for(self.settings.index_dir, build.id)
+        manifest = faiss_index.Manifest.read(build_dir)
+        use_gpu = self.settings.use_gpu_faiss
+        snapshot = Snapshot(build, manifest,
+                            faiss_index.read_index(build_dir / faiss_index.IMAGES_FILE, manifest.search_params, use_gpu),
+                            faiss_index.read_index(build_dir / faiss_index.CAPTIONS_FILE, manifest.search_params,
+                                                   use_gpu),
+                            Path(build.collection_root))
+        if self._encoder is not None and self._encoder.name != manifest.model:
+            self._encoder = None  # the new build was made with another model
+        self._snapshot = snapshot
+        self.encoder  # load (or keep) the build's encoder before queries arrive
+        self.text_cache = TextCache()
+        logging.getLogger(__name__).info("serving build %d (%s)", build.id, manifest.model)
+        return True
+
+    # -- query vectors -----------------------------------------------------------------------
+
+    def text_vector(self, text: str) -> np.ndarray:
+        encoder = self.encoder
+        key = (encoder.name, text)
+        vector = self.text_cache.get(key)
+        if vector is None:
+            with self._encoder_lock:  # torch already uses every core; queueing beats oversubscribing
+                vector = encoder.encode_texts([text])[0]
+            self.text_cache.put(key, vector)
+        return vector
+
+    def image_vector(self, image: Image.Image) -> np.ndarray:
+        with self._encoder_lock:
+            return self.encoder.encode_images([image])[0]
+
+    # -- searches ----------------------------------------------------------------------------
+
+    def images_by_vector(self, vector: np.ndarray, k: int = 10, offset: int = 0,
+                         exclude: int | None = None) -> list[ImageHit]:
+        snapshot = self.snapshot
+        extra = 1 if exclude is not None else 0
+        scores, ids = faiss_index.search(snapshot.images, vector[None, :], k + offset + extra)
+        ranked = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0 and i != exclude]
+        page = ranked[offset:offset + k]
+        rows = self._images([i for i, _ in page])
+        return [ImageHit(i, s, rows[i].path, rows[i].width, rows[i].height, [c.text for c in rows[i].captions])
+                for i, s in page if i in rows]
+
+    def captions_by_vector(self, vector: np.ndarray, k: int = 10, offset: int = 0) -> list[CaptionHit]:
+        snapshot = self.snapshot
+        scores, ids = faiss_index.search(snapshot.captions, vector[None, :], k + offset)
+        page = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0][offset:offset + k]
+        with self.store.session() as s:
+            rows = {c.id: c for c in s.scalars(select(CaptionRow).options(selectinload(CaptionRow.image))
+                                               .where(CaptionRow.id.in_([i for i, _ in page])))}
+        return [CaptionHit(i, sc, rows[i].text, rows[i].image_id, rows[i].image.path) for i, sc in page if i in rows]
+
+    def images_by_text(self, text: str, k: int = 10, offset: int = 0) -> list[ImageHit]:
+        return self.images_by_vector(self.text_vector(text), k, offset)
+
+    def captions_by_text(self, text: str, k: int = 10, offset: int = 0) -> list[CaptionHit]:
+        return self.captions_by_vector(self.text_vector(text), k, offset)
+
+    def images_by_image(self, image: Image.Image, k: int = 10, offset: int = 0) -> list[ImageHit]:
+        return self.images_by_vector(self.image_vector(image), k, offset)
+
+    def captions_by_image(self, image: Image.Image, k: int = 10, offset: int = 0) -> list[CaptionHit]:
+        return self.captions_by_vector(self.image_vector(image), k, offset)
+
+    def similar_images(self, image_id: int, k: int = 10, offset: int = 0) -> list[ImageHit]:
+        """Neighbours of an indexed image, itself excluded; uses its stored vector, no re-encoding."""
+        try:
+            vector = self.snapshot.images.reconstruct(int(image_id))
+        except RuntimeError as err:
+            raise NotFound(f"image {image_id} is not in the index") from err
+        return self.images_by_vector(vector, k, offset, exclude=int(image_id))
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    def _images(self, ids: list[int]) -> dict[int, ImageRow]:
+        with self.store.session() as s:
+            rows = s.scalars(select(ImageRow).options(selectinload(ImageRow.captions)).where(ImageRow.id.in_(ids)))
+            return {row.id: row for row in rows}
+
+    def image(self, image_id: int) -> ImageRow:
+        row = self._images([image_id]).get(image_id)
+        if row is None:
+            raise NotFound(f"image {image_id} not found")
+        return row
+
+    def image_file(self, image_id: int) -> Path:
+        """The file of an indexed image; it must resolve inside the collection root."""
+        row = self.image(image_id)
+        root = self.snapshot.collection_root.resolve()
+        path = (root / row.path).resolve()
+        if root not in path.parents or not path.is_file():
+            raise NotFound(f"file of image {image_id} is not available")
+        return path
