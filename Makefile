@@ -1,0 +1,34 @@
+# The README's two commands:  `make demo`  and  `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+DEMO_DIR ?= .demo
+BIN = $(VENV)/bin
+export CROSSMODAL_INDEX_DIR ?= $(abspath $(DEMO_DIR)/index)
+
+.PHONY: install demo test clean
+
+# torch/torchvision come first and pinned: they install from local disk on our machines,
+# and an unpinned resolver would fetch a newer multi-GB build.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# Index the sample collection, show one search each way, then serve it (Ctrl-C stops).
+demo: install
+	$(BIN)/crossmodal demo-data $(DEMO_DIR)/collection
+	$(BIN)/crossmodal index $(DEMO_DIR)/collection
+	$(BIN)/crossmodal search "a cat" -k 3
+	$(BIN)/crossmodal search --image $(DEMO_DIR)/collection/coffee.jpg -k 3
+	@echo "API: http://127.0.0.1:8000/docs  (try: curl 'http://127.0.0.1:8000/v1/images/search?q=a+cat&k=3')"
+	$(BIN)/crossmodal serve
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,172 @@
+"""End to end through the indexer and the search engine: a real encoder, FAISS files and SQLite."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from indexer.builder import BuildInProgress, IndexBuilder, build_lock
+from indexer.encoder import Encoder
+from indexer.faiss_index import build_dir_for
+from indexer.store import Build, CaptionRow, Embedding, ImageRow
+from search.engine import NoIndex, SearchEngine
+from tests.conftest import solid_image
+
+
+def build(settings, encoder, collection, **kwargs):
+    phases = []
+    report = IndexBuilder(settings, encoder=encoder).build(collection, progress=phases.append, **kwargs)
+    return report, phases
+
+
+def test_text_finds_images_and_an_image_finds_its_captions(settings, encoder, collection):
+    report, phases = build(settings, encoder, collection)
+    assert report.n_images == 18 and report.n_captions == 22 and report.n_embedded == 18
+    assert report.image_index_type == "Flat" and not report.skipped
+    assert {p.phase for p in phases} >= {"scanning", "images", "captions", "done"}
+    last_images = [p for p in phases if p.phase == "images"][-1]
+    assert last_images.done == last_images.total == 18 and last_images.rate > 0
+
+    engine = SearchEngine(settings, encoder=encoder)
+    for query, expected in [("a man with a camera", "camera.png"), ("a horse", "horse.png")]:
+        hits = engine.images_by_text(query, k=3)
+        assert hits[0].path == expected, (query, [h.path for h in hits])
+        assert hits[0].score >= hits[1].score >= hits[2].score
+    from PIL import Image
+    captions = engine.captions_by_image(Image.open(collection / "camera.png"), k=2)
+    assert {c.image_path for c in captions} == {"camera.png"}
+    similar = engine.images_by_image(Image.open(collection / "cat.jpg"), k=1)
+    assert similar[0].path == "cat.jpg" and similar[0].score > 0.99
+    cat_id = similar[0].id
+    assert all(h.id != cat_id for h in engine.similar_images(cat_id, k=5))
+    assert engine.image_file(cat_id) == (collection / "cat.jpg").resolve()
+
+
+def test_paging_with_offset_continues_the_ranking(settings, encoder, collection):
+    build(settings, encoder, collection)
+    engine = SearchEngine(settings, encoder=encoder)
+    full = [h.id for h in engine.images_by_text("a photo", k=10)]
+    assert [h.id for h in engine.images_by_text("a photo", k=5, offset=5)] == full[5:10]
+
+
+def test_incremental_rebuild_embeds_only_what_changed(settings, encoder, collection):
+    build(settings, encoder, collection)
+    start = time.perf_counter()
+    unchanged, _ = build(settings, encoder, collection)
+    assert (unchanged.n_embedded, unchanged.n_reused, unchanged.n_removed) == (0, 18, 0)
+    assert time.perf_counter() - start < 10
+
+    solid_image((0, 200, 0)).save(collection / "generated" / "green.png")  # added
+    solid_image((250, 250, 0)).save(collection / "generated" / "red.png")  # changed content
+    os.utime(collection / "generated" / "red.png", (1, 1))
+    (collection / "generated" / "blue.jpg").unlink()  # deleted
+    changed, _ = build(settings, encoder, collection)
+    assert changed.n_embedded == 2 and changed.n_removed == 2 and changed.n_images == 18
+    engine = SearchEngine(settings, encoder=encoder)
+    with engine.store.session() as s:
+        paths = set(s.scalars(select(ImageRow.path)))
+        assert "generated/blue.jpg" not in paths and "generated/green.png" in paths
+        assert s.scalar(select(func.count()).select_from(ImageRow)) == 18
+        # stored vectors follow the published build: 18 image files (17 distinct contents + 0 dupes) and captions
+        assert s.scalar(select(func.count()).select_from(Embedding).where(Embedding.kind == "image")) == 18
+
+
+def test_moved_file_reuses_its_embedding(settings, encoder, collection):
+    build(settings, encoder, collection)
+    (collection / "camera.png").rename(collection / "generated" / "photographer.png")
+    moved, _ = build(settings, encoder, collection)
+    assert moved.n_embedded == 0 and moved.n_images == 18
+    engine = SearchEngine(settings, encoder=encoder)
+    assert engine.images_by_text("a man with a camera", k=1)[0].path == "generated/photographer.png"
+
+
+def test_bad_files_are_skipped_and_reported(settings, encoder, collection):
+    (collection / "empty.jpg").write_bytes(b"")
+    (collection / "fake.png").write_text("not really a png")
+    (collection / "truncated.jpg").write_bytes((collection / "cat.jpg").read_bytes()[:2000])
+    report, _ = build(settings, encoder, collection)
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert reasons.keys() == {"empty.jpg", "fake.png", "truncated.jpg"}
+    assert reasons["empty.jpg"] == "empty file" and "corrupt" in reasons["truncated.jpg"]
+    assert report.n_images == 18
+    with IndexBuilder(settings, encoder=encoder).store.session() as s:
+        assert s.scalars(select(Build.report)).all()[-1]["skipped"][0]["path"] == "empty.jpg"
+
+
+def test_switching_model_re_embeds_everything_and_says_so(settings, encoder, collection):
+    build(settings, encoder, collection)
+    other = Encoder("crossmodal-lite-copy", encoder.model, encoder.preprocess, encoder.tokenizer, encoder.device)
+    switched, _ = build(settings, other, collection, model="crossmodal-lite-copy")
+    assert switched.model_changed and switched.previous_model == "crossmodal-lite"
+    assert switched.n_embedded == 18 and switched.n_reused == 0
+    with IndexBuilder(settings, encoder=other).store.session() as s:
+        models = set(s.scalars(select(Embedding.model)))
+    assert models == {"crossmodal-lite-copy"}
+
+
+def test_publish_keeps_previous_build_until_switch_and_cleans_older(settings, encoder, collection):
+    first, _ = build(settings, encoder, collection)
+    second, _ = build(settings, encoder, collection)
+    assert build_dir_for(settings.index_dir, first.build_id).is_dir()  # previous kept for readers mid-swap
+    third, _ = build(settings, encoder, collection)
+    assert not build_dir_for(settings.index_dir, first.build_id).exists()
+    with IndexBuilder(settings, encoder=encoder).store.session() as s:
+        statuses = dict(s.execute(select(Build.id, Build.status)).tuples().all())
+    assert statuses == {first.build_id: "superseded", second.build_id: "superseded", third.build_id: "published"}
+
+
+def test_engine_swaps_to_a_new_build(settings, encoder, collection):
+    build(settings, encoder, collection)
+    engine = SearchEngine(settings, encoder=encoder)
+    old = engine.snapshot.build.id
+    assert engine.reload() is False
+    (collection / "cat.jpg").unlink()
+    build(settings, encoder, collection)
+    assert engine.reload() is True and engine.snapshot.build.id != old
+    assert all(h.path != "cat.jpg" for h in engine.images_by_text("a cat", k=18))
+
+
+def test_captions_file_option_and_unknown_images(settings, encoder, collection, tmp_path):
+    (collection / "captions.tsv").unlink()
+    captions = tmp_path / "mine.csv"
+    captions.write_text('image,caption\ncat.jpg,"my cat, sleeping"\nghost.jpg,nobody\n')
+    report, _ = build(settings, encoder, collection, captions_file=captions)
+    assert report.n_captions == 1 and report.captions_for_unknown_images == 1
+    with pytest.raises(FileNotFoundError, match="captions file not found"):
+        build(settings, encoder, collection, captions_file=tmp_path / "missing.tsv")
+
+
+def test_second_concurrent_build_is_refused(settings):
+    with build_lock(settings.index_dir):
+        with pytest.raises(BuildInProgress):
+            with build_lock(settings.index_dir):
+                pass
+
+
+def test_search_before_any_build_is_a_clear_error(settings, encoder):
+    with pytest.raises(NoIndex, match="crossmodal index"):
+        SearchEngine(settings, encoder=encoder).images_by_text("x")
+
+
+def test_killed_build_leaves_published_index_and_resumes(settings, encoder, collection):
+    first, _ = build(settings, encoder, collection)
+    solid_image((9, 99, 199)).save(collection / "new.png")
+
+    class Killed(BaseException):
+        pass
+
+    def die_after_images(progress):
+        if progress.phase == "captions":
+            raise Killed
+
+    with pytest.raises(Killed):
+        IndexBuilder(settings, encoder=encoder).build(collection, progress=die_after_images)
+    engine = SearchEngine(settings, encoder=encoder)
+    assert engine.snapshot.build.id == first.build_id  # the previous build is still served
+    assert engine.images_by_text("a man with a camera", k=1)[0].path == "camera.png"
+    resumed, _ = build(settings, encoder, collection)
+    assert resumed.n_embedded == 0  # new.png's vector was committed before the kill
+    with engine.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(CaptionRow)) == 22

@@ -1,0 +1,54 @@
+"""The `crossmodal` command as a user runs it: index, search (text and image, text and JSON), eval."""
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from indexer.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_index_search_eval_round_trip(tmp_path, collection):
+    index_dir = tmp_path / "idx"
+    code, out = run("index", collection, "--index-dir", index_dir, "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert report["n_images"] == 18 and report["n_captions"] == 22
+
+    code, out = run("search", "a man with a camera", "-k", "3", "--index-dir", index_dir, "--json")
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["images"][0]["path"] == "camera.png" and len(result["images"]) == 3
+    assert result["images"][0]["file"].endswith("camera.png") and result["images"][0]["captions"]
+
+    code, out = run("search", "--image", collection / "horse.png", "--index-dir", index_dir)
+    assert code == 0, out
+    assert out.index("captions") < out.index("images")
+    first_caption = out.splitlines()[1]
+    assert "[horse.png]" in first_caption
+
+    code, out = run("eval", "--index-dir", index_dir, "--json")
+    assert code == 0, out
+    recall = json.loads(out)["recall"]
+    assert recall["text_to_image"]["R@10"] >= recall["text_to_image"]["R@1"] > 0
+
+    code, out = run("index", collection, "--index-dir", index_dir)
+    assert code == 0 and "0 embedded, 18 reused" in out
+
+
+def test_user_errors_are_messages_not_tracebacks(tmp_path):
+    code, out = run("search", "x", "--index-dir", tmp_path / "empty")
+    assert code == 1 and "no published index" in out
+    code, out = run("search", "--index-dir", tmp_path)
+    assert code == 2 and "either a TEXT query or --image" in out
+    code, out = run("index", tmp_path / "missing", "--index-dir", tmp_path / "idx")
+    assert code == 1 and "collection folder not found" in out
+    code, out = run("eval", "--index-dir", tmp_path / "empty")
+    assert code == 1 and "no published index" in out

@@ -1,0 +1,120 @@
+"""Scanning folders, decoding every supported format safely, and reading caption files."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.collection import BadImage, FileEntry, decode_image, load_image, read_captions, scan
+from tests.conftest import solid_image
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_every_supported_format_decodes_to_rgb(fmt):
+    image = decode_image(encoded(solid_image((10, 200, 10)), fmt), max_pixels=10**7)
+    assert image.mode == "RGB" and image.size == (64, 48)
+    assert image.getpixel((5, 5))[1] > 150  # still green
+
+
+def test_exif_orientation_is_applied():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    data = encoded(solid_image((50, 50, 50), (80, 20)), "JPEG", exif=exif.tobytes())
+    assert decode_image(data, 10**7).size == (20, 80)
+
+
+def test_unusual_modes_become_rgb():
+    cmyk = decode_image(encoded(solid_image((200, 0, 0)).convert("CMYK"), "JPEG"), 10**7)
+    sixteen = decode_image(encoded(Image.fromarray(np.full((8, 8), 60000, dtype=np.uint16)), "PNG"), 10**7)
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([255, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    transparent = decode_image(encoded(palette, "PNG", transparency=0), 10**7)
+    assert cmyk.mode == sixteen.mode == transparent.mode == "RGB"
+    assert sixteen.getpixel((0, 0))[0] > 200  # 16-bit white stays white
+    assert transparent.getpixel((0, 0)) == (255, 255, 255)  # transparency composited on white
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    first = decode_image(buffer.getvalue(), 10**7).getpixel((3, 3))
+    assert first[0] > 200 and first[2] < 50
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty file"),
+    (b"this is not an image", "not an image"),
+    (encoded(solid_image((1, 2, 3)), "JPEG")[:200], "corrupt image"),
+])
+def test_bad_bytes_raise_bad_image_with_reason(data, reason):
+    with pytest.raises(BadImage, match=reason):
+        decode_image(data, 10**7)
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    with pytest.raises(BadImage, match="too many pixels"):
+        decode_image(encoded(Image.new("L", (4000, 4000)), "PNG"), max_pixels=1_000_000)
+
+
+def test_file_size_limit(tmp_path):
+    path = tmp_path / "big.png"
+    solid_image((1, 1, 1)).save(path)
+    entry = FileEntry("big.png", path, path.stat().st_size, 0.0)
+    with pytest.raises(BadImage, match="file too large"):
+        load_image(entry, max_bytes=10, max_pixels=10**7)
+
+
+def test_scan_is_recursive_sorted_and_reports_escaping_symlinks(tmp_path):
+    (tmp_path / "b").mkdir()
+    solid_image((1, 2, 3)).save(tmp_path / "b" / "x.JPG")
+    solid_image((1, 2, 3)).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("not an image extension, ignored")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.png"
+    solid_image((1, 2, 3)).save(outside)
+    (tmp_path / "link.png").symlink_to(outside)
+    (tmp_path / "loop").symlink_to(tmp_path)  # folder symlinks are not followed
+    entries, skipped = scan(tmp_path)
+    assert [e.path for e in entries] == ["a.png", "b/x.JPG"]
+    assert [(s.path, s.reason) for s in skipped] == [("link.png", "symlink points outside the collection")]
+
+
+def test_scan_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(NotADirectoryError, match="collection folder not found"):
+        scan(tmp_path / "nope")
+
+
+def test_read_captions_tsv_csv_jsonl_keep_good_rows(tmp_path):
+    (tmp_path / "c.tsv").write_text("image\tcaption\na.jpg\ta dog\na.jpg\t  two   spaces \nb.jpg\t\n")
+    (tmp_path / "c.csv").write_text('image,caption\na.jpg,"a dog, running"\n')
+    rows = [json.dumps({"image": "a.jpg", "caption": "x"}), "{broken", json.dumps(["list"])]
+    (tmp_path / "c.jsonl").write_text("\n".join(rows))
+    tsv = read_captions(tmp_path / "c.tsv")
+    assert tsv.rows == [("a.jpg", "a dog"), ("a.jpg", "two spaces")]
+    assert [b.reason for b in tsv.bad_rows] == ["missing caption"]
+    assert read_captions(tmp_path / "c.csv").rows == [("a.jpg", "a dog, running")]
+    jsonl = read_captions(tmp_path / "c.jsonl")
+    assert jsonl.rows == [("a.jpg", "x")] and len(jsonl.bad_rows) == 2
+
+
+def test_read_captions_bad_encoding_drops_only_that_row(tmp_path):
+    (tmp_path / "c.tsv").write_bytes(b"image\tcaption\na.jpg\tgood\nb.jpg\tbad \xff\xfe bytes\n")
+    captions = read_captions(tmp_path / "c.tsv")
+    assert captions.rows == [("a.jpg", "good")]
+    assert captions.bad_rows[0].reason == "not valid UTF-8"
+
+
+def test_read_captions_without_required_columns(tmp_path):
+    (tmp_path / "c.tsv").write_text("file\ttext\na\tb\n")
+    with pytest.raises(ValueError, match="'image' and 'caption'"):
+        read_captions(tmp_path / "c.tsv")

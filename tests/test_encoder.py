@@ -1,0 +1,88 @@
+"""The encoder interface: offline default model, open_clip checkpoints, the shared space."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from indexer.encoder import Encoder, ModelSpec, load_encoder, pick_device
+from tests.conftest import solid_image
+
+
+def test_default_model_loads_offline_and_embeds_into_one_normalised_space(encoder, sample_source):
+    assert encoder.name == "crossmodal-lite" and encoder.dim == 512 and encoder.device.type == "cpu"
+    from PIL import Image
+    images = encoder.encode_images([Image.open(sample_source / "cat.jpg"), solid_image((0, 0, 0))])
+    texts = encoder.encode_texts(["a cat", "a dog", ""])
+    assert images.dtype == texts.dtype == np.float32
+    assert images.shape == (2, 512) and texts.shape == (3, 512)
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
+    assert encoder.encode_texts([]).shape == (0, 512)
+
+
+def test_right_caption_ranks_first_on_real_photos(encoder, sample_source):
+    """Among all 22 sample captions, these photos' best caption is one of their own."""
+    from PIL import Image
+    from indexer.collection import read_captions
+    captions = read_captions(sample_source / "captions.tsv").rows
+    names = ["camera.png", "horse.png", "rocket.webp", "coffee.jpg"]
+    images = encoder.encode_images([Image.open(sample_source / n) for n in names])
+    best = (images @ encoder.encode_texts([text for _, text in captions]).T).argmax(axis=1)
+    assert [captions[i][0] for i in best] == names
+
+
+def test_trimmed_padding_gives_the_same_vectors(encoder):
+    texts = ["short", "a much longer caption about two dogs playing in the snow near a fence"]
+    full = encoder.tokenizer(texts).to(encoder.device)
+    with torch.inference_mode():
+        reference = encoder.model.encode_text(full, normalize=True).numpy()
+    np.testing.assert_allclose(encoder.encode_texts(texts), reference, atol=1e-5)
+    assert encoder.tokenize(texts).shape[1] < full.shape[1]
+
+
+def test_batching_does_not_change_results(encoder):
+    images = [solid_image((i * 20, 100, 200 - i * 20)) for i in range(5)]
+    np.testing.assert_allclose(encoder.encode_images(images, batch_size=2), encoder.encode_images(images, batch_size=5),
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("name, arch, pretrained", [
+    ("ViT-B-32", "ViT-B-32", None),
+    ("ViT-B-32:laion2b_s34b_b79k", "ViT-B-32", "laion2b_s34b_b79k"),
+    ("RN50:/models/rn50.pt", "RN50", "/models/rn50.pt"),
+    ("hf-hub:org/repo", "hf-hub:org/repo", None),
+])
+def test_model_spec_parsing(name, arch, pretrained):
+    assert ModelSpec.parse(name) == ModelSpec(arch, pretrained)
+
+
+def test_open_clip_local_checkpoint_loads(tmp_path):
+    """The path real users take with their own checkpoints: ARCH:/path/to/file.pt."""
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "tiny-test-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "tiny-test-clip.json")
+    model = open_clip.create_model("tiny-test-clip")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "tiny.pt")
+    tiny = load_encoder(f"tiny-test-clip:{tmp_path / 'tiny.pt'}", device="cpu")
+    assert tiny.dim == 32
+    assert tiny.encode_images([solid_image((1, 2, 3))]).shape == (1, 32)
+
+
+def test_unknown_model_and_missing_checkpoint_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="cannot load model"):
+        load_encoder("no-such-arch", device="cpu")
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+        load_encoder(f"ViT-B-32:{tmp_path}/missing.pt", device="cpu")
+
+
+def test_device_selection_falls_back_to_cpu():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device("cuda")

@@ -1,0 +1,55 @@
+"""FAISS indexes: type choice, id mapping, exactness, persistence."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexer import faiss_index
+
+
+def unit_vectors(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_index_type_follows_size_unless_forced():
+    assert faiss_index.choose_index_type(1_000) == "Flat"
+    assert faiss_index.choose_index_type(1_000_000).startswith("IVF")
+    assert faiss_index.choose_index_type(10, forced="HNSW32") == "HNSW32"
+
+
+def test_flat_index_is_exact_and_returns_database_ids(tmp_path):
+    vectors, ids = unit_vectors(500), np.arange(1000, 1500)
+    index = faiss_index.build_index(vectors, ids, "Flat")
+    queries = unit_vectors(5, seed=1)
+    scores, found = faiss_index.search(index, queries, 10)
+    expected = np.argsort(-(queries @ vectors.T), axis=1)[:, :10] + 1000
+    np.testing.assert_array_equal(found, expected)
+    faiss_index.write_index(index, tmp_path / "i.faiss")
+    reloaded = faiss_index.read_index(tmp_path / "i.faiss", {})
+    np.testing.assert_array_equal(faiss_index.search(reloaded, queries, 10)[1], expected)
+    np.testing.assert_allclose(reloaded.reconstruct(1007), vectors[7], atol=1e-6)
+
+
+@pytest.mark.parametrize("index_type", ["IVF16,SQ8", "HNSW16"])
+def test_approximate_indexes_find_most_true_neighbours(index_type):
+    vectors = unit_vectors(5000)
+    index = faiss_index.build_index(vectors, np.arange(5000), index_type)
+    faiss_index.apply_search_params(index, faiss_index.default_search_params(index_type))
+    queries = vectors[:50] + 0.05 * unit_vectors(50, seed=3)
+    _, found = faiss_index.search(index, queries, 10)
+    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+    assert recall > 0.9
+
+
+def test_empty_index_searches_to_nothing():
+    index = faiss_index.build_index(np.zeros((0, 8), np.float32), np.zeros(0, np.int64), "Flat")
+    scores, ids = faiss_index.search(index, unit_vectors(1, 8), 5)
+    assert (ids < 0).all()
+
+
+def test_manifest_round_trip(tmp_path):
+    manifest = faiss_index.Manifest(3, "m", 8, "Flat", "IVF4,SQ8", 10, 20, {"nprobe": 4})
+    manifest.write(tmp_path)
+    assert faiss_index.Manifest.read(tmp_path) == manifest
