@@ -1,0 +1,110 @@
+"""The API's request and response models (pydantic); the OpenAPI docs at /docs come from these."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ImageResult(BaseModel):
+    id: int
+    score: float
+    path: str
+    width: int
+    height: int
+    captions: list[str]
+    url: str
+    thumbnail_url: str
+
+
+class CaptionResult(BaseModel):
+    id: int
+    score: float
+    text: str
+    image_id: int
+    image_path: str
+    thumbnail_url: str
+
+
+class ImageSearchResponse(BaseModel):
+    results: list[ImageResult]
+    took_ms: float
+
+
+class CaptionSearchResponse(BaseModel):
+    results: list[CaptionResult]
+    took_ms: float
+
+
+class CaptionOut(BaseModel):
+    id: int
+    text: str
+
+
+class ImageDetail(BaseModel):
+    id: int
+    path: str
+    width: int
+    height: int
+    bytes: int
+    content_hash: str
+    captions: list[CaptionOut]
+    url: str
+    thumbnail_url: str
+
+
+class Stats(BaseModel):
+    images: int
+    captions: int
+    model: str
+    dim: int
+    image_index_type: str
+    caption_index_type: str
+    build_id: int
+    built_at: datetime | None
+    collection_root: str
+
+
+class JobRequest(BaseModel):
+    collection: str = Field(description="Folder of images on the server's disk.")
+    captions: str | None = Field(default=None, description="Optional captions file (TSV, CSV or JSONL).")
+    model: str | None = Field(default=None, description="Encoder name; default: the service's model.")
+
+
+class JobProgress(BaseModel):
+    phase: str
+    done: int
+    total: int
+    rate: float = Field(description="Items per second in this phase.")
+    eta_seconds: float | None
+
+
+class SkippedItem(BaseModel):
+    path: str
+    reason: str
+
+
+class Job(BaseModel):
+    id: str
+    state: Literal["queued", "running", "done", "failed"]
+    collection: str
+    captions: str | None
+    created_at: datetime
+    finished_at: datetime | None = None
+    progress: JobProgress | None = None
+    error: str | None = None
+    build_id: int | None = None
+    images: int | None = None
+    captions_indexed: int | None = None
+    skipped: list[SkippedItem] = []
+    bad_caption_rows: list[SkippedItem] = []
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    ready: bool
+    reason: str | None = None

@@ -1,0 +1,286 @@
+"""The search service (FastAPI): text-to-image, image-to-text and image-to-image over HTTP.
+
+`create_app()` builds the app; the model and the published index are loaded once in the
+lifespan, before `/ready` turns true. Endpoints are plain `def`s, so FastAPI runs them
+on its thread pool: FAISS releases the GIL and queries do not queue behind each other.
+"""
+
+import io
+import mimetypes
+import time
+import unicodedata
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image
+
+from indexer.collection import BadImage, decode_image
+from indexer.settings import Settings, get_settings
+from search import schemas
+from search.engine import CaptionHit, ImageHit, NoIndex, NotFound, SearchEngine
+from search.jobs import JobConflict, JobManager
+
+UPLOAD_PATHS = ("/v1/images/search", "/v1/captions/search")
+
+
+class Service:
+    """What the endpoints share: settings, the engine (once loaded) and the job manager."""
+
+    def __init__(self, settings: Settings, engine: "SearchEngine | None" = None):
+        self.settings = settings
+        self.engine = engine
+        self.jobs: JobManager | None = None
+        self.load_error: str | None = None
+
+    def load(self) -> None:
+        try:
+            self.engine = self.engine or SearchEngine(self.settings)
+            if self.engine.has_index:
+                self.engine.encoder  # the model loads now, not on the first query
+        except Exception as err:  # reported by /ready, the service stays up
+            self.load_error = f"{type(err).__name__}: {err}"
+            raise
+        self.jobs = JobManager(self.settings, self.engine)
+
+    @property
+    def ready(self) -> tuple[bool, str | None]:
+        if self.load_error:
+            return False, self.load_error
+        if self.engine is None or self.jobs is None:
+            return False, "loading the model and the index"
+        if not self.engine.has_index:
+            return False, "no index published yet: POST /v1/index/jobs or run `crossmodal index FOLDER`"
+        return True, None
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def get_engine(service: Annotated[Service, Depends(get_service)]) -> SearchEngine:
+    ready, reason = service.ready
+    if not ready:
+        raise HTTPException(503, reason)
+    return service.engine
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+EngineDep = Annotated[SearchEngine, Depends(get_engine)]
+
+
+def create_app(settings: Settings | None = None, engine: SearchEngine | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    service = Service(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await run_in_threadpool(service.load)
+        yield
+
+    app = FastAPI(title="crossmodal search", version="0.1.0", lifespan=lifespan,
+                  description="Text-to-image, image-to-text and image-to-image search over an indexed collection.")
+    app.state.service = service
+    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                       allow_headers=["*"])
+    _add_upload_limit(app, settings.max_upload_bytes)
+    _add_error_handlers(app)
+    _add_routes(app, settings)
+    return app
+
+
+def _add_upload_limit(app: FastAPI, limit: int) -> None:
+    @app.middleware("http")
+    async def refuse_large_uploads(request: Request, call_next):
+        """Refuse on the declared length before the body is read (multipart overhead allowed)."""
+        if request.method == "POST" and request.url.path in UPLOAD_PATHS:
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+                return JSONResponse({"detail": f"upload larger than the limit of {limit} bytes"}, status_code=413)
+        return await call_next(request)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(NotFound)
+    async def not_found(_request: Request, err: NotFound):
+        return JSONResponse({"detail": err.args[0] if err.args else "not found"}, status_code=404)
+
+    @app.exception_handler(NoIndex)
+    async def no_index(_request: Request, err: NoIndex):
+        return JSONResponse({"detail": str(err)}, status_code=503)
+
+
+def _text_query(max_chars: int):
+    def query(q: Annotated[str, Query(description="Text query.", max_length=max_chars)]) -> str:
+        text = q.strip()
+        if not text:
+            raise HTTPException(422, "the query is empty")
+        if any(unicodedata.category(ch) == "Cc" and ch not in "\t\n" for ch in text):
+            raise HTTPException(422, "the query contains control characters")
+        return text
+    return query
+
+
+async def _uploaded_image(file: UploadFile, settings: Settings) -> Image.Image:
+    data = await file.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise HTTPException(413, f"upload larger than the limit of {settings.max_upload_bytes} bytes")
+    try:
+        return await run_in_threadpool(decode_image, data, settings.max_image_pixels)
+    except BadImage as err:
+        status = 413 if "too many pixels" in str(err) else 415
+        raise HTTPException(status, f"not a usable image: {err}") from err
+
+
+def _image_result(hit: ImageHit) -> schemas.ImageResult:
+    return schemas.ImageResult(**hit.__dict__, url=f"/v1/images/{hit.id}/file",
+                               thumbnail_url=f"/v1/images/{hit.id}/thumbnail")
+
+
+def _caption_result(hit: CaptionHit) -> schemas.CaptionResult:
+    return schemas.CaptionResult(**hit.__dict__, thumbnail_url=f"/v1/images/{hit.image_id}/thumbnail")
+
+
+def _images_response(hits: list[ImageHit], start: float) -> schemas.ImageSearchResponse:
+    return schemas.ImageSearchResponse(results=[_image_result(h) for h in hits],
+                                       took_ms=(time.perf_counter() - start) * 1000)
+
+
+def _captions_response(hits: list[CaptionHit], start: float) -> schemas.CaptionSearchResponse:
+    return schemas.CaptionSearchResponse(results=[_caption_result(h) for h in hits],
+                                         took_ms=(time.perf_counter() - start) * 1000)
+
+
+def _add_routes(app: FastAPI, settings: Settings) -> None:
+    TextQuery = Annotated[str, Depends(_text_query(settings.max_query_chars))]
+    K = Annotated[int, Query(ge=1, le=settings.max_k, description="Number of results.")]
+    Offset = Annotated[int, Query(ge=0, le=settings.max_offset, description="Results to skip (paging).")]
+    Upload = Annotated[UploadFile, File(description="An image file.")]
+
+    @app.get("/health", response_model=schemas.Health, tags=["service"])
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/ready", response_model=schemas.Ready, tags=["service"])
+    def ready(service: ServiceDep, response: Response):
+        is_ready, reason = service.ready
+        response.status_code = 200 if is_ready else 503
+        return {"ready": is_ready, "reason": reason}
+
+    @app.get("/v1/stats", response_model=schemas.Stats, tags=["service"])
+    def stats(engine: EngineDep):
+        snapshot = engine.snapshot
+        build, manifest = snapshot.build, snapshot.manifest
+        return schemas.Stats(images=manifest.n_images, captions=manifest.n_captions, model=manifest.model,
+                             dim=manifest.dim, image_index_type=manifest.image_index_type,
+                             caption_index_type=manifest.caption_index_type, build_id=build.id,
+                             built_at=build.finished_at, collection_root=str(snapshot.collection_root))
+
+    @app.get("/v1/images/search", response_model=schemas.ImageSearchResponse, tags=["search"])
+    def images_by_text(engine: EngineDep, q: TextQuery, k: K = 10, offset: Offset = 0):
+        """Text to images."""
+        start = time.perf_counter()
+        return _images_response(engine.images_by_text(q, k, offset), start)
+
+    @app.post("/v1/images/search", response_model=schemas.ImageSearchResponse, tags=["search"])
+    async def images_by_image(engine: EngineDep, file: Upload, k: K = 10, offset: Offset = 0):
+        """Image to images."""
+        start = time.perf_counter()
+        image = await _uploaded_image(file, settings)
+        return _images_response(await run_in_threadpool(engine.images_by_image, image, k, offset), start)
+
+    @app.get("/v1/images/{image_id}/similar", response_model=schemas.ImageSearchResponse, tags=["search"])
+    def similar_images(engine: EngineDep, image_id: int, k: K = 10, offset: Offset = 0):
+        """Indexed image to images (itself excluded)."""
+        start = time.perf_counter()
+        return _images_response(engine.similar_images(image_id, k, offset), start)
+
+    @app.get("/v1/captions/search", response_model=schemas.CaptionSearchResponse, tags=["search"])
+    def captions_by_text(engine: EngineDep, q: TextQuery, k: K = 10, offset: Offset = 0):
+        """Text to captions."""
+        start = time.perf_counter()
+        return _captions_response(engine.captions_by_text(q, k, offset), start)
+
+    @app.post("/v1/captions/search", response_model=schemas.CaptionSearchResponse, tags=["search"])
+    async def captions_by_image(engine: EngineDep, file: Upload, k: K = 10, offset: Offset = 0):
+        """Image to captions."""
+        start = time.perf_counter()
+        image = await _uploaded_image(file, settings)
+        return _captions_response(await run_in_threadpool(engine.captions_by_image, image, k, offset), start)
+
+    @app.get("/v1/images/{image_id}", response_model=schemas.ImageDetail, tags=["images"])
+    def image_detail(engine: EngineDep, image_id: int):
+        row = engine.image(image_id)
+        return schemas.ImageDetail(id=row.id, path=row.path, width=row.width, height=row.height, bytes=row.bytes,
+                                   content_hash=row.content_hash,
+                                   captions=[schemas.CaptionOut(id=c.id, text=c.text) for c in row.captions],
+                                   url=f"/v1/images/{row.id}/file", thumbnail_url=f"/v1/images/{row.id}/thumbnail")
+
+    @app.get("/v1/images/{image_id}/file", tags=["images"], response_class=FileResponse)
+    def image_file(engine: EngineDep, image_id: int):
+        path = engine.image_file(image_id)
+        return FileResponse(path, media_type=_media_type(path))
+
+    @app.get("/v1/images/{image_id}/thumbnail", tags=["images"], response_class=FileResponse)
+    def image_thumbnail(engine: EngineDep, request: Request, image_id: int):
+        row = engine.image(image_id)
+        etag = f'"{row.content_hash}-{settings.thumbnail_size}"'
+        headers = {"Cache-Control": "public, max-age=86400", "ETag": etag}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        path = _thumbnail(engine, image_id, row.content_hash, settings)
+        return FileResponse(path, media_type="image/jpeg", headers=headers)
+
+    @app.post("/v1/index/jobs", response_model=schemas.Job, status_code=202, tags=["index"])
+    def start_job(service: ServiceDep, body: schemas.JobRequest):
+        """Start a rebuild over a folder on the server; poll the job for progress."""
+        if service.jobs is None:
+            raise HTTPException(503, "the service is still starting")
+        try:
+            return service.jobs.start(Path(body.collection), Path(body.captions) if body.captions else None,
+                                      body.model)
+        except FileNotFoundError as err:
+            raise HTTPException(400, str(err)) from err
+        except JobConflict as err:
+            raise HTTPException(409, str(err)) from err
+
+    @app.get("/v1/index/jobs/{job_id}", response_model=schemas.Job, tags=["index"])
+    def get_job(service: ServiceDep, job_id: str):
+        job = service.jobs.get(job_id) if service.jobs else None
+        if job is None:
+            raise HTTPException(404, f"job {job_id} not found")
+        return job
+
+
+def _media_type(path: Path) -> str:
+    """By the file's bytes (a lying extension does not matter), falling back to the name."""
+    try:
+        with Image.open(path) as image:
+            return Image.MIME.get(image.format, "application/octet-stream")
+    except OSError:
+        return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _thumbnail(engine: SearchEngine, image_id: int, content_hash: str, settings: Settings) -> Path:
+    """JPEG thumbnails cached by content hash, written atomically."""
+    cache = settings.index_dir / "thumbnails"
+    target = cache / f"{content_hash}-{settings.thumbnail_size}.jpg"
+    if target.is_file():
+        return target
+    source = engine.image_file(image_id)
+    try:
+        image = decode_image(source.read_bytes(), settings.max_image_pixels)
+    except (BadImage, OSError) as err:
+        raise NotFound(f"image {image_id} can no longer be read: {err}") from err
+    image.thumbnail((settings.thumbnail_size, settings.thumbnail_size))
+    cache.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    tmp = target.with_suffix(f".{image_id}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(target)
+    return target
