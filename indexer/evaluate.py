@@ -71,7 +71,7 @@ def evaluate_published(settings) -> dict:
     caption_ids = set(faiss.vector_to_array(captions.id_map).tolist())
     with store.session() as s:
         rows = s.execute(select(CaptionRow.id, CaptionRow.image_id, CaptionRow.text, ImageRow.content_hash)
-                         .join(ImageRow, CaptionRow.image_id == ImageRow.id)).tuples().all()
+                         .join(ImageRow, CaptionRow.image_id == ImageRow.id)).all()
         rows = [r for r in rows if r[0] in caption_ids and r[1] in image_ids]
         if not rows:
             raise ValueError("the published collection has no captions: eval needs a captioned collection")

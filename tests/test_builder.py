@@ -113,7 +113,7 @@ def test_publish_keeps_previous_build_until_switch_and_cleans_older(settings, en
     third, _ = build(settings, encoder, collection)
     assert not build_dir_for(settings.index_dir, first.build_id).exists()
     with IndexBuilder(settings, encoder=encoder).store.session() as s:
-        statuses = dict(s.execute(select(Build.id, Build.status)).tuples().all())
+        statuses = dict(s.execute(select(Build.id, Build.status)).all())
     assert statuses == {first.build_id: "superseded", second.build_id: "superseded", third.build_id: "published"}
 
 
