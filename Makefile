@@ -22,9 +22,9 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/crossmodal demo-data $(DEMO_DIR)/collection
 	$(BIN)/crossmodal index $(DEMO_DIR)/collection
-	$(BIN)/crossmodal search "a cat" -k 3
-	$(BIN)/crossmodal search --image $(DEMO_DIR)/collection/coffee.jpg -k 3
-	@echo "API: http://127.0.0.1:8000/docs  (try: curl 'http://127.0.0.1:8000/v1/images/search?q=a+cat&k=3')"
+	$(BIN)/crossmodal search "a man with a camera" -k 3
+	$(BIN)/crossmodal search --image $(DEMO_DIR)/collection/horse.png -k 3
+	@echo "API: http://127.0.0.1:8000/docs  (try: curl 'http://127.0.0.1:8000/v1/images/search?q=a+horse&k=3')"
 	$(BIN)/crossmodal serve
 
 test: install
