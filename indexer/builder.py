@@ -346,8 +346,8 @@ class IndexBuilder:
                              report.caption_index_type, len(images), len(captions), params).write(build_dir)
         report.seconds = time.perf_counter() - start
         self._publish(build_id, encoder, images, captions, report)
-        previous = {b for b in [build_id] + self._previous_published(build_id)}
-        faiss_index.remove_unpublished(settings.index_dir, keep=previous)
+        # Keep the new build and the one it replaced (readers may still be mid-swap); drop older ones.
+        faiss_index.remove_unpublished(settings.index_dir, keep={build_id, *self._previous_published(build_id)})
         _Meter("done", 0, progress)
 
     def _previous_published(self, build_id: int) -> list[int]:

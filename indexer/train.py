@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 from torch import nn
 from tqdm import tqdm
 
-from indexer.collection import FileEntry, decode_image, read_captions
+from indexer.collection import decode_image, read_captions
 from indexer.default_model import HEADS_FILE, create_default_model
 from indexer.encoder import Encoder
 from indexer.evaluate import recall_at_k

@@ -8,7 +8,7 @@ import open_clip
 import pytest
 import torch
 
-from indexer.encoder import Encoder, ModelSpec, load_encoder, pick_device
+from indexer.encoder import ModelSpec, load_encoder, pick_device
 from tests.conftest import solid_image
 
 
