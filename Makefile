@@ -18,14 +18,14 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# Index the sample collection, show one search each way, then serve it (Ctrl-C stops).
+# Index the sample collection, show one search each way, then bring up the search service
+# and the web UI on it; the URL to open is printed (Ctrl-C stops both).
 demo: install
 	$(BIN)/crossmodal demo-data $(DEMO_DIR)/collection
 	$(BIN)/crossmodal index $(DEMO_DIR)/collection
 	$(BIN)/crossmodal search "a man with a camera" -k 3
 	$(BIN)/crossmodal search --image $(DEMO_DIR)/collection/horse.png -k 3
-	@echo "API: http://127.0.0.1:8000/docs  (try: curl 'http://127.0.0.1:8000/v1/images/search?q=a+horse&k=3')"
-	$(BIN)/crossmodal serve
+	$(BIN)/crossmodal up
 
 test: install
 	$(BIN)/python -m pytest

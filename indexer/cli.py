@@ -213,6 +213,51 @@ def serve(
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 
+@app.command()
+def ui(
+    api: Annotated[Optional[str], typer.Option(help="URL of the search service [env CROSSMODAL_API_URL].")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address the UI listens on [env CROSSMODAL_UI_HOST].")] = None,
+    port: Annotated[Optional[int], typer.Option(help="UI port [env CROSSMODAL_UI_PORT].")] = None,
+) -> None:
+    """Start the web UI (Streamlit); it talks to a running search service over HTTP."""
+    from ui.launch import check_port_free, run_until_interrupted, start_ui
+
+    settings = _settings(api_url=api, ui_host=host, ui_port=port)
+    try:
+        check_port_free(settings.ui_host, settings.ui_port)
+    except RuntimeError as err:
+        _fail(str(err))
+    typer.echo(f"UI: http://{settings.ui_host}:{settings.ui_port}  (search service: {settings.api_url})")
+    raise typer.Exit(run_until_interrupted([start_ui(settings.api_url, settings.ui_host, settings.ui_port,
+                                                     settings.max_upload_bytes)]))
+
+
+@app.command()
+def up(index_dir: IndexDir = None) -> None:
+    """Start the search service and the UI together (Ctrl-C stops both)."""
+    from ui.launch import check_port_free, run_until_interrupted, start_service, start_ui, wait_for
+
+    settings = _settings(index_dir=index_dir)
+    api = f"http://{settings.host}:{settings.port}"
+    try:
+        check_port_free(settings.host, settings.port)
+        check_port_free(settings.ui_host, settings.ui_port)
+    except RuntimeError as err:
+        _fail(str(err))
+    service = start_service(settings.host, settings.port, index_dir)
+    interface = start_ui(api, settings.ui_host, settings.ui_port, settings.max_upload_bytes)
+    url = f"http://{settings.ui_host}:{settings.ui_port}"
+    try:
+        wait_for(f"{url}/_stcore/health", interface, timeout=60)
+    except (RuntimeError, TimeoutError) as err:
+        for process in (service, interface):
+            process.terminate()
+        _fail(f"the UI did not start: {err}")
+    typer.secho(f"\n  Open {url} in your browser  (API {api}, docs at {api}/docs; Ctrl-C stops both)\n",
+                fg=typer.colors.GREEN, bold=True)
+    raise typer.Exit(run_until_interrupted([service, interface]))
+
+
 @app.command("demo-data")
 def demo_data(dest: Annotated[Path, typer.Argument(help="Folder to write the sample collection to.")]) -> None:
     """Write the sample collection (scikit-image's photos with our captions) to DEST."""

@@ -52,8 +52,13 @@ class Settings(BaseSettings):
     max_offset: int = 1000
     thumbnail_size: int = 256
     cors_origins: list[str] = ["http://localhost:8501", "http://127.0.0.1:8501"]  # the UI's default origin
+    # When set, rebuild endpoints need `Authorization: Bearer <token>`; set it whenever the
+    # service listens beyond localhost. The UI sends it from the same variable.
+    admin_token: str = ""
 
-    # UI.
+    # UI (Streamlit): where it listens, and the search service it talks to.
+    ui_host: str = "127.0.0.1"
+    ui_port: int = 8501
     api_url: str = "http://127.0.0.1:8000"
 
     def resolved_database_url(self) -> str:

@@ -183,13 +183,20 @@ class SearchEngine:
     def captions_by_image(self, image: Image.Image, k: int = 10, offset: int = 0) -> list[CaptionHit]:
         return self.captions_by_vector(self.image_vector(image), k, offset)
 
-    def similar_images(self, image_id: int, k: int = 10, offset: int = 0) -> list[ImageHit]:
-        """Neighbours of an indexed image, itself excluded; uses its stored vector, no re-encoding."""
+    def indexed_vector(self, image_id: int) -> np.ndarray:
+        """The stored vector of an indexed image: queries by id need no re-encoding."""
         try:
-            vector = self.snapshot.images.reconstruct(int(image_id))
+            return self.snapshot.images.reconstruct(int(image_id))
         except RuntimeError as err:
             raise NotFound(f"image {image_id} is not in the index") from err
-        return self.images_by_vector(vector, k, offset, exclude=int(image_id))
+
+    def similar_images(self, image_id: int, k: int = 10, offset: int = 0) -> list[ImageHit]:
+        """Neighbours of an indexed image, itself excluded."""
+        return self.images_by_vector(self.indexed_vector(image_id), k, offset, exclude=int(image_id))
+
+    def captions_for_image(self, image_id: int, k: int = 10, offset: int = 0) -> list[CaptionHit]:
+        """Captions that describe an indexed image, from the whole collection."""
+        return self.captions_by_vector(self.indexed_vector(image_id), k, offset)
 
     # -- metadata ------------------------------------------------------------------------------
 

@@ -50,6 +50,10 @@ class JobManager:
             job = self._jobs.get(job_id)
             return job.model_copy(deep=True) if job else None
 
+    def all(self) -> list[Job]:
+        with self._lock:
+            return [job.model_copy(deep=True) for job in reversed(self._jobs.values())]
+
     def wait(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)

@@ -212,6 +212,12 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         image = await _uploaded_image(file, settings)
         return _captions_response(await run_in_threadpool(engine.captions_by_image, image, k, offset), start)
 
+    @app.get("/v1/images/{image_id}/captions", response_model=schemas.CaptionSearchResponse, tags=["search"])
+    def captions_for_image(engine: EngineDep, image_id: int, k: K = 10, offset: Offset = 0):
+        """Indexed image to captions (from the whole collection, its own included)."""
+        start = time.perf_counter()
+        return _captions_response(engine.captions_for_image(image_id, k, offset), start)
+
     @app.get("/v1/images/{image_id}", response_model=schemas.ImageDetail, tags=["images"])
     def image_detail(engine: EngineDep, image_id: int):
         row = engine.image(image_id)
@@ -247,6 +253,11 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
             raise HTTPException(400, str(err)) from err
         except JobConflict as err:
             raise HTTPException(409, str(err)) from err
+
+    @app.get("/v1/index/jobs", response_model=list[schemas.Job], tags=["index"])
+    def list_jobs(service: ServiceDep):
+        """Rebuild jobs since the service started, newest first."""
+        return service.jobs.all() if service.jobs else []
 
     @app.get("/v1/index/jobs/{job_id}", response_model=schemas.Job, tags=["index"])
     def get_job(service: ServiceDep, job_id: str):

@@ -1,0 +1,379 @@
+"""The Streamlit UI: text to images, image to captions, and the index with live rebuilds.
+
+It talks to the search service over HTTP only (`ui.client`); it never loads the model
+or an index. Run it with `crossmodal ui` (or `crossmodal up` for service + UI).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+import streamlit as st
+
+from indexer.settings import get_settings
+from search import schemas
+from ui.client import RebuildRunning, Rejected, SearchClient, ServiceDown, ServiceError, ServiceNotReady, Upload
+
+VIEWS = ("Text → images", "Image → captions", "Index")
+PAGE_SIZES = (8, 12, 24, 48)
+GRID_COLUMNS = 4
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"]
+EXAMPLES = ("a dog running on the grass", "a man with a camera", "a horse", "a cup of coffee")
+
+
+# -- service access (cached per API URL) -------------------------------------------------------
+
+@st.cache_resource(show_spinner=False)
+def _client(api_url: str, admin_token: str) -> SearchClient:
+    return SearchClient(api_url, admin_token)
+
+
+def client() -> SearchClient:
+    settings = get_settings()
+    return _client(settings.api_url, settings.admin_token)
+
+
+@st.cache_data(ttl=3600, max_entries=4096, show_spinner=False)
+def thumbnail(api_url: str, image_id: int) -> bytes | None:
+    """Row ids are immutable (a changed file gets a new id), so caching by id is safe."""
+    try:
+        return _client(api_url, get_settings().admin_token).thumbnail(image_id)
+    except ServiceError:
+        return None
+
+
+def show_thumbnail(image_id: int, width: int | None = None) -> None:
+    data = thumbnail(client().api_url, image_id)
+    if data is None:
+        st.caption("(no preview: the file is no longer readable)")
+    elif width:
+        st.image(data, width=width)
+    else:
+        st.image(data, width="stretch")
+
+
+def guarded(action: Callable, *args, **kwargs):
+    """Run a service call; show its failure as a message and return None instead of raising."""
+    try:
+        return action(*args, **kwargs)
+    except ServiceNotReady as err:
+        st.info(f"The search service is not ready: {err}")
+    except Rejected as err:
+        st.error(f"The service refused this request: {err}")
+    except ServiceError as err:  # down, or a server error
+        st.error(str(err))
+    return None
+
+
+# -- shared pieces ------------------------------------------------------------------------------
+
+def image_grid(hits: list[schemas.ImageResult], key: str) -> None:
+    """Thumbnails with score, path and first caption; each can be opened or used as a query."""
+    for row_start in range(0, len(hits), GRID_COLUMNS):
+        columns = st.columns(GRID_COLUMNS)
+        for column, hit in zip(columns, hits[row_start:row_start + GRID_COLUMNS]):
+            with column, st.container(border=True):
+                show_thumbnail(hit.id)
+                st.markdown(f"**{hit.score:.3f}** · `{hit.path}`")
+                if hit.captions:
+                    st.caption(hit.captions[0])
+                left, right = st.columns(2)
+                left.button("Open", key=f"{key}-open-{hit.id}", on_click=_set, args=("selected", hit.id),
+                            width="stretch")
+                right.button("Similar", key=f"{key}-similar-{hit.id}", on_click=_set, args=("similar_to", hit.id),
+                             width="stretch")
+
+
+def caption_list(hits: list[schemas.CaptionResult]) -> None:
+    for rank, hit in enumerate(hits, 1):
+        thumb, text = st.columns([1, 5], vertical_alignment="center")
+        with thumb:
+            show_thumbnail(hit.image_id, width=96)
+        text.markdown(f"{rank}. **{hit.score:.3f}** · {hit.text}")
+        text.caption(f"image `{hit.image_path}` (id {hit.image_id})")
+
+
+def _set(key: str, value) -> None:
+    st.session_state[key] = value
+
+
+def _describe(image_id: int) -> None:
+    """Jump to Image → captions with this collection image as the query."""
+    st.session_state.describe_id = image_id
+    st.session_state.view = VIEWS[1]
+
+
+def detail_panel(api: SearchClient) -> None:
+    """The opened result, large, with its captions; from here it can be described or used as a query."""
+    image_id = st.session_state.get("selected")
+    if image_id is None:
+        return
+    detail = guarded(api.image, image_id)
+    if detail is None:
+        st.session_state.selected = None
+        return
+    with st.container(border=True):
+        picture, info = st.columns([3, 2])
+        data = guarded(api.image_file, image_id)
+        if data is not None:
+            picture.image(data, width="stretch")
+        info.subheader(detail.path)
+        info.caption(f"id {detail.id} · {detail.width}×{detail.height} px · {detail.bytes:,} bytes")
+        for caption in detail.captions:
+            info.markdown(f"- {caption.text}")
+        if not detail.captions:
+            info.caption("No captions for this image.")
+        info.button("Similar images", key="detail-similar", on_click=_set, args=("similar_to", image_id))
+        info.button("Describe it (captions)", key="detail-describe", on_click=_describe, args=(image_id,))
+        info.button("Close", key="detail-close", on_click=_set, args=("selected", None))
+
+
+# -- views --------------------------------------------------------------------------------------
+
+def text_view(api: SearchClient) -> None:
+    st.header("Find images by text")
+    query_column, size_column = st.columns([4, 1])
+    query = query_column.text_input("Query", key="query", placeholder="e.g. " + EXAMPLES[0]).strip()
+    page_size = size_column.selectbox("Results per page", PAGE_SIZES, index=1, key="page_size")
+    detail_panel(api)
+    similar_to = st.session_state.get("similar_to")
+    if similar_to is not None:
+        similar_results(api, similar_to, page_size)
+    elif not query:
+        st.info("Type what you are looking for, for example: " + " · ".join(f"*{e}*" for e in EXAMPLES))
+    else:
+        text_results(api, query, page_size)
+
+
+def text_results(api: SearchClient, query: str, page_size: int) -> None:
+    state = st.session_state.get("text_results")
+    if not state or state["query"] != query or state["page_size"] != page_size:
+        response = guarded(api.images_by_text, query, page_size)
+        if response is None:
+            return
+        state = {"query": query, "page_size": page_size, "hits": response.results, "took_ms": response.took_ms,
+                 "exhausted": len(response.results) < page_size}
+        st.session_state.text_results = state
+    hits = state["hits"]
+    if not hits:
+        st.warning(f"No images match “{query}”: the index is empty. Build one in the Index view.")
+        return
+    st.caption(f"{len(hits)} images for “{query}” · {state['took_ms']:.0f} ms")
+    image_grid(hits, "text")
+    if not state["exhausted"] and len(hits) <= get_settings().max_offset:
+        st.button("More results", key="more", on_click=_more_text, args=(api,))
+
+
+def _more_text(api: SearchClient) -> None:
+    state = st.session_state.text_results
+    response = guarded(api.images_by_text, state["query"], state["page_size"], len(state["hits"]))
+    if response is not None:
+        state["hits"] = state["hits"] + response.results
+        state["exhausted"] = len(response.results) < state["page_size"]
+
+
+def similar_results(api: SearchClient, image_id: int, page_size: int) -> None:
+    detail = guarded(api.image, image_id)
+    title = detail.path if detail else f"image {image_id}"
+    header, back = st.columns([4, 1], vertical_alignment="bottom")
+    header.subheader(f"Images similar to {title}")
+    back.button("Back to text search", key="similar-back", on_click=_set, args=("similar_to", None))
+    response = guarded(api.similar_images, image_id, page_size)
+    if response is not None:
+        image_grid(response.results, "similar")
+
+
+def image_view(api: SearchClient) -> None:
+    st.header("Find captions for an image")
+    upload_column, k_column = st.columns([4, 1])
+    upload = upload_column.file_uploader("Upload an image", type=UPLOAD_TYPES, key="upload")
+    k = k_column.selectbox("Results", PAGE_SIZES, index=1, key="image_k")
+    describe_id = st.session_state.get("describe_id")
+    if upload is not None:
+        query = Upload(upload.name, upload.getvalue(), upload.type or "application/octet-stream")
+        left, right = st.columns([1, 3])
+        left.image(query.data, caption=query.name, width="stretch")
+        with right:
+            captions = guarded(api.captions_by_image, query, k)
+        images = guarded(api.images_by_image, query, k) if captions is not None else None
+    elif describe_id is not None:
+        left, right = st.columns([1, 3])
+        with left:
+            show_thumbnail(describe_id)
+            st.button("Clear", key="describe-clear", on_click=_set, args=("describe_id", None))
+        captions = guarded(api.captions_for_image, describe_id, k)
+        images = guarded(api.similar_images, describe_id, k) if captions is not None else None
+    else:
+        st.info("Upload a photo, or press **Open → Describe it** on a search result to use an indexed image.")
+        return
+    if captions is None or images is None:
+        return
+    with right:
+        st.subheader("Captions that describe it")
+        if captions.results:
+            caption_list(captions.results)
+        else:
+            st.warning("The index holds no captions.")
+    st.subheader("Most similar images")
+    image_grid(images.results, "image")
+
+
+def index_view(api: SearchClient) -> None:
+    st.header("Index")
+    stats = None
+    try:
+        stats = api.stats()
+    except ServiceNotReady as err:
+        st.info(f"Nothing is served yet: {err}")
+    except ServiceError as err:
+        st.error(str(err))
+    if stats is not None:
+        show_stats(stats)
+    rebuild_form(api, stats)
+    job_id = st.session_state.get("job_id") or _running_job_id(api)
+    if job_id:
+        job_panel(api, job_id)
+
+
+def show_stats(stats: schemas.Stats) -> None:
+    columns = st.columns(4)
+    columns[0].metric("Images", f"{stats.images:,}")
+    columns[1].metric("Captions", f"{stats.captions:,}")
+    columns[2].metric("Build", stats.build_id)
+    columns[3].metric("Dimensions", stats.dim)
+    built = stats.built_at.strftime("%Y-%m-%d %H:%M:%S UTC") if isinstance(stats.built_at, datetime) else "unknown"
+    st.markdown(f"Model **{stats.model}** · image index `{stats.image_index_type}` · caption index "
+                f"`{stats.caption_index_type}` · built {built}  \nCollection `{stats.collection_root}`")
+
+
+def rebuild_form(api: SearchClient, stats: schemas.Stats | None) -> None:
+    with st.form("rebuild"):
+        st.subheader("Rebuild")
+        collection = st.text_input("Collection folder (on the server)", value=stats.collection_root if stats else "",
+                                   key="rebuild_collection")
+        captions = st.text_input("Captions file (optional: TSV, CSV or JSONL; default: captions.* in the folder)",
+                                 key="rebuild_captions")
+        submitted = st.form_submit_button("Rebuild index")
+    if not submitted:
+        return
+    if not collection.strip():
+        st.error("Name the collection folder to index.")
+        return
+    try:
+        job = api.start_rebuild(collection.strip(), captions.strip() or None)
+    except RebuildRunning as err:
+        st.warning(f"{err}. Its progress is shown below.")
+        return
+    except ServiceError as err:
+        st.error(f"The rebuild could not start: {err}")
+        return
+    st.session_state.job_id = job.id
+
+
+def _running_job_id(api: SearchClient) -> str | None:
+    try:
+        return next((j.id for j in api.jobs() if j.state in ("queued", "running")), None)
+    except ServiceError:
+        return None
+
+
+def job_panel(api: SearchClient, job_id: str) -> None:
+    job = guarded(api.job, job_id)
+    if job is None:
+        st.session_state.job_id = None
+    elif job.state in ("queued", "running"):
+        live_job(api, job_id)
+    else:
+        show_job(job)
+
+
+@st.fragment(run_every=1.0)
+def live_job(api: SearchClient, job_id: str) -> None:
+    """Polls the job endpoint every second; when the job ends, the whole page reloads its stats."""
+    job = guarded(api.job, job_id)
+    if job is None:
+        return
+    show_job(job)
+    if job.state not in ("queued", "running"):
+        st.rerun()
+
+
+def show_job(job: schemas.Job) -> None:
+    st.subheader(f"Rebuild {job.id}")
+    st.caption(f"`{job.collection}`" + (f" with captions `{job.captions}`" if job.captions else ""))
+    if job.state in ("queued", "running"):
+        progress = job.progress
+        if progress is None or not progress.total:
+            phase = progress.phase if progress else "queued"
+            st.progress(0.0, text=f"{phase}…")
+        else:
+            eta = f" · about {_duration(progress.eta_seconds)} left" if progress.eta_seconds is not None else ""
+            st.progress(min(1.0, progress.done / progress.total),
+                        text=f"{progress.phase}: {progress.done:,} / {progress.total:,} · {progress.rate:.1f}/s{eta}")
+    elif job.state == "done":
+        st.success(f"Build {job.build_id} published: {job.images:,} images, {job.captions_indexed:,} captions.")
+    else:
+        st.error(f"The rebuild failed: {job.error}")
+    for title, items in (("Skipped files", job.skipped), ("Bad caption rows", job.bad_caption_rows)):
+        if items:
+            st.markdown(f"**{title}: {len(items)}**")
+            st.dataframe([{"file": i.path, "reason": i.reason} for i in items], width="stretch",
+                         hide_index=True)
+    if job.state == "done" and not job.skipped:
+        st.caption("No files were skipped.")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+# -- page ---------------------------------------------------------------------------------------
+
+def sidebar(api: SearchClient) -> tuple[str, bool]:
+    """Navigation and service status; returns (view, whether search can run)."""
+    with st.sidebar:
+        st.title("crossmodal")
+        view = st.radio("View", VIEWS, key="view")
+        st.divider()
+        try:
+            ready = api.ready()
+        except ServiceDown as err:
+            st.error(str(err))
+            st.button("Try again", key="retry")
+            return view, False
+        if ready.ready:
+            st.success("Service ready")
+        else:
+            st.warning(f"Service not ready: {ready.reason}")
+            wait_until_ready(api)
+        st.caption(f"API `{api.api_url}`")
+        return view, ready.ready
+
+
+@st.fragment(run_every=2.0)
+def wait_until_ready(api: SearchClient) -> None:
+    """While the service loads (or has no index yet), re-check quietly and reload the page once it is ready."""
+    try:
+        if api.ready().ready:
+            st.rerun()
+    except ServiceError:
+        pass
+
+
+def main() -> None:
+    st.set_page_config(page_title="crossmodal search", page_icon="🔎", layout="wide")
+    api = client()
+    view, searchable = sidebar(api)
+    if view == VIEWS[2]:
+        index_view(api)
+    elif not searchable:
+        st.info("Search is unavailable until the service is ready (see the sidebar). "
+                "The Index view can build the first index.")
+    elif view == VIEWS[0]:
+        text_view(api)
+    else:
+        image_view(api)
+
+
+main()

@@ -1,0 +1,147 @@
+"""The UI's only way to the search engine: HTTP calls to the search service.
+
+Every failure becomes a `ServiceError` whose message a person can act on (the service
+is down, still starting, refused the upload, is already rebuilding), so the app shows
+a message instead of a traceback. Responses are parsed into the API's own pydantic
+models (`search.schemas`), which import nothing but pydantic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from pydantic import TypeAdapter
+
+from search import schemas
+
+
+class ServiceError(Exception):
+    """A request the service could not answer; `str()` is the message to show."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class ServiceDown(ServiceError):
+    """Nothing answers at the API URL."""
+
+
+class ServiceNotReady(ServiceError):
+    """The service answers but is loading, or has no index yet (HTTP 503)."""
+
+
+class Rejected(ServiceError):
+    """The service refused the request (HTTP 4xx); the message is its reason."""
+
+
+class RebuildRunning(Rejected):
+    """A rebuild is already running (HTTP 409)."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    name: str
+    data: bytes
+    content_type: str = "application/octet-stream"
+
+
+class SearchClient:
+    def __init__(self, api_url: str, admin_token: str = "", timeout: float = 30.0):
+        self.api_url = api_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+        self._http = httpx.Client(base_url=self.api_url, timeout=timeout, headers=headers)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as err:
+            raise ServiceDown(f"The search service at {self.api_url} is not reachable ({type(err).__name__}). "
+                              "Start it with `crossmodal serve`, or point the UI at it with `--api URL`.") from err
+        if response.status_code < 400:
+            return response
+        detail = _detail(response)
+        if response.status_code == 503:
+            raise ServiceNotReady(detail, 503)
+        if response.status_code == 409:
+            raise RebuildRunning(detail, 409)
+        if response.status_code < 500:
+            raise Rejected(detail, response.status_code)
+        raise ServiceError(f"The search service failed ({response.status_code}): {detail}", response.status_code)
+
+    def _json(self, method: str, path: str, model, **kwargs):
+        return TypeAdapter(model).validate_python(self._request(method, path, **kwargs).json())
+
+    # -- service -----------------------------------------------------------------------------
+
+    def ready(self) -> schemas.Ready:
+        """Never raises ServiceNotReady: a 503 here is an answer, not an error."""
+        try:
+            response = self._http.get("/ready")
+        except httpx.TransportError as err:
+            raise ServiceDown(f"The search service at {self.api_url} is not reachable. "
+                              "Start it with `crossmodal serve`.") from err
+        return schemas.Ready.model_validate(response.json())
+
+    def stats(self) -> schemas.Stats:
+        return self._json("GET", "/v1/stats", schemas.Stats)
+
+    # -- searches ----------------------------------------------------------------------------
+
+    def images_by_text(self, query: str, k: int = 12, offset: int = 0) -> schemas.ImageSearchResponse:
+        return self._json("GET", "/v1/images/search", schemas.ImageSearchResponse,
+                          params={"q": query, "k": k, "offset": offset})
+
+    def images_by_image(self, upload: Upload, k: int = 12) -> schemas.ImageSearchResponse:
+        return self._json("POST", "/v1/images/search", schemas.ImageSearchResponse, params={"k": k},
+                          files={"file": (upload.name, upload.data, upload.content_type)})
+
+    def captions_by_image(self, upload: Upload, k: int = 10) -> schemas.CaptionSearchResponse:
+        return self._json("POST", "/v1/captions/search", schemas.CaptionSearchResponse, params={"k": k},
+                          files={"file": (upload.name, upload.data, upload.content_type)})
+
+    def similar_images(self, image_id: int, k: int = 12, offset: int = 0) -> schemas.ImageSearchResponse:
+        return self._json("GET", f"/v1/images/{image_id}/similar", schemas.ImageSearchResponse,
+                          params={"k": k, "offset": offset})
+
+    def captions_for_image(self, image_id: int, k: int = 10) -> schemas.CaptionSearchResponse:
+        return self._json("GET", f"/v1/images/{image_id}/captions", schemas.CaptionSearchResponse, params={"k": k})
+
+    # -- images ------------------------------------------------------------------------------
+
+    def image(self, image_id: int) -> schemas.ImageDetail:
+        return self._json("GET", f"/v1/images/{image_id}", schemas.ImageDetail)
+
+    def thumbnail(self, image_id: int) -> bytes:
+        return self._request("GET", f"/v1/images/{image_id}/thumbnail").content
+
+    def image_file(self, image_id: int) -> bytes:
+        return self._request("GET", f"/v1/images/{image_id}/file").content
+
+    # -- rebuilds ----------------------------------------------------------------------------
+
+    def start_rebuild(self, collection: str, captions: str | None = None) -> schemas.Job:
+        body = schemas.JobRequest(collection=collection, captions=captions or None)
+        return self._json("POST", "/v1/index/jobs", schemas.Job, json=body.model_dump(exclude_none=True))
+
+    def job(self, job_id: str) -> schemas.Job:
+        return self._json("GET", f"/v1/index/jobs/{job_id}", schemas.Job)
+
+    def jobs(self) -> list[schemas.Job]:
+        return self._json("GET", "/v1/index/jobs", list[schemas.Job])
+
+
+def _detail(response: httpx.Response) -> str:
+    """The service's `{"detail": ...}` as one readable sentence (422s carry a list of errors)."""
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        return response.text or response.reason_phrase
+    if isinstance(detail, list):
+        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
+    return str(detail)
