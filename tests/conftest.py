@@ -1,15 +1,23 @@
 """Shared fixtures: one real encoder per session, real sample photos, a fresh index dir per test."""
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+import uvicorn
 from PIL import Image
 
+from indexer.builder import IndexBuilder
 from indexer.encoder import Encoder, load_encoder
 from indexer.sample_collection import write_sample_collection
 from indexer.settings import Settings
+from search.engine import SearchEngine
+from search.service import create_app
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "flickr8k"
 
@@ -53,3 +61,43 @@ def flickr8k_split(name: str) -> Path:
     if not (split / "captions.tsv").is_file():
         pytest.skip(f"{split} not present (../shared/datasets/flickr8k is only beside CI and dev checkouts)")
     return split
+
+
+@pytest.fixture
+def indexed(settings, encoder, collection) -> Settings:
+    """Settings whose index dir holds a published build of `collection`."""
+    IndexBuilder(settings, encoder=encoder).build(collection)
+    return settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_answers(url: str, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
+
+
+@pytest.fixture
+def live_server(indexed, encoder):
+    """The real app under uvicorn on 127.0.0.1, for tests that need concurrent clients or a UI."""
+    port = free_port()
+    app = create_app(indexed, SearchEngine(indexed, encoder=encoder))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    wait_until_answers(f"{base}/ready")
+    yield base
+    server.should_exit = True
+    thread.join(10)

@@ -2,25 +2,16 @@
 from __future__ import annotations
 
 import io
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
-from indexer.builder import IndexBuilder
 from search.engine import SearchEngine
 from search.service import create_app
 from tests.conftest import solid_image
-
-
-@pytest.fixture
-def indexed(settings, encoder, collection):
-    IndexBuilder(settings, encoder=encoder).build(collection)
-    return settings
 
 
 @pytest.fixture
@@ -133,33 +124,6 @@ def test_not_ready_without_an_index(settings, encoder):
         ready = client.get("/ready")
         assert ready.status_code == 503 and "no index" in ready.json()["reason"]
         assert client.get("/v1/images/search", params={"q": "cat"}).status_code == 503
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def live_server(indexed, encoder):
-    """The real app under uvicorn on 127.0.0.1, for tests that need concurrent clients."""
-    port = free_port()
-    app = create_app(indexed, SearchEngine(indexed, encoder=encoder))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield base
-    server.should_exit = True
-    thread.join(10)
 
 
 def test_rebuild_job_swaps_index_while_queries_keep_succeeding(live_server, collection, tmp_path):

@@ -191,11 +191,12 @@ def image_view(api: SearchClient) -> None:
     describe_id = st.session_state.get("describe_id")
     if upload is not None:
         query = Upload(upload.name, upload.getvalue(), upload.type or "application/octet-stream")
+        captions = guarded(api.captions_by_image, query, k)  # the service judges the bytes first
+        images = guarded(api.images_by_image, query, k) if captions is not None else None
+        if images is None:
+            return
         left, right = st.columns([1, 3])
         left.image(query.data, caption=query.name, width="stretch")
-        with right:
-            captions = guarded(api.captions_by_image, query, k)
-        images = guarded(api.images_by_image, query, k) if captions is not None else None
     elif describe_id is not None:
         left, right = st.columns([1, 3])
         with left:

@@ -1,0 +1,166 @@
+"""The Streamlit app's logic (streamlit.testing AppTest) against a real search service over HTTP."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from indexer.settings import get_settings
+from tests.conftest import free_port, solid_image
+
+APP = Path(__file__).resolve().parents[1] / "ui" / "app.py"
+
+
+@pytest.fixture
+def app_for(monkeypatch):
+    """An AppTest of the real app file, configured (as `crossmodal ui` does) through CROSSMODAL_API_URL."""
+    def make(api_url: str) -> AppTest:
+        monkeypatch.setenv("CROSSMODAL_API_URL", api_url)
+        get_settings.cache_clear()
+        return AppTest.from_file(str(APP), default_timeout=60)
+
+    yield make
+    get_settings.cache_clear()
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def test_text_search_grid_open_similar_and_more(app_for, live_server):
+    at = app_for(live_server).run()
+    assert not at.exception and "Service ready" in texts(at.success)
+    assert "Type what you are looking for" in texts(at.info)  # empty state before a query
+
+    at.text_input(key="query").input("a man with a camera").run()
+    assert not at.exception and not at.error
+    assert "12 images for “a man with a camera”" in texts(at.caption)
+    assert len(at.image) == 12 and all(image.value for image in at.image)  # real thumbnails, fetched over HTTP
+    first = at.markdown[0].value
+    assert "camera.png" in first and float(first.split("**")[1]) > 0
+
+    camera_id = next(int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("text-open-"))
+    at.button(key=f"text-open-{camera_id}").click().run()
+    assert at.subheader[0].value == "camera.png"  # the opened result, large, with its captions
+    assert any("photographer" in m.value for m in at.markdown)
+
+    at.button(key="detail-similar").click().run()
+    assert at.subheader[1].value == "Images similar to camera.png"
+    similar_keys = [b.key for b in at.button if b.key and b.key.startswith("similar-open-")]
+    assert len(similar_keys) == 12 and f"similar-open-{camera_id}" not in similar_keys
+
+    at.button(key="similar-back").click().run()
+    at.button(key="detail-close").click().run()
+    at.selectbox(key="page_size").set_value(8).run()
+    assert "8 images for" in texts(at.caption)
+    at.button(key="more").click().run()
+    assert "16 images for" in texts(at.caption)
+    assert "more" in {b.key for b in at.button}  # 18 indexed: the third page is still there
+    at.button(key="more").click().run()
+    assert "18 images for" in texts(at.caption) and "more" not in {b.key for b in at.button}
+
+
+def test_upload_an_image_to_get_its_captions_and_similar_images(app_for, live_server, collection):
+    at = app_for(live_server).run()
+    at.radio(key="view").set_value("Image → captions").run()
+    assert "Upload a photo" in texts(at.info)
+    at.file_uploader(key="upload").set_value(("rocket.webp", (collection / "rocket.webp").read_bytes(),
+                                              "image/webp")).run()
+    assert not at.exception and not at.error
+    ranked = [m.value for m in at.markdown if m.value.startswith(("1. ", "2. "))]
+    assert "rocket" in ranked[0] or "launch" in ranked[0]
+    assert "rocket.webp" in texts(at.caption)
+    assert "Most similar images" in [s.value for s in at.subheader]
+    assert any("rocket.webp" in m.value and m.value.startswith("**1.0") for m in at.markdown)  # itself, score 1.0
+
+
+def test_rejected_upload_is_a_message_not_a_traceback(app_for, live_server):
+    at = app_for(live_server).run()
+    at.radio(key="view").set_value("Image → captions").run()
+    at.file_uploader(key="upload").set_value(("fake.png", b"this is text, not a png", "image/png")).run()
+    assert not at.exception
+    assert "refused" in texts(at.error) and "not a usable image" in texts(at.error)
+
+
+def test_describe_an_indexed_image_from_its_result(app_for, live_server):
+    at = app_for(live_server).run()
+    at.text_input(key="query").input("a horse").run()
+    horse_id = next(int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("text-open-"))
+    at.button(key=f"text-open-{horse_id}").click().run()
+    at.button(key="detail-describe").click().run()
+    assert at.radio(key="view").value == "Image → captions" and at.header[0].value == "Find captions for an image"
+    first = next(m.value for m in at.markdown if m.value.startswith("1. "))
+    assert "horse" in first
+
+
+def test_index_view_rebuild_shows_progress_then_skipped_files(app_for, live_server, collection):
+    for i in range(24):
+        solid_image((10 * i, 200 - 5 * i, 40 + 3 * i), size=(224, 200)).save(collection / f"new{i:02d}.png")
+    (collection / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    at = app_for(live_server).run()
+    at.radio(key="view").set_value("Index").run()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Images"] == "18" and metrics["Captions"] == "22"
+    assert at.text_input(key="rebuild_collection").value == str(collection.resolve())
+
+    at.button[-1].click().run()  # the form's "Rebuild index"
+    assert not at.exception and not at.error
+    with httpx.Client(base_url=live_server) as http:  # a second rebuild while the first runs: 409, shown as such
+        assert http.post("/v1/index/jobs", json={"collection": str(collection)}).status_code == 409
+    saw_progress, deadline = False, time.time() + 180
+    while time.time() < deadline and not at.success[1:]:
+        saw_progress |= bool(at.progress)
+        time.sleep(0.3)
+        at.run()
+    assert saw_progress, "no progress bar while the rebuild ran"
+    assert "published: 42 images, 22 captions" in texts(at.success)
+    assert {m.label: m.value for m in at.metric}["Images"] == "42"  # stats reloaded after the swap
+    skipped = at.dataframe[0].value
+    assert list(skipped["file"]) == ["broken.jpg"] and "corrupt" in skipped["reason"][0]
+
+
+def test_second_rebuild_from_the_form_is_explained(app_for, live_server, collection):
+    for i in range(80):  # enough work that the job is surely still running while the app is driven
+        solid_image((3 * i, 100, 250 - 3 * i), size=(224, 224)).save(collection / f"more{i:02d}.png")
+    with httpx.Client(base_url=live_server) as http:
+        job = http.post("/v1/index/jobs", json={"collection": str(collection)}).json()
+        at = app_for(live_server).run()
+        at.radio(key="view").set_value("Index").run()
+        assert f"Rebuild {job['id']}" in texts(at.subheader)  # the running job is found and followed
+        at.button[-1].click().run()
+        assert "already running" in texts(at.warning)
+        deadline = time.time() + 180
+        while http.get(f"/v1/index/jobs/{job['id']}").json()["state"] == "running" and time.time() < deadline:
+            time.sleep(0.5)
+
+
+def test_service_down_or_without_index_is_explained(app_for, settings):
+    at = app_for(f"http://127.0.0.1:{free_port()}").run()
+    assert not at.exception
+    assert "not reachable" in texts(at.error) and "crossmodal serve" in texts(at.error)
+    assert "Search is unavailable" in texts(at.info)
+    at.radio(key="view").set_value("Index").run()
+    assert not at.exception and "not reachable" in texts(at.error)
+
+
+def test_the_ui_never_loads_the_model_or_an_index(tmp_path):
+    """The UI process imports neither torch, open_clip nor faiss: it only speaks HTTP."""
+    script = (
+        "import json, sys\n"
+        "from streamlit.testing.v1 import AppTest\n"
+        f"at = AppTest.from_file({str(APP)!r}, default_timeout=60).run()\n"
+        "assert not at.exception, at.exception\n"
+        "print(json.dumps([m for m in ('torch', 'open_clip', 'faiss', 'search.engine') if m in sys.modules]))\n"
+    )
+    env = {"CROSSMODAL_API_URL": f"http://127.0.0.1:{free_port()}", "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                            cwd=APP.parents[1])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
