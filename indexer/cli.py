@@ -169,6 +169,26 @@ def evaluate(index_dir: IndexDir = None, json_out: JsonOut = False) -> None:
 
 
 @app.command()
+def check(index_dir: IndexDir = None, json_out: JsonOut = False) -> None:
+    """Verify that the published index, the stored embeddings and the database agree (exit 1 if not)."""
+    from indexer.check import check_index
+
+    report = check_index(_settings(index_dir=index_dir))
+    if json_out:
+        typer.echo(json.dumps({"ok": report.ok, **report.__dict__}, indent=2))
+    else:
+        for warning in report.warnings:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW)
+        for problem in report.problems:
+            typer.secho(f"problem: {problem}", fg=typer.colors.RED)
+        if report.ok:
+            typer.secho(f"ok: build {report.build_id}, {report.counts.get('images', 0)} images and "
+                        f"{report.counts.get('captions', 0)} captions agree across index, embeddings and database",
+                        fg=typer.colors.GREEN)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
 def train(
     data: Annotated[Path, typer.Option(help="Folder with train/ and dev/ splits (images/ + captions.tsv).")]
     = Path("../shared/datasets/flickr8k"),
@@ -210,6 +230,9 @@ def serve(
     _quiet_model_loading()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     typer.echo(f"serving {settings.index_dir} on http://{settings.host}:{settings.port} (docs at /docs)")
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.admin_token:
+        typer.secho("warning: listening beyond localhost without CROSSMODAL_ADMIN_TOKEN: anyone who can reach "
+                    "this port can start rebuilds. Set a token (see SECURITY.md).", fg=typer.colors.YELLOW, err=True)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 

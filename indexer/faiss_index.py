@@ -114,6 +114,10 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, index_type: str, use_gpu: 
     index = faiss.IndexIDMap2(inner)
     if len(vectors):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+    if index_type.startswith("IVF"):
+        # Queries by indexed id (similar images, captions of an image) reconstruct stored vectors,
+        # which IVF can only do with a direct map; it is saved with the index.
+        faiss.extract_index_ivf(index).make_direct_map()
     return index
 
 

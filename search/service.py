@@ -7,6 +7,7 @@ on its thread pool: FAISS releases the GIL and queries do not queue behind each 
 
 import io
 import mimetypes
+import secrets
 import time
 import unicodedata
 from contextlib import asynccontextmanager
@@ -15,9 +16,12 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.collection import BadImage, decode_image
 from indexer.settings import Settings, get_settings
@@ -25,7 +29,10 @@ from search import schemas
 from search.engine import CaptionHit, ImageHit, NoIndex, NotFound, SearchEngine
 from search.jobs import JobConflict, JobManager
 
-UPLOAD_PATHS = ("/v1/images/search", "/v1/captions/search")
+JSON_BODY_LIMIT = 64 * 1024  # the only JSON body is a rebuild request
+MULTIPART_SLACK = 64 * 1024  # multipart headers and boundaries around an upload
+
+
 
 
 class Service:
@@ -69,6 +76,20 @@ def get_engine(service: Annotated[Service, Depends(get_service)]) -> SearchEngin
     return service.engine
 
 
+_bearer = HTTPBearer(auto_error=False, description="CROSSMODAL_ADMIN_TOKEN, when the service has one")
+
+
+def require_admin(service: Annotated[Service, Depends(get_service)],
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """Rebuilds read folders on the server: with a token configured, only its holder may start or see them."""
+    token = service.settings.admin_token
+    if not token:
+        return
+    if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
+        raise HTTPException(401, "rebuilds need the admin token: send `Authorization: Bearer <token>`",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
 ServiceDep = Annotated[Service, Depends(get_service)]
 EngineDep = Annotated[SearchEngine, Depends(get_engine)]
 
@@ -82,29 +103,26 @@ def create_app(settings: Settings | None = None, engine: SearchEngine | None = N
         await run_in_threadpool(service.load)
         yield
 
-    app = FastAPI(title="crossmodal search", version="0.1.0", lifespan=lifespan,
+    # Bodies are counted as they stream in (FastAPI's max_body_size): an oversized upload is
+    # refused at the limit, whatever Content-Length claims, and never read to its end.
+    app = FastAPI(title="crossmodal search", version="0.1.0", lifespan=lifespan, max_body_size=JSON_BODY_LIMIT,
                   description="Text-to-image, image-to-text and image-to-image search over an indexed collection.")
     app.state.service = service
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                        allow_headers=["*"])
-    _add_upload_limit(app, settings.max_upload_bytes)
-    _add_error_handlers(app)
+    _add_error_handlers(app, settings)
     _add_routes(app, settings)
     return app
 
 
-def _add_upload_limit(app: FastAPI, limit: int) -> None:
-    @app.middleware("http")
-    async def refuse_large_uploads(request: Request, call_next):
-        """Refuse on the declared length before the body is read (multipart overhead allowed)."""
-        if request.method == "POST" and request.url.path in UPLOAD_PATHS:
-            declared = request.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
-                return JSONResponse({"detail": f"upload larger than the limit of {limit} bytes"}, status_code=413)
-        return await call_next(request)
+def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        if err.status_code == 413 and err.detail == "Content Too Large":  # from the streaming body limit
+            limit = settings.max_upload_bytes if request.url.path.endswith("/search") else JSON_BODY_LIMIT
+            err = StarletteHTTPException(413, f"request body larger than the limit of {limit} bytes")
+        return await http_exception_handler(request, err)
 
-
-def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def not_found(_request: Request, err: NotFound):
         return JSONResponse({"detail": err.args[0] if err.args else "not found"}, status_code=404)
@@ -160,6 +178,8 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
     K = Annotated[int, Query(ge=1, le=settings.max_k, description="Number of results.")]
     Offset = Annotated[int, Query(ge=0, le=settings.max_offset, description="Results to skip (paging).")]
     Upload = Annotated[UploadFile, File(description="An image file.")]
+    upload_limit = settings.max_upload_bytes + MULTIPART_SLACK
+    admin = [Depends(require_admin)]
 
     @app.get("/health", response_model=schemas.Health, tags=["service"])
     def health():
@@ -186,7 +206,8 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         start = time.perf_counter()
         return _images_response(engine.images_by_text(q, k, offset), start)
 
-    @app.post("/v1/images/search", response_model=schemas.ImageSearchResponse, tags=["search"])
+    @app.post("/v1/images/search", response_model=schemas.ImageSearchResponse, tags=["search"],
+              max_body_size=upload_limit)
     async def images_by_image(engine: EngineDep, file: Upload, k: K = 10, offset: Offset = 0):
         """Image to images."""
         start = time.perf_counter()
@@ -205,7 +226,8 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         start = time.perf_counter()
         return _captions_response(engine.captions_by_text(q, k, offset), start)
 
-    @app.post("/v1/captions/search", response_model=schemas.CaptionSearchResponse, tags=["search"])
+    @app.post("/v1/captions/search", response_model=schemas.CaptionSearchResponse, tags=["search"],
+              max_body_size=upload_limit)
     async def captions_by_image(engine: EngineDep, file: Upload, k: K = 10, offset: Offset = 0):
         """Image to captions."""
         start = time.perf_counter()
@@ -241,7 +263,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         path = _thumbnail(engine, image_id, row.content_hash, settings)
         return FileResponse(path, media_type="image/jpeg", headers=headers)
 
-    @app.post("/v1/index/jobs", response_model=schemas.Job, status_code=202, tags=["index"])
+    @app.post("/v1/index/jobs", response_model=schemas.Job, status_code=202, tags=["index"], dependencies=admin)
     def start_job(service: ServiceDep, body: schemas.JobRequest):
         """Start a rebuild over a folder on the server; poll the job for progress."""
         if service.jobs is None:
@@ -254,12 +276,12 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         except JobConflict as err:
             raise HTTPException(409, str(err)) from err
 
-    @app.get("/v1/index/jobs", response_model=list[schemas.Job], tags=["index"])
+    @app.get("/v1/index/jobs", response_model=list[schemas.Job], tags=["index"], dependencies=admin)
     def list_jobs(service: ServiceDep):
         """Rebuild jobs since the service started, newest first."""
         return service.jobs.all() if service.jobs else []
 
-    @app.get("/v1/index/jobs/{job_id}", response_model=schemas.Job, tags=["index"])
+    @app.get("/v1/index/jobs/{job_id}", response_model=schemas.Job, tags=["index"], dependencies=admin)
     def get_job(service: ServiceDep, job_id: str):
         job = service.jobs.get(job_id) if service.jobs else None
         if job is None:

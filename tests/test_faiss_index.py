@@ -53,3 +53,13 @@ def test_manifest_round_trip(tmp_path):
     manifest = faiss_index.Manifest(3, "m", 8, "Flat", "IVF4,SQ8", 10, 20, {"nprobe": 4})
     manifest.write(tmp_path)
     assert faiss_index.Manifest.read(tmp_path) == manifest
+
+
+@pytest.mark.parametrize("index_type", ["Flat", "IVF16,SQ8", "HNSW16"])
+def test_stored_vectors_can_be_reconstructed_by_id_after_reload(tmp_path, index_type):
+    """Similar-image and captions-of-an-image queries read an indexed vector back by its id."""
+    vectors = unit_vectors(2000)
+    index = faiss_index.build_index(vectors, np.arange(7, 2007), index_type)
+    faiss_index.write_index(index, tmp_path / "i.faiss")
+    reloaded = faiss_index.read_index(tmp_path / "i.faiss", {})
+    np.testing.assert_allclose(reloaded.reconstruct(7 + 1234), vectors[1234], atol=0.02)

@@ -1,0 +1,145 @@
+"""`crossmodal check`: do the published index, the stored embeddings and the database agree?
+
+Problems make the published build unservable or wrong (a missing index file, FAISS ids
+that are not database rows, vectors that differ from the stored embeddings). Warnings
+are states the next `crossmodal index` resolves by itself (an interrupted build, files
+changed on disk since the build).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+from sqlalchemy import select
+
+from indexer import faiss_index
+from indexer.collection import hash_bytes
+from indexer.settings import Settings
+from indexer.store import Build, CaptionRow, ImageRow, Store, load_embeddings, vectors_from_bytes
+
+VECTOR_SAMPLE = 20_000  # vectors compared per index: enough to catch a mismatch, quick at 1M
+EXACT_TOLERANCE = 1e-5
+QUANTISED_TOLERANCE = 0.05  # SQ8 and PQ store approximations of the vectors
+
+
+@dataclass
+class CheckReport:
+    build_id: int | None = None
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_index(settings: Settings) -> CheckReport:
+    report = CheckReport()
+    store = Store(settings.resolved_database_url())
+    try:
+        build = store.published_build()
+        if build is None:
+            report.problems.append(f"no published build in {settings.index_dir}: run `crossmodal index FOLDER`")
+            return report
+        report.build_id = build.id
+        pending = _check_other_builds(store, settings.index_dir, build.id, report)
+        manifest = _check_manifest(build, settings.index_dir, report)
+        if manifest is not None:
+            _check_contents(store, build, manifest, settings.index_dir, pending, report)
+    finally:
+        store.close()
+    return report
+
+
+def _check_other_builds(store: Store, index_dir: Path, published: int, report: CheckReport) -> bool:
+    """Warn of interrupted builds; True when one newer than the published build left pending rows."""
+    with store.session() as s:
+        statuses = dict(s.execute(select(Build.id, Build.status)).all())
+    for build_id, status in sorted(statuses.items()):
+        if status == "building":
+            report.warnings.append(f"build {build_id} was interrupted; the next `crossmodal index` reuses its work")
+    builds_dir = index_dir / "builds"
+    for child in sorted(builds_dir.iterdir()) if builds_dir.is_dir() else []:
+        if child.name.isdigit() and statuses.get(int(child.name)) not in ("published", "superseded"):
+            report.warnings.append(f"{child} holds an unpublished build; the next build removes it")
+    return any(i > published and status in ("building", "failed") for i, status in statuses.items())
+
+
+def _check_manifest(build: Build, index_dir: Path, report: CheckReport) -> faiss_index.Manifest | None:
+    build_dir = faiss_index.build_dir_for(index_dir, build.id)
+    try:
+        manifest = faiss_index.Manifest.read(build_dir)
+    except (OSError, ValueError, TypeError) as err:
+        report.problems.append(f"build {build.id}: manifest unreadable in {build_dir}: {err}")
+        return None
+    expected = {"build_id": build.id, "model": build.model, "dim": build.dim, "n_images": build.n_images,
+                "n_captions": build.n_captions, "image_index_type": build.image_index_type,
+                "caption_index_type": build.caption_index_type}
+    for key, value in expected.items():
+        if getattr(manifest, key) != value:
+            report.problems.append(f"manifest {key} is {getattr(manifest, key)!r}, the database says {value!r}")
+    return manifest
+
+
+def _check_contents(store: Store, build: Build, manifest: faiss_index.Manifest, index_dir: Path, pending: bool,
+                    report: CheckReport) -> None:
+    build_dir = faiss_index.build_dir_for(index_dir, build.id)
+    with store.session() as s:
+        images = {i: h for i, h in s.execute(select(ImageRow.id, ImageRow.content_hash))}
+        captions = {i: hash_bytes(t.encode()) for i, t in s.execute(select(CaptionRow.id, CaptionRow.text))}
+        image_vectors = load_embeddings(s, manifest.model, "image", list(set(images.values())))
+        text_vectors = load_embeddings(s, manifest.model, "text", list(set(captions.values())))
+        paths = dict(s.execute(select(ImageRow.id, ImageRow.path)).all())
+    report.counts = {"images": len(images), "captions": len(captions)}
+    for kind, file_name, rows, stored, index_type in (
+            ("image", faiss_index.IMAGES_FILE, images, image_vectors, manifest.image_index_type),
+            ("caption", faiss_index.CAPTIONS_FILE, captions, text_vectors, manifest.caption_index_type)):
+        missing = [i for i, key in rows.items() if key not in stored]
+        if missing:
+            report.problems.append(f"{len(missing)} {kind} rows have no stored embedding (e.g. id {missing[0]})")
+        _check_faiss_file(build_dir / file_name, kind, rows, stored, manifest, index_type, pending, report)
+    _check_files_on_disk(Path(build.collection_root), paths, report)
+
+
+def _check_faiss_file(path: Path, kind: str, rows: dict[int, str], stored: dict[str, bytes],
+                      manifest: faiss_index.Manifest, index_type: str, pending: bool, report: CheckReport) -> None:
+    try:
+        index = faiss.read_index(str(path))
+    except (OSError, RuntimeError) as err:
+        report.problems.append(f"{path} cannot be read: {str(err).splitlines()[0]}")
+        return
+    if index.d != manifest.dim:
+        report.problems.append(f"{path}: dimension {index.d}, the manifest says {manifest.dim}")
+        return
+    ids = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else np.arange(index.ntotal)
+    in_index, in_db = set(ids.tolist()), set(rows)
+    if in_index - in_db:
+        report.problems.append(f"{path.name}: {len(in_index - in_db)} ids are not {kind} rows in the database "
+                               f"(e.g. {min(in_index - in_db)})")
+    if in_db - in_index and pending:  # written by an interrupted build, never served
+        report.warnings.append(f"{len(in_db - in_index)} {kind} rows from an interrupted build are not served yet; "
+                               "the next `crossmodal index` publishes them")
+    elif in_db - in_index:
+        report.problems.append(f"{len(in_db - in_index)} {kind} rows are missing from {path.name} "
+                               f"(e.g. id {min(in_db - in_index)})")
+    sample = [i for i in ids[:VECTOR_SAMPLE].tolist() if i in rows and rows[i] in stored]
+    if not sample:
+        return
+    expected = vectors_from_bytes([stored[rows[i]] for i in sample], manifest.dim)
+    found = np.stack([index.reconstruct(int(i)) for i in sample])
+    tolerance = EXACT_TOLERANCE if index_type in ("Flat", "IDMap,Flat") else QUANTISED_TOLERANCE
+    worst = np.abs(found - expected).max(axis=1)
+    bad = [i for i, err in zip(sample, worst) if err > tolerance]
+    if bad:
+        report.problems.append(f"{len(bad)} of {len(sample)} {kind} vectors in {path.name} differ from the stored "
+                               f"embeddings (e.g. id {bad[0]}, by {worst.max():.3g})")
+
+
+def _check_files_on_disk(root: Path, paths: dict[int, str], report: CheckReport) -> None:
+    gone = [p for p in paths.values() if not (root / p).is_file()]
+    if gone:
+        report.warnings.append(f"{len(gone)} indexed files are no longer on disk (e.g. {gone[0]}); "
+                               "they are served as 404 until the next `crossmodal index`")

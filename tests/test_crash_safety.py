@@ -1,0 +1,93 @@
+"""Crash-safe rebuilds: SIGKILL a real `crossmodal index` process at several points of its work.
+
+After every kill the published index must still be served and consistent (`crossmodal
+check`), and the next run must reuse the embeddings the killed runs committed.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from indexer.builder import IndexBuilder
+from indexer.check import check_index
+from indexer.cli import app
+from indexer.faiss_index import build_dir_for
+from indexer.store import Build, Embedding, Store
+from search.engine import SearchEngine
+from tests.conftest import solid_image
+
+
+def image_embeddings(store: Store) -> int:
+    with store.session() as s:
+        return s.scalar(select(func.count()).select_from(Embedding).where(Embedding.kind == "image"))
+
+
+def newest_build(store: Store) -> int:
+    with store.session() as s:
+        return s.scalar(select(func.max(Build.id))) or 0
+
+
+def run_and_kill(settings, collection, when: Callable[[], bool], timeout: float = 240) -> bool:
+    """Start `crossmodal index`, SIGKILL it once `when()` holds; False if it finished first."""
+    process = subprocess.Popen([sys.executable, "-m", "indexer.cli", "index", str(collection), "--index-dir",
+                                str(settings.index_dir), "--device", "cpu", "--json"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while process.poll() is None and time.time() < deadline:
+            if when():
+                process.send_signal(signal.SIGKILL)
+                process.wait(30)
+                return True
+            time.sleep(0.01)
+        return False
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def add_images(collection, round_no: int, n: int) -> None:
+    """n images whose contents differ from every other round's (equal contents are embedded once)."""
+    for i in range(n):
+        color = (7 * i % 256, (40 + 50 * round_no) % 256, 255 - 7 * i % 256)
+        solid_image(color, size=(160, 120)).save(collection / f"r{round_no}-{i:02d}.png")
+
+
+def test_sigkill_at_any_point_leaves_the_published_index_servable_and_the_next_run_resumes(
+        settings, encoder, collection):
+    first = IndexBuilder(settings, encoder=encoder).build(collection)
+    store = Store(settings.resolved_database_url())
+    base = image_embeddings(store)
+    kill_points = {
+        "while loading the model": lambda: newest_build(store) > first.build_id,
+        "after some images were embedded": lambda: image_embeddings(store) >= base + 8,
+        "after more images were embedded": lambda: image_embeddings(store) >= base + 40,
+        "while writing the new index": lambda: build_dir_for(settings.index_dir, newest_build(store)).exists()
+        and newest_build(store) > first.build_id,
+    }
+    killed_before_publish = 0
+    for round_no, (name, when) in enumerate(kill_points.items()):
+        add_images(collection, round_no, 24)
+        before = store.published_build().id
+        assert run_and_kill(settings, collection, when), f"the build finished before the kill point: {name}"
+        served = SearchEngine(settings, encoder=encoder)
+        killed_before_publish += served.snapshot.build.id == before
+        assert served.snapshot.build.id >= before, name  # never an older or half-written build
+        assert served.images_by_text("a man with a camera", k=1)[0].path == "camera.png", name
+        report = check_index(settings)
+        assert report.ok, (name, report.problems)
+    assert killed_before_publish >= 3
+
+    embedded_by_killed_runs = image_embeddings(store) - base
+    assert embedded_by_killed_runs >= 40
+    final = IndexBuilder(settings, encoder=encoder).build(collection)
+    assert final.n_images == 18 + 4 * 24
+    assert final.n_embedded <= 4 * 24 - embedded_by_killed_runs  # committed work was reused, not redone
+    code = CliRunner().invoke(app, ["check", "--index-dir", str(settings.index_dir)])
+    assert code.exit_code == 0 and "ok: build" in code.output and "interrupted" not in code.output
