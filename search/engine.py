@@ -187,7 +187,7 @@ class SearchEngine:
         """The stored vector of an indexed image: queries by id need no re-encoding."""
         try:
             return self.snapshot.images.reconstruct(int(image_id))
-        except RuntimeError as err:
+        except (RuntimeError, OverflowError) as err:
             raise NotFound(f"image {image_id} is not in the index") from err
 
     def similar_images(self, image_id: int, k: int = 10, offset: int = 0) -> list[ImageHit]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -29,6 +30,7 @@ from search import schemas
 from search.engine import CaptionHit, ImageHit, NoIndex, NotFound, SearchEngine
 from search.jobs import JobConflict, JobManager
 
+UPLOAD_PATHS = ("/v1/images/search", "/v1/captions/search")
 JSON_BODY_LIMIT = 64 * 1024  # the only JSON body is a rebuild request
 MULTIPART_SLACK = 64 * 1024  # multipart headers and boundaries around an upload
 
@@ -103,25 +105,46 @@ def create_app(settings: Settings | None = None, engine: SearchEngine | None = N
         await run_in_threadpool(service.load)
         yield
 
-    # Bodies are counted as they stream in (FastAPI's max_body_size): an oversized upload is
-    # refused at the limit, whatever Content-Length claims, and never read to its end.
-    app = FastAPI(title="crossmodal search", version="0.1.0", lifespan=lifespan, max_body_size=JSON_BODY_LIMIT,
+    # Bodies are counted as they stream in (FastAPI's per-route max_body_size): an oversized
+    # upload is refused at the limit, whatever Content-Length claims, and never read to its end.
+    app = FastAPI(title="crossmodal search", version="0.1.0", lifespan=lifespan,
                   description="Text-to-image, image-to-text and image-to-image search over an indexed collection.")
     app.state.service = service
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                        allow_headers=["*"])
-    _add_error_handlers(app, settings)
+    _add_body_limits(app, settings)
+    _add_error_handlers(app)
     _add_routes(app, settings)
     return app
 
 
-def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
+def _body_limit(path: str, settings: Settings) -> int:
+    return settings.max_upload_bytes if path in UPLOAD_PATHS else JSON_BODY_LIMIT
+
+
+def _too_large(path: str, settings: Settings) -> str:
+    return f"request body larger than the limit of {_body_limit(path, settings)} bytes"
+
+
+def _add_body_limits(app: FastAPI, settings: Settings) -> None:
+    @app.middleware("http")
+    async def refuse_declared_oversize(request: Request, call_next):
+        """A declared Content-Length over the limit is refused before a byte of the body is read;
+        undeclared (chunked) bodies are cut off at the limit by FastAPI's max_body_size."""
+        declared = request.headers.get("content-length", "")
+        slack = MULTIPART_SLACK if request.url.path in UPLOAD_PATHS else 0
+        if declared.isdigit() and int(declared) > _body_limit(request.url.path, settings) + slack:
+            return JSONResponse({"detail": _too_large(request.url.path, settings)}, status_code=413)
+        return await call_next(request)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
-        if err.status_code == 413 and err.detail == "Content Too Large":  # from the streaming body limit
-            limit = settings.max_upload_bytes if request.url.path.endswith("/search") else JSON_BODY_LIMIT
-            err = StarletteHTTPException(413, f"request body larger than the limit of {limit} bytes")
+        if err.status_code == 413 and err.detail == "Content Too Large":  # the streaming limit's own message
+            err = StarletteHTTPException(413, _too_large(request.url.path, settings))
         return await http_exception_handler(request, err)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(NotFound)
     async def not_found(_request: Request, err: NotFound):
@@ -178,6 +201,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
     K = Annotated[int, Query(ge=1, le=settings.max_k, description="Number of results.")]
     Offset = Annotated[int, Query(ge=0, le=settings.max_offset, description="Results to skip (paging).")]
     Upload = Annotated[UploadFile, File(description="An image file.")]
+    ImageId = Annotated[int, PathParam(ge=0, le=2**63 - 1, description="Image id (from a search result).")]
     upload_limit = settings.max_upload_bytes + MULTIPART_SLACK
     admin = [Depends(require_admin)]
 
@@ -215,7 +239,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         return _images_response(await run_in_threadpool(engine.images_by_image, image, k, offset), start)
 
     @app.get("/v1/images/{image_id}/similar", response_model=schemas.ImageSearchResponse, tags=["search"])
-    def similar_images(engine: EngineDep, image_id: int, k: K = 10, offset: Offset = 0):
+    def similar_images(engine: EngineDep, image_id: ImageId, k: K = 10, offset: Offset = 0):
         """Indexed image to images (itself excluded)."""
         start = time.perf_counter()
         return _images_response(engine.similar_images(image_id, k, offset), start)
@@ -235,13 +259,13 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         return _captions_response(await run_in_threadpool(engine.captions_by_image, image, k, offset), start)
 
     @app.get("/v1/images/{image_id}/captions", response_model=schemas.CaptionSearchResponse, tags=["search"])
-    def captions_for_image(engine: EngineDep, image_id: int, k: K = 10, offset: Offset = 0):
+    def captions_for_image(engine: EngineDep, image_id: ImageId, k: K = 10, offset: Offset = 0):
         """Indexed image to captions (from the whole collection, its own included)."""
         start = time.perf_counter()
         return _captions_response(engine.captions_for_image(image_id, k, offset), start)
 
     @app.get("/v1/images/{image_id}", response_model=schemas.ImageDetail, tags=["images"])
-    def image_detail(engine: EngineDep, image_id: int):
+    def image_detail(engine: EngineDep, image_id: ImageId):
         row = engine.image(image_id)
         return schemas.ImageDetail(id=row.id, path=row.path, width=row.width, height=row.height, bytes=row.bytes,
                                    content_hash=row.content_hash,
@@ -249,12 +273,12 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
                                    url=f"/v1/images/{row.id}/file", thumbnail_url=f"/v1/images/{row.id}/thumbnail")
 
     @app.get("/v1/images/{image_id}/file", tags=["images"], response_class=FileResponse)
-    def image_file(engine: EngineDep, image_id: int):
+    def image_file(engine: EngineDep, image_id: ImageId):
         path = engine.image_file(image_id)
         return FileResponse(path, media_type=_media_type(path))
 
     @app.get("/v1/images/{image_id}/thumbnail", tags=["images"], response_class=FileResponse)
-    def image_thumbnail(engine: EngineDep, request: Request, image_id: int):
+    def image_thumbnail(engine: EngineDep, request: Request, image_id: ImageId):
         row = engine.image(image_id)
         etag = f'"{row.content_hash}-{settings.thumbnail_size}"'
         headers = {"Cache-Control": "public, max-age=86400", "ETag": etag}
@@ -263,7 +287,8 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         path = _thumbnail(engine, image_id, row.content_hash, settings)
         return FileResponse(path, media_type="image/jpeg", headers=headers)
 
-    @app.post("/v1/index/jobs", response_model=schemas.Job, status_code=202, tags=["index"], dependencies=admin)
+    @app.post("/v1/index/jobs", response_model=schemas.Job, status_code=202, tags=["index"], dependencies=admin,
+              max_body_size=JSON_BODY_LIMIT)
     def start_job(service: ServiceDep, body: schemas.JobRequest):
         """Start a rebuild over a folder on the server; poll the job for progress."""
         if service.jobs is None:

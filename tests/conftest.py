@@ -1,9 +1,11 @@
 """Shared fixtures: one real encoder per session, real sample photos, a fresh index dir per test."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -88,16 +90,24 @@ def wait_until_answers(url: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
 
 
-@pytest.fixture
-def live_server(indexed, encoder):
-    """The real app under uvicorn on 127.0.0.1, for tests that need concurrent clients or a UI."""
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """The app under a real uvicorn on 127.0.0.1 (a thread), until the block ends; yields its base URL."""
     port = free_port()
-    app = create_app(indexed, SearchEngine(indexed, encoder=encoder))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    wait_until_answers(f"{base}/ready")
-    yield base
-    server.should_exit = True
-    thread.join(10)
+    try:
+        wait_until_answers(f"{base}/ready")
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def live_server(indexed, encoder):
+    """The real service over HTTP, for tests that need concurrent clients or a UI."""
+    with serving(create_app(indexed, SearchEngine(indexed, encoder=encoder))) as base:
+        yield base
