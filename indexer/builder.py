@@ -23,8 +23,8 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from indexer import faiss_index
-from indexer.collection import (BadImage, FileEntry, LoadedImage, SkippedFile, find_captions_file, hash_bytes,
-                                load_image, read_captions, scan)
+from indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
+                                hash_bytes, load_image, read_captions, scan)
 from indexer.encoder import Encoder, load_encoder
 from indexer.prefetch import prefetched_batches
 from indexer.settings import Settings
@@ -135,6 +135,7 @@ class IndexBuilder:
         start = time.perf_counter()
         previous = self.store.published_build()
         captions_file = self._captions_source(root, captions_file, previous)
+        parsed = read_captions(captions_file) if captions_file else None  # a bad file fails before any work
         build_id = self._start_build(root, captions_file, model)
         report = BuildReport(build_id, model, previous.model if previous else None,
                              model_changed=bool(previous and previous.model != model))
@@ -148,7 +149,7 @@ class IndexBuilder:
             _Meter("scanning", 0, progress)
             entries, report.skipped = scan(root)
             images = self._index_images(entries, lazy, build_id, report, progress)
-            captions = self._index_captions(captions_file, images, lazy, report, progress)
+            captions = self._index_captions(parsed, images, lazy, report, progress)
             self._write_and_publish(build_id, lazy, images, captions, report, progress, start)
         except BaseException as err:
             self._fail(build_id, err)
@@ -267,12 +268,11 @@ class IndexBuilder:
 
     # -- captions --------------------------------------------------------------------------
 
-    def _index_captions(self, captions_file: Path | None, images: dict[int, str], lazy: "_LazyEncoder",
+    def _index_captions(self, parsed: Captions | None, images: dict[int, str], lazy: "_LazyEncoder",
                         report: BuildReport, progress: ProgressCallback | None) -> dict[int, str]:
         """Returns {caption row id: text hash} of every caption in the new build."""
-        if captions_file is None:
+        if parsed is None:
             return {}
-        parsed = read_captions(captions_file)
         report.bad_caption_rows = parsed.bad_rows
         with self.store.session() as s, s.begin():
             paths = self._live_paths(s, images)

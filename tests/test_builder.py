@@ -138,6 +138,16 @@ def test_captions_file_option_and_unknown_images(settings, encoder, collection, 
         build(settings, encoder, collection, captions_file=tmp_path / "missing.tsv")
 
 
+def test_captions_file_without_its_columns_fails_before_any_work(settings, encoder, collection, tmp_path):
+    wrong = tmp_path / "wrong.tsv"
+    wrong.write_text("file\ttext\ncat.jpg\ta cat\n")
+    with pytest.raises(ValueError, match="'image' and 'caption'"):
+        build(settings, encoder, collection, captions_file=wrong)
+    with IndexBuilder(settings, encoder=encoder).store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Build)) == 0
+        assert s.scalar(select(func.count()).select_from(Embedding)) == 0
+
+
 def test_second_concurrent_build_is_refused(settings):
     with build_lock(settings.index_dir):
         with pytest.raises(BuildInProgress):
