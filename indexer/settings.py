@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     model: str = "crossmodal-lite"
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
     batch_size: int = 64
-    decode_threads: int = 2  # image decoding runs on these threads, overlapped with encoding
+    # Image decoding threads, overlapped with encoding; -1 = automatic: none when the model runs
+    # on the CPU (it already uses every core, and threads slow it down), several beside a GPU.
+    decode_threads: int = -1
 
     # FAISS: an index-factory string forces the type; otherwise it is chosen by size.
     index_factory: str = ""

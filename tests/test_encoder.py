@@ -86,3 +86,15 @@ def test_device_selection_falls_back_to_cpu():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             pick_device("cuda")
+
+
+def test_traced_image_tower_matches_open_clip_eager(encoder, sample_source):
+    """On CPU the image tower runs traced (TorchScript); it must embed exactly as open_clip does."""
+    from PIL import Image
+    pixels = torch.stack([encoder.preprocess(Image.open(sample_source / n).convert("RGB"))
+                          for n in ("cat.jpg", "horse.png", "rocket.webp")])
+    traced = encoder.encode_image_tensors(pixels)
+    assert encoder._traced_visual is not None and encoder._traced_visual is not encoder.model.visual
+    with torch.inference_mode():
+        eager = encoder.model.encode_image(pixels, normalize=True).numpy()
+    np.testing.assert_allclose(traced, eager, atol=1e-4)
