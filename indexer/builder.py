@@ -39,7 +39,9 @@ TRANSACTION_IMAGES = 64  # images embedded and committed per transaction: a kill
 
 
 def decode_threads(configured: int, encoder: Encoder) -> int:
-    """Measured on 2 cores: decoding inline beats overlapping it (threads steal the model's cores)."""
+    """Beside a GPU, decoding runs ahead on threads so the GPU never waits. On a CPU the model
+    already uses every core, and decoding beside it (or on a pool between its passes) slows
+    it more than it saves: measured on 2 cores, 70 (58) against 83 images/s inline."""
     if configured >= 0:
         return configured
     return min(8, max(2, (os.cpu_count() or 2) - 2)) if encoder.device.type == "cuda" else 0
@@ -260,21 +262,28 @@ class IndexBuilder:
                               for k, v in zip(keys, vectors))
             report.n_embedded += len(new)
             report.n_reused += sum(1 for item, _ in loaded if item.content_hash in have)
-            return {self._image_row(s, item, build_id).id: item.content_hash for item, _ in loaded}
+            rows = self._image_rows(s, [item for item, _ in loaded], build_id)
+            return {row.id: row.content_hash for row in rows}
 
     @staticmethod
-    def _image_row(s: Session, item: LoadedImage, build_id: int) -> ImageRow:
-        row = s.scalars(select(ImageRow).where(ImageRow.path == item.entry.path,
-                                               ImageRow.content_hash == item.content_hash)).first()
-        if row is None:
-            row = ImageRow(path=item.entry.path, content_hash=item.content_hash, build_id=build_id,
-                           bytes=item.entry.bytes, width=item.image.width, height=item.image.height,
-                           mtime=item.entry.mtime)
-            s.add(row)
-        else:
-            row.bytes, row.mtime = item.entry.bytes, item.entry.mtime
+    def _image_rows(s: Session, items: list[LoadedImage], build_id: int) -> list[ImageRow]:
+        """The rows of these files (a changed file gets a new row), with one query and one flush."""
+        existing = {(row.path, row.content_hash): row for row in s.scalars(
+            select(ImageRow).where(ImageRow.path.in_({item.entry.path for item in items})))}
+        rows = []
+        for item in items:
+            row = existing.get((item.entry.path, item.content_hash))
+            if row is None:
+                row = ImageRow(path=item.entry.path, content_hash=item.content_hash, build_id=build_id,
+                               bytes=item.entry.bytes, width=item.image.width, height=item.image.height,
+                               mtime=item.entry.mtime)
+                existing[(row.path, row.content_hash)] = row
+                s.add(row)
+            else:
+                row.bytes, row.mtime = item.entry.bytes, item.entry.mtime
+            rows.append(row)
         s.flush()
-        return row
+        return rows
 
     # -- captions --------------------------------------------------------------------------
 

@@ -20,15 +20,16 @@ def prefetched_batches(items: Sequence[T], load: Callable[[T], R], batch_size: i
                        threads: int = 2, ahead: int = 2) -> Iterator[list[tuple[T, R | Exception]]]:
     """Yield batches of (item, load(item) or the exception it raised), in input order.
 
-    threads=0 loads each batch inline, when it is asked for (no overlap, no contention).
+    threads=0 loads each batch inline, only when it is asked for (no overlap, no contention).
     """
+    safe_load = _catching(load)
     if threads <= 0:
-        safe_load = _catching(load)
         for start in range(0, len(items), batch_size):
             yield [(item, safe_load(item)) for item in items[start:start + batch_size]]
         return
+
     def load_batch(batch: Sequence[T]) -> list[tuple[T, R | Exception]]:
-        return list(zip(batch, pool.map(_catching(load), batch)))
+        return list(zip(batch, pool.map(safe_load, batch)))
 
     batches: Iterable[Sequence[T]] = (items[i:i + batch_size] for i in range(0, len(items), batch_size))
     with ThreadPoolExecutor(max_workers=threads) as pool, ThreadPoolExecutor(max_workers=1) as driver:

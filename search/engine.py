@@ -7,8 +7,10 @@ snapshot it started with and never sees a half-swapped state.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,12 +85,59 @@ class TextCache:
                 self._items.popitem(last=False)
 
 
+class TextBatcher:
+    """Concurrent text queries share one forward pass of the text tower.
+
+    One worker thread takes whatever queries are waiting (up to `max_batch`) and encodes
+    them together: a lone query is encoded at once, and under load N waiting queries cost
+    about one batch instead of N passes (torch already uses every core for each pass).
+    """
+
+    def __init__(self, encoder: Encoder, lock: threading.Lock, max_batch: int = 32):
+        self.encoder, self._lock, self.max_batch = encoder, lock, max_batch
+        self._queue: queue.SimpleQueue[tuple[str, Future] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._work, name=f"text-batcher-{encoder.name}", daemon=True).start()
+
+    def encode(self, text: str) -> np.ndarray:
+        future: Future = Future()
+        self._queue.put((text, future))
+        return future.result()
+
+    def close(self) -> None:
+        """Queries already queued are still answered; then the worker ends."""
+        self._queue.put(None)
+
+    def _work(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(item)
+            try:
+                with self._lock:
+                    vectors = self.encoder.encode_texts([text for text, _ in batch])
+            except Exception as err:  # reported to every waiting query, the worker lives on
+                for _, future in batch:
+                    future.set_exception(err)
+                continue
+            for (_, future), vector in zip(batch, vectors):
+                future.set_result(vector)
+
+
 class SearchEngine:
     def __init__(self, settings: Settings, encoder: Encoder | None = None, store: Store | None = None):
         self.settings = settings
         self.store = store or Store(settings.resolved_database_url())
         self._encoder = encoder
-        self._encoder_lock = threading.Lock()
+        self._encoder_lock = threading.Lock()  # torch uses every core per pass: queueing beats oversubscribing
+        self._batcher: TextBatcher | None = None
+        self._batcher_lock = threading.Lock()
         self._snapshot: Snapshot | None = None
         self.text_cache = TextCache()
         self.reload()
@@ -140,10 +189,20 @@ class SearchEngine:
         key = (encoder.name, text)
         vector = self.text_cache.get(key)
         if vector is None:
-            with self._encoder_lock:  # torch already uses every core; queueing beats oversubscribing
-                vector = encoder.encode_texts([text])[0]
+            vector = self._text_batcher(encoder).encode(text)
             self.text_cache.put(key, vector)
         return vector
+
+    def _text_batcher(self, encoder: Encoder) -> TextBatcher:
+        batcher = self._batcher
+        if batcher is None or batcher.encoder is not encoder:
+            with self._batcher_lock:
+                if self._batcher is None or self._batcher.encoder is not encoder:
+                    if self._batcher is not None:
+                        self._batcher.close()  # the build's model changed
+                    self._batcher = TextBatcher(encoder, self._encoder_lock)
+                batcher = self._batcher
+        return batcher
 
     def image_vector(self, image: Image.Image) -> np.ndarray:
         with self._encoder_lock:

@@ -180,3 +180,23 @@ def test_killed_build_leaves_published_index_and_resumes(settings, encoder, coll
     assert resumed.n_embedded == 0  # new.png's vector was committed before the kill
     with engine.store.session() as s:
         assert s.scalar(select(func.count()).select_from(CaptionRow)) == 22
+
+
+def test_concurrent_text_queries_share_forward_passes_and_get_their_own_vectors(settings, encoder, collection):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    build(settings, encoder, collection)
+    engine = SearchEngine(settings, encoder=encoder)
+    texts = [f"a photo number {i} of {'a dog' if i % 2 else 'two cats on a long red sofa'}" for i in range(24)]
+    calls = []
+    original = encoder.encode_texts
+    encoder.encode_texts = lambda batch, **kw: calls.append(len(batch)) or original(batch, **kw)
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            vectors = list(pool.map(engine.text_vector, texts))
+    finally:
+        del encoder.encode_texts
+    np.testing.assert_allclose(np.stack(vectors), encoder.encode_texts(texts), atol=1e-5)
+    assert sum(calls) == 24 and len(calls) < 24  # some queries were encoded together

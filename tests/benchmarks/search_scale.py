@@ -1,0 +1,203 @@
+"""Search at 10k, 100k and 1M vectors: ANN recall and memory, build time, cold start, and
+text-to-image latency and QPS over HTTP against a real `crossmodal serve`.
+
+    .venv/bin/python tests/benchmarks/indexing.py            # first: the real Flickr8k index
+    .venv/bin/python tests/benchmarks/search_scale.py        # then this (about 15 minutes on 2 cores)
+
+How the vectors are made: the 7,000 real Flickr8k image embeddings come first; every
+further vector mixes two random real ones, x = a*u + (1-a)*v with a ~ U(0.5, 1), adds
+Gaussian noise of norm 0.1, and is re-normalised. So the collection keeps the real
+embeddings' geometry (no vector is a copy, neighbourhoods are realistic) at any size.
+Each size gets a complete index directory (database rows, FAISS index chosen by the
+production rule, manifest), served by the real service with the real text encoder, so
+the latencies include text encoding. Queries are real captions, each text used once.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import httpx
+import numpy as np
+from sqlalchemy import insert, select
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from indexer import faiss_index  # noqa: E402
+from indexer.settings import Settings  # noqa: E402
+from indexer.store import Build, CaptionRow, ImageRow, Store, load_embeddings, utcnow, vectors_from_bytes  # noqa: E402
+from tests.benchmarks.http_latency import run as run_clients  # noqa: E402
+from tests.benchmarks.results_file import record  # noqa: E402
+from indexer.collection import hash_bytes  # noqa: E402
+
+RECALL_QUERIES = 1000
+
+
+def real_embeddings(source: Path) -> tuple[str, np.ndarray, list[str], np.ndarray]:
+    """(model, image vectors, caption texts, caption vectors) of a published real index."""
+    store = Store(Settings(index_dir=source).resolved_database_url())
+    build = store.published_build()
+    if build is None:
+        sys.exit(f"no published index in {source}: run tests/benchmarks/indexing.py first")
+    with store.session() as s:
+        hashes = sorted(set(s.scalars(select(ImageRow.content_hash))))
+        texts = sorted(set(s.scalars(select(CaptionRow.text))))
+        images = load_embeddings(s, build.model, "image", hashes)
+        text_vectors = load_embeddings(s, build.model, "text", [hash_bytes(t.encode()) for t in texts])
+    image_matrix = vectors_from_bytes([images[h] for h in hashes], build.dim)
+    text_matrix = vectors_from_bytes([text_vectors[hash_bytes(t.encode())] for t in texts], build.dim)
+    return build.model, image_matrix, texts, text_matrix
+
+
+def synthesize(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, real.shape[1]), dtype=np.float32)
+    head = min(n, len(real))
+    out[:head] = real[:head]
+    for start in range(head, n, 100_000):
+        m = min(100_000, n - start)
+        a = rng.uniform(0.5, 1.0, (m, 1)).astype(np.float32)
+        mixed = a * real[rng.integers(0, len(real), m)] + (1 - a) * real[rng.integers(0, len(real), m)]
+        mixed += rng.standard_normal(mixed.shape, dtype=np.float32) * (0.1 / np.sqrt(real.shape[1]))
+        out[start:start + m] = mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
+    return out
+
+
+def write_index_dir(index_dir: Path, vectors: np.ndarray, model: str, settings: Settings) -> dict:
+    """A complete, published index directory, written with the indexer's own index code."""
+    store = Store(settings.resolved_database_url())
+    with store.session() as s, s.begin():
+        build = Build(model=model, collection_root=str(index_dir / "synthetic"), status="building")
+        s.add(build)
+        s.flush()
+        build_id = build.id
+        for start in range(0, len(vectors), 100_000):
+            s.execute(insert(ImageRow), [
+                {"id": i + 1, "path": f"synthetic/{i:07d}.jpg", "content_hash": f"{i:032x}", "bytes": 0,
+                 "width": 224, "height": 224, "mtime": 0.0, "build_id": build_id}
+                for i in range(start, min(start + 100_000, len(vectors)))])
+    index_type = faiss_index.choose_index_type(len(vectors), settings.index_factory, settings.exact_search_max)
+    start = time.perf_counter()
+    index = faiss_index.build_index(vectors, np.arange(1, len(vectors) + 1), index_type, settings.use_gpu_faiss)
+    build_seconds = time.perf_counter() - start
+    build_dir = faiss_index.build_dir_for(index_dir, build_id)
+    build_dir.mkdir(parents=True)
+    faiss_index.write_index(index, build_dir / faiss_index.IMAGES_FILE)
+    empty = faiss_index.build_index(np.zeros((0, vectors.shape[1]), np.float32), np.zeros(0, np.int64), "Flat")
+    faiss_index.write_index(empty, build_dir / faiss_index.CAPTIONS_FILE)
+    params = faiss_index.default_search_params(index_type)
+    faiss_index.Manifest(build_id, model, vectors.shape[1], index_type, "Flat", len(vectors), 0, params).write(build_dir)
+    with store.session() as s, s.begin():
+        row = s.get(Build, build_id)
+        row.status, row.dim, row.n_images, row.finished_at = "published", vectors.shape[1], len(vectors), utcnow()
+        row.image_index_type, row.caption_index_type = index_type, "Flat"
+    store.close()
+    return {"index_type": index_type, "search_params": params, "build_seconds": build_seconds,
+            "file": build_dir / faiss_index.IMAGES_FILE}
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def recall_and_memory(path: Path, params: dict, vectors: np.ndarray, queries: np.ndarray) -> dict:
+    """Recall@10 of the served index against exact search, and its bytes per vector."""
+    gc.collect()
+    before = rss_bytes()
+    index = faiss_index.read_index(path, params, use_gpu=False)
+    in_memory = rss_bytes() - before
+    _, found = faiss_index.search(index, queries, 10)
+    exact = np.zeros_like(found)
+    best = np.full((len(queries), 10), -np.inf, dtype=np.float32)
+    for start in range(0, len(vectors), 200_000):  # exact top-10, chunk by chunk
+        scores = queries @ vectors[start:start + 200_000].T
+        top = np.argpartition(-scores, 10, axis=1)[:, :10] if scores.shape[1] > 10 else \
+            np.tile(np.arange(scores.shape[1]), (len(queries), 1))
+        merged_scores = np.concatenate([best, np.take_along_axis(scores, top, 1)], axis=1)
+        merged_ids = np.concatenate([exact, top + start + 1], axis=1)
+        keep = np.argsort(-merged_scores, axis=1)[:, :10]
+        best, exact = np.take_along_axis(merged_scores, keep, 1), np.take_along_axis(merged_ids, keep, 1)
+    recall = float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)]))
+    n = len(vectors)
+    return {"recall_at_10": recall, "bytes_per_vector_disk": path.stat().st_size / n,
+            "bytes_per_vector_memory": in_memory / n}
+
+
+def serve(index_dir: Path, port: int, probe: str) -> tuple[subprocess.Popen, float]:
+    """Start `crossmodal serve`; seconds until it answered its first query (the cold start)."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "indexer.cli", "serve", "--index-dir", str(index_dir),
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1/images/search"
+    while time.perf_counter() - start < 600:
+        try:
+            if httpx.get(url, params={"q": probe}, timeout=5).status_code == 200:
+                return process, time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"crossmodal serve exited with {process.returncode}")
+        time.sleep(0.05)
+    raise TimeoutError("the service did not answer within 600 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", type=Path, default=Path(".cache/bench/indexing/index"))
+    parser.add_argument("--work", type=Path, default=Path(".cache/bench/scale"))
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--requests", type=int, default=300, help="requests per latency run")
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    model, real, texts, text_vectors = real_embeddings(args.source)
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(texts))
+    recall_queries = text_vectors[order[:RECALL_QUERIES]]
+    query_texts = [texts[i] for i in order[RECALL_QUERIES:]]
+    print(f"{len(real)} real image vectors, {len(texts)} captions, model {model}")
+    figures = {}
+    for n in (int(x) for x in args.sizes.split(",")):
+        index_dir = args.work / f"n{n}"
+        subprocess.run(["rm", "-rf", str(index_dir)], check=True)
+        settings = Settings(index_dir=index_dir)
+        vectors = synthesize(real, n)
+        built = write_index_dir(index_dir, vectors, model, settings)
+        quality = recall_and_memory(built["file"], built["search_params"], vectors, recall_queries)
+        del vectors
+        print(f"n={n:>9,}: {built['index_type']} {built['search_params']} built in {built['build_seconds']:.1f} s; "
+              f"recall@10 {quality['recall_at_10']:.3f}; {quality['bytes_per_vector_memory']:.0f} B/vector in "
+              f"memory, {quality['bytes_per_vector_disk']:.0f} on disk")
+        process, cold = serve(index_dir, args.port, query_texts[0])
+        try:
+            api = f"http://127.0.0.1:{args.port}"
+            run_clients(api, query_texts[1:21], 1, 10)  # warm-up
+            runs, used = [], 21
+            for clients in (int(c) for c in args.clients.split(",")):
+                batch = query_texts[used:used + args.requests]
+                used += args.requests
+                result = run_clients(api, batch, clients, 10)
+                runs.append(result)
+                print(f"    clients={clients:>3} p50={result['p50_ms']:.1f} ms p95={result['p95_ms']:.1f} ms "
+                      f"p99={result['p99_ms']:.1f} ms qps={result['qps']:.1f} errors={result['errors']}")
+        finally:
+            process.terminate()
+            process.wait(30)
+        print(f"    cold start (serve -> first answered query): {cold:.1f} s")
+        figures[str(n)] = {**{k: v for k, v in built.items() if k != "file"}, **quality,
+                           "cold_start_seconds": cold, "http": runs}
+    if not args.no_record:
+        record("search_scale", figures, model=model,
+               vectors="7,000 real Flickr8k image embeddings, then mixtures of two real ones plus noise (norm 0.1)",
+               queries="real Flickr8k captions, each text used once; text encoding included")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Batched loading, inline (CPU builds) and on threads ahead of the consumer (GPU builds)."""
+from __future__ import annotations
+
+import pytest
+
+from indexer.prefetch import prefetched_batches
+
+
+def load(x: int) -> int:
+    if x == 3:
+        raise ValueError("bad item")
+    return x * 10
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_batches_keep_order_and_turn_failures_into_values(threads):
+    batches = list(prefetched_batches(list(range(7)), load, 3, threads=threads))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    flat = [pair for batch in batches for pair in batch]
+    assert [item for item, _ in flat] == list(range(7))
+    assert [r for _, r in flat if not isinstance(r, Exception)] == [0, 10, 20, 40, 50, 60]
+    assert isinstance(flat[3][1], ValueError) and str(flat[3][1]) == "bad item"
