@@ -352,7 +352,8 @@ class IndexBuilder:
         for kind, rows, file_name in (("image", images, faiss_index.IMAGES_FILE),
                                       ("text", captions, faiss_index.CAPTIONS_FILE)):
             ids, vectors = self._vectors(encoder.name, kind, rows, encoder.dim)
-            index_type = faiss_index.choose_index_type(len(ids), settings.index_factory, settings.exact_search_max)
+            index_type = faiss_index.choose_index_type(len(ids), encoder.dim, settings.index_factory,
+                                                       settings.exact_search_max)
             log.info("%s index: %d vectors, type %s", kind, len(ids), index_type)
             index = faiss_index.build_index(vectors.reshape(-1, encoder.dim), ids, index_type, settings.use_gpu_faiss)
             faiss_index.write_index(index, build_dir / file_name)

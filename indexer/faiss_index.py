@@ -54,23 +54,39 @@ def build_dir_for(index_dir: Path, build_id: int) -> Path:
     return index_dir / "builds" / f"{build_id:06d}"
 
 
-def choose_index_type(n: int, forced: str = "", exact_max: int = 50_000) -> str:
-    """A FAISS index-factory string: exact search while it is fast enough, then IVF.
+RERANK_CANDIDATES = 100  # candidates a lossy index proposes; their stored exact vectors decide the order
 
-    IVF with 8-bit scalar quantisation keeps a quarter of the memory of Flat and loses
-    little recall at our nprobe; nlist follows the usual 4*sqrt(n) rule.
+
+def choose_index_type(n: int, dim: int, forced: str = "", exact_max: int = 50_000) -> str:
+    """A FAISS index-factory string: exact search while it is fast enough, then IVF-PQ.
+
+    IVF with ~sqrt(n) lists keeps k-means to minutes on a small CPU; PQ with 4 dimensions
+    per byte keeps a vector under 256 bytes in memory (128 of code at 512-d). PQ alone
+    ranks neighbours loosely, so search re-scores its top RERANK_CANDIDATES with the exact
+    vectors the database stores anyway (measured: Recall@10 0.71 -> 0.98 at 200k).
     """
     if forced:
         return forced
     if n <= exact_max:
         return "Flat"
-    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
-    return f"IVF{nlist},SQ8"
+    nlist = 2 ** round(math.log2(math.sqrt(n)))
+    return f"IVF{nlist},PQ{dim // 4}" if dim % 4 == 0 else f"IVF{nlist},SQ8"
+
+
+def is_lossy(index_type: str) -> bool:
+    """Whether the index stores compressed vectors (its scores are approximate)."""
+    return any(codec in index_type for codec in ("PQ", "SQ", "LSH", "RaBitQ"))
+
+
+def rerank_depth(index_type: str) -> int:
+    return RERANK_CANDIDATES if is_lossy(index_type) else 0
 
 
 def default_search_params(index_type: str) -> dict[str, int]:
+    """IVF probes 1/16 of its lists (at least 16): the share that held recall at every size we measured."""
     if index_type.startswith("IVF"):
-        return {"nprobe": 32}
+        nlist = int(index_type[3:].split(",")[0].split("_")[0])
+        return {"nprobe": max(16, nlist // 16)}
     if "HNSW" in index_type:
         return {"efSearch": 128}
     return {}
@@ -105,7 +121,9 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, index_type: str, use_gpu: 
     dim = vectors.shape[1] if vectors.ndim == 2 and vectors.shape[1] else 1
     inner = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
     if len(vectors) and not inner.is_trained:
-        n_train = min(len(vectors), 256 * max(1, getattr(faiss.extract_index_ivf(inner), "nlist", 1))
+        # 64 points per IVF list (at least 65,536, enough for PQ's 256 centroids per sub-space),
+        # not FAISS's up-to-256: training time is what limits a 1M build on a small CPU.
+        n_train = min(len(vectors), max(2**16, 64 * faiss.extract_index_ivf(inner).nlist)
                       if index_type.startswith("IVF") else len(vectors))
         sample = vectors[np.random.default_rng(0).choice(len(vectors), n_train, replace=False)]
         trainer = to_gpu(inner) if use_gpu else inner
@@ -122,8 +140,14 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, index_type: str, use_gpu: 
 
 
 def apply_search_params(index: faiss.Index, params: dict[str, int]) -> None:
-    if params:
-        faiss.ParameterSpace().set_index_parameters(index, ",".join(f"{k}={v}" for k, v in params.items()))
+    """Set each parameter the index has: the manifest's parameters serve both indexes of a
+    build, and an IVF image index often sits beside a Flat caption index (no nprobe there)."""
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        try:
+            space.set_index_parameter(index, name, value)
+        except RuntimeError:
+            log.debug("search parameter %s does not apply to %s", name, type(index).__name__)
 
 
 def write_index(index: faiss.Index, path: Path) -> None:

@@ -200,3 +200,48 @@ def test_concurrent_text_queries_share_forward_passes_and_get_their_own_vectors(
         del encoder.encode_texts
     np.testing.assert_allclose(np.stack(vectors), encoder.encode_texts(texts), atol=1e-5)
     assert sum(calls) == 24 and len(calls) < 24  # some queries were encoded together
+
+
+def test_a_lossy_index_is_reranked_with_stored_vectors_to_exact_results(settings, encoder, collection, tmp_path):
+    """IVF-PQ only proposes candidates; the order and scores users see are those of exact search."""
+    from PIL import Image
+
+    from indexer.settings import Settings
+
+    build(settings, encoder, collection)
+    lossy = Settings(index_dir=tmp_path / "lossy", device="cpu", index_factory="IVF2,PQ64x4")
+    report, _ = build(lossy, encoder, collection)
+    assert report.image_index_type == report.caption_index_type == "IVF2,PQ64x4"
+    exact_engine, lossy_engine = SearchEngine(settings, encoder=encoder), SearchEngine(lossy, encoder=encoder)
+    for query in ("a man with a camera", "a red coffee cup", "an animal"):
+        exact, approx = exact_engine.images_by_text(query, k=8), lossy_engine.images_by_text(query, k=8)
+        assert [h.path for h in approx] == [h.path for h in exact]
+        assert [round(h.score, 5) for h in approx] == [round(h.score, 5) for h in exact]
+        assert [c.text for c in lossy_engine.captions_by_text(query, k=5)] == \
+            [c.text for c in exact_engine.captions_by_text(query, k=5)]
+    query_image = Image.open(collection / "horse.png")
+    assert [c.text for c in lossy_engine.captions_by_image(query_image, k=3)] == \
+        [c.text for c in exact_engine.captions_by_image(query_image, k=3)]
+    horse = lossy_engine.images_by_image(query_image, k=1)[0]
+    assert horse.path == "horse.png" and horse.score > 0.999  # exact, not a PQ approximation
+    assert [h.path for h in lossy_engine.similar_images(horse.id, k=4)] == \
+        [h.path for h in exact_engine.similar_images(exact_engine.images_by_image(query_image, k=1)[0].id, k=4)]
+
+
+def test_check_accepts_a_lossy_index_and_catches_a_swapped_one(settings, encoder, collection, tmp_path):
+    import shutil
+
+    from indexer.check import check_index
+    from indexer.faiss_index import IMAGES_FILE
+    from indexer.settings import Settings
+
+    lossy = Settings(index_dir=tmp_path / "lossy", device="cpu", index_factory="IVF2,PQ64x4")
+    report, _ = build(lossy, encoder, collection)
+    assert check_index(lossy).ok, check_index(lossy).problems
+    other, _ = build(settings, encoder, collection)  # a different index whose ids mean other rows
+    solid_image((1, 1, 1)).save(collection / "generated" / "x.png")
+    third, _ = build(lossy, encoder, collection)
+    shutil.copyfile(build_dir_for(settings.index_dir, other.build_id) / IMAGES_FILE,
+                    build_dir_for(lossy.index_dir, third.build_id) / IMAGES_FILE)
+    problems = check_index(lossy).problems
+    assert any("rows are missing from images.faiss" in p or "ids are not image rows" in p for p in problems), problems

@@ -1,6 +1,7 @@
 """FAISS indexes: type choice, id mapping, exactness, persistence."""
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -13,9 +14,12 @@ def unit_vectors(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
 
 
 def test_index_type_follows_size_unless_forced():
-    assert faiss_index.choose_index_type(1_000) == "Flat"
-    assert faiss_index.choose_index_type(1_000_000).startswith("IVF")
-    assert faiss_index.choose_index_type(10, forced="HNSW32") == "HNSW32"
+    assert faiss_index.choose_index_type(1_000, 512) == "Flat"
+    assert faiss_index.choose_index_type(1_000_000, 512) == "IVF1024,PQ128"
+    assert faiss_index.choose_index_type(100_000, 512) == "IVF256,PQ128"
+    assert faiss_index.choose_index_type(10, 512, forced="HNSW32") == "HNSW32"
+    assert faiss_index.default_search_params("IVF1024,PQ128") == {"nprobe": 64}
+    assert faiss_index.rerank_depth("IVF1024,PQ128") == 100 and faiss_index.rerank_depth("Flat") == 0
 
 
 def test_flat_index_is_exact_and_returns_database_ids(tmp_path):
@@ -63,3 +67,15 @@ def test_stored_vectors_can_be_reconstructed_by_id_after_reload(tmp_path, index_
     faiss_index.write_index(index, tmp_path / "i.faiss")
     reloaded = faiss_index.read_index(tmp_path / "i.faiss", {})
     np.testing.assert_allclose(reloaded.reconstruct(7 + 1234), vectors[1234], atol=0.02)
+
+
+def test_search_parameters_apply_only_to_indexes_that_have_them(tmp_path):
+    """One manifest's parameters serve an IVF image index and a Flat caption index alike."""
+    vectors = unit_vectors(3000)
+    ivf = faiss_index.build_index(vectors, np.arange(3000), "IVF16,SQ8")
+    flat = faiss_index.build_index(vectors[:10], np.arange(10), "Flat")
+    faiss_index.write_index(ivf, tmp_path / "ivf.faiss")
+    faiss_index.write_index(flat, tmp_path / "flat.faiss")
+    params = faiss_index.default_search_params("IVF16,SQ8")
+    assert faiss_index.read_index(tmp_path / "flat.faiss", params).ntotal == 10
+    assert faiss.extract_index_ivf(faiss_index.read_index(tmp_path / "ivf.faiss", params)).nprobe == params["nprobe"]
