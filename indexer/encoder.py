@@ -99,7 +99,7 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_image_tensors(self, batch: torch.Tensor) -> np.ndarray:
-        """Embed an already preprocessed batch [n, 3, H, W] (the indexer decodes in parallel)."""
+        """Embed an already preprocessed batch [n, 3, H, W] (the indexer preprocesses separately)."""
         with self._autocast():
             batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             features = torch.nn.functional.normalize(self._image_tower(batch), dim=-1)
@@ -108,9 +108,8 @@ class Encoder:
     def _image_tower(self, batch: torch.Tensor) -> torch.Tensor:
         """On CPU, the image tower traced and frozen into TorchScript on first use.
 
-        It runs without holding the GIL, so decode threads no longer stall it, and frozen
-        batch norms make it faster: measured 107 -> 135 images/s at batch 4, outputs equal
-        to 1e-5. Any model that cannot be traced keeps running eagerly.
+        Frozen batch norms and no Python dispatch per layer: measured 107 -> 135 images/s
+        at batch 4, outputs equal to 1e-5. Any model that cannot be traced runs eagerly.
         """
         if self._traced_visual is None and self.device.type == "cpu":
             self._traced_visual = _trace(self.model.visual, batch) or self.model.visual

@@ -21,9 +21,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from indexer import faiss_index
+from indexer.collection import hash_bytes
 from indexer.encoder import Encoder, load_encoder
 from indexer.settings import Settings
-from indexer.collection import hash_bytes
 from indexer.store import Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings
 
 
