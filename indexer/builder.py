@@ -27,6 +27,7 @@ from indexer import faiss_index
 from indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
                                 hash_bytes, load_image, read_captions, scan)
 from indexer.encoder import Encoder, load_encoder
+from indexer.hubness import Penalties, load_bank
 from indexer.prefetch import prefetched_batches
 from indexer.settings import Settings
 from indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings, utcnow,
@@ -349,6 +350,7 @@ class IndexBuilder:
         build_dir = faiss_index.build_dir_for(settings.index_dir, build_id)
         build_dir.mkdir(parents=True, exist_ok=True)
         params = {}
+        bank = load_bank(encoder.name)  # a small file: an unchanged re-run still loads no model
         for kind, rows, file_name in (("image", images, faiss_index.IMAGES_FILE),
                                       ("text", captions, faiss_index.CAPTIONS_FILE)):
             ids, vectors = self._vectors(encoder.name, kind, rows, encoder.dim)
@@ -357,13 +359,17 @@ class IndexBuilder:
             log.info("%s index: %d vectors, type %s", kind, len(ids), index_type)
             index = faiss_index.build_index(vectors.reshape(-1, encoder.dim), ids, index_type, settings.use_gpu_faiss)
             faiss_index.write_index(index, build_dir / file_name)
+            if bank is not None:
+                Penalties.of(ids, bank.penalties(vectors.reshape(-1, encoder.dim), kind)).save(
+                    build_dir / faiss_index.PENALTY_FILES[file_name])
             params.update(faiss_index.default_search_params(index_type))
             if kind == "image":
                 report.image_index_type = index_type
             else:
                 report.caption_index_type = index_type
         faiss_index.Manifest(build_id, encoder.name, encoder.dim, report.image_index_type,
-                             report.caption_index_type, len(images), len(captions), params).write(build_dir)
+                             report.caption_index_type, len(images), len(captions), params,
+                             bank.describe() if bank else {}).write(build_dir)
         report.seconds = time.perf_counter() - start
         self._publish(build_id, encoder, images, captions, report)
         # Keep the new build and the one it replaced (readers may still be mid-swap); drop older ones.

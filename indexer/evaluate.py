@@ -50,6 +50,20 @@ def _first_hit(neighbours: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return np.where(hits.any(1), hits.argmax(1), neighbours.shape[1])
 
 
+def _top_ids(index, queries: np.ndarray, penalties) -> np.ndarray:
+    """Ids of the top max(KS) per query, hubness-corrected as the search service does."""
+    from indexer import faiss_index, hubness
+
+    depth = max(KS)
+    scores, ids = faiss_index.search(index, queries, max(depth, hubness.CANDIDATES) if penalties is not None else depth)
+    top = []
+    for row_scores, row_ids in zip(scores, ids):
+        found = [(int(i), float(sc)) for sc, i in zip(row_scores, row_ids) if i >= 0]
+        best = [i for i, _ in hubness.corrected(found, penalties)[:depth]]
+        top.append(best + [-1] * (depth - len(best)))
+    return np.array(top)
+
+
 def evaluate_published(settings) -> dict:
     """Recall of the published build, measured through its own FAISS indexes (what users get)."""
     import faiss
@@ -57,6 +71,7 @@ def evaluate_published(settings) -> dict:
 
     from indexer import faiss_index
     from indexer.collection import hash_bytes
+    from indexer.hubness import Penalties
     from indexer.store import CaptionRow, ImageRow, Store, load_embeddings, vectors_from_bytes
 
     store = Store(settings.resolved_database_url())
@@ -81,13 +96,15 @@ def evaluate_published(settings) -> dict:
         image_blobs = load_embeddings(s, manifest.model, "image", list({h for _, h in query_images}))
     text_vectors = vectors_from_bytes([text_blobs[k] for k in text_keys], manifest.dim)
     image_vectors = vectors_from_bytes([image_blobs[h] for _, h in query_images], manifest.dim)
-    depth = max(KS)
-    _, t2i = faiss_index.search(images, text_vectors, depth)
+    image_penalties, caption_penalties = (
+        Penalties.load(build_dir / faiss_index.PENALTY_FILES[name]) if settings.hubness_correction else None
+        for name in (faiss_index.IMAGES_FILE, faiss_index.CAPTIONS_FILE))
+    t2i = _top_ids(images, text_vectors, image_penalties)
     t2i_ranks = _first_hit(t2i, [{r[1]} for r in rows])
     captions_of: dict[int, set[int]] = {}
     for caption_id, image_id, _, _ in rows:
         captions_of.setdefault(image_id, set()).add(caption_id)
-    _, i2t = faiss_index.search(captions, image_vectors, depth)
+    i2t = _top_ids(captions, image_vectors, caption_penalties)
     i2t_ranks = _first_hit(i2t, [captions_of[i] for i, _ in query_images])
     return {"model": manifest.model, "build_id": build.id, "n_images": len(query_images), "n_captions": len(rows),
             "recall": recall_from_ranks(t2i_ranks, i2t_ranks)}

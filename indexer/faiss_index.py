@@ -7,7 +7,9 @@ Layout of an index directory:
       builds/000007/
         images.faiss              image vectors, ids = images.id
         captions.faiss            caption vectors, ids = captions.id
-        manifest.json             model, dim, index types, counts, search parameters
+        images.penalty.npz        hubness penalty per image id (models with a hubness bank only)
+        captions.penalty.npz      hubness penalty per caption id (see hubness.py)
+        manifest.json             model, dim, index types, counts, search parameters, hubness
 
 A build writes its directory completely, then the indexer marks it `published` in the
 database in one transaction. Readers only open published builds, so they never see a
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 IMAGES_FILE = "images.faiss"
 CAPTIONS_FILE = "captions.faiss"
+PENALTY_FILES = {IMAGES_FILE: "images.penalty.npz", CAPTIONS_FILE: "captions.penalty.npz"}
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Manifest:
     n_images: int
     n_captions: int
     search_params: dict[str, int] = field(default_factory=dict)  # e.g. {"nprobe": 32, "efSearch": 64}
+    hubness: dict = field(default_factory=dict)  # the correction's settings; empty: none
 
     def write(self, build_dir: Path) -> None:
         (build_dir / MANIFEST).write_text(json.dumps(asdict(self), indent=2))

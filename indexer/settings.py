@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     index_factory: str = ""
     exact_search_max: int = 50_000  # collections up to this size get exact (Flat) search
     use_gpu_faiss: bool = True  # only has an effect where a GPU FAISS build is installed
+    # Subtract each item's hubness penalty in text->image and image->caption search, for models
+    # that ship a hubness bank (see indexer/hubness.py). Helps on photos like the training data's.
+    hubness_correction: bool = True
 
     # Limits on what the indexer will open.
     max_file_bytes: int = 64 * 1024 * 1024

@@ -20,9 +20,10 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from indexer import faiss_index
+from indexer import faiss_index, hubness
 from indexer.collection import hash_bytes
 from indexer.encoder import Encoder, load_encoder
+from indexer.hubness import Penalties
 from indexer.settings import Settings
 from indexer.store import Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings
 
@@ -61,6 +62,8 @@ class Snapshot:
     images: faiss.Index
     captions: faiss.Index
     collection_root: Path
+    image_penalties: Penalties | None = None  # hubness correction of text -> image search
+    caption_penalties: Penalties | None = None  # ... and of image -> caption search
 
 
 @dataclass
@@ -170,11 +173,13 @@ class SearchEngine:
         build_dir = faiss_index.build_dir_for(self.settings.index_dir, build.id)
         manifest = faiss_index.Manifest.read(build_dir)
         use_gpu = self.settings.use_gpu_faiss
-        snapshot = Snapshot(build, manifest,
-                            faiss_index.read_index(build_dir / faiss_index.IMAGES_FILE, manifest.search_params, use_gpu),
-                            faiss_index.read_index(build_dir / faiss_index.CAPTIONS_FILE, manifest.search_params,
-                                                   use_gpu),
-                            Path(build.collection_root))
+        images, captions = (faiss_index.read_index(build_dir / name, manifest.search_params, use_gpu)
+                            for name in (faiss_index.IMAGES_FILE, faiss_index.CAPTIONS_FILE))
+        image_penalties, caption_penalties = (
+            Penalties.load(build_dir / faiss_index.PENALTY_FILES[name]) if self.settings.hubness_correction else None
+            for name in (faiss_index.IMAGES_FILE, faiss_index.CAPTIONS_FILE))
+        snapshot = Snapshot(build, manifest, images, captions, Path(build.collection_root),
+                            image_penalties, caption_penalties)
         if self._encoder is not None and self._encoder.name != manifest.model:
             self._encoder = None  # the new build was made with another model
         self._snapshot = snapshot
@@ -212,20 +217,23 @@ class SearchEngine:
     # -- searches ----------------------------------------------------------------------------
 
     def images_by_vector(self, vector: np.ndarray, k: int = 10, offset: int = 0,
-                         exclude: int | None = None) -> list[ImageHit]:
+                         exclude: int | None = None, from_text: bool = False) -> list[ImageHit]:
+        """`from_text`: the vector is a text's, so the images' hubness penalties apply."""
         snapshot = self.snapshot
         extra = 1 if exclude is not None else 0
         ranked = self._ranked(snapshot.images, snapshot.manifest.image_index_type, vector, k + offset + extra,
-                              self._stored_image_vectors)
+                              self._stored_image_vectors, snapshot.image_penalties if from_text else None)
         page = [(i, s) for i, s in ranked if i != exclude][offset:offset + k]
         rows = self._images([i for i, _ in page])
         return [ImageHit(i, s, rows[i].path, rows[i].width, rows[i].height, [c.text for c in rows[i].captions])
                 for i, s in page if i in rows]
 
-    def captions_by_vector(self, vector: np.ndarray, k: int = 10, offset: int = 0) -> list[CaptionHit]:
+    def captions_by_vector(self, vector: np.ndarray, k: int = 10, offset: int = 0,
+                           from_image: bool = False) -> list[CaptionHit]:
+        """`from_image`: the vector is an image's, so the captions' hubness penalties apply."""
         snapshot = self.snapshot
         ranked = self._ranked(snapshot.captions, snapshot.manifest.caption_index_type, vector, k + offset,
-                              self._stored_caption_vectors)
+                              self._stored_caption_vectors, snapshot.caption_penalties if from_image else None)
         page = ranked[offset:offset + k]
         with self.store.session() as s:
             rows = {c.id: c for c in s.scalars(select(CaptionRow).options(selectinload(CaptionRow.image))
@@ -233,17 +241,19 @@ class SearchEngine:
         return [CaptionHit(i, sc, rows[i].text, rows[i].image_id, rows[i].image.path) for i, sc in page if i in rows]
 
     def _ranked(self, index: faiss.Index, index_type: str, vector: np.ndarray, depth: int,
-                stored_vectors) -> list[tuple[int, float]]:
+                stored_vectors, penalties: Penalties | None = None) -> list[tuple[int, float]]:
         """The top `depth` (id, score). A lossy index only proposes candidates: their exact
-        vectors, stored in the database, decide the order and give the scores."""
+        vectors, stored in the database, decide the order and give the scores. With hubness
+        penalties, the candidates' scores are corrected before they are ordered."""
         rerank = faiss_index.rerank_depth(index_type)
-        scores, ids = faiss_index.search(index, vector[None, :], max(depth, rerank))
+        candidates = max(depth, rerank, hubness.CANDIDATES if penalties is not None else 0)
+        scores, ids = faiss_index.search(index, vector[None, :], candidates)
         found = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-        if not rerank or not found:
-            return found[:depth]
-        exact = stored_vectors([i for i, _ in found])
-        rescored = [(i, float(exact[i] @ vector) if i in exact else s) for i, s in found]
-        return sorted(rescored, key=lambda item: -item[1])[:depth]
+        if rerank and found:
+            exact = stored_vectors([i for i, _ in found])
+            found = sorted(((i, float(exact[i] @ vector) if i in exact else s) for i, s in found),
+                           key=lambda item: -item[1])
+        return hubness.corrected(found, penalties)[:depth]
 
     def _stored_image_vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
         """One query, the embeddings found by primary key (as a join, SQLite scanned them: 1.3 s at 100k)."""
@@ -268,7 +278,7 @@ class SearchEngine:
         return {i: np.frombuffer(blobs[key], dtype=np.float32) for i, key in keys.items() if key in blobs}
 
     def images_by_text(self, text: str, k: int = 10, offset: int = 0) -> list[ImageHit]:
-        return self.images_by_vector(self.text_vector(text), k, offset)
+        return self.images_by_vector(self.text_vector(text), k, offset, from_text=True)
 
     def captions_by_text(self, text: str, k: int = 10, offset: int = 0) -> list[CaptionHit]:
         return self.captions_by_vector(self.text_vector(text), k, offset)
@@ -277,7 +287,7 @@ class SearchEngine:
         return self.images_by_vector(self.image_vector(image), k, offset)
 
     def captions_by_image(self, image: Image.Image, k: int = 10, offset: int = 0) -> list[CaptionHit]:
-        return self.captions_by_vector(self.image_vector(image), k, offset)
+        return self.captions_by_vector(self.image_vector(image), k, offset, from_image=True)
 
     def indexed_vector(self, image_id: int) -> np.ndarray:
         """The exact stored vector of an indexed image: queries by id need no re-encoding."""
@@ -296,7 +306,7 @@ class SearchEngine:
 
     def captions_for_image(self, image_id: int, k: int = 10, offset: int = 0) -> list[CaptionHit]:
         """Captions that describe an indexed image, from the whole collection."""
-        return self.captions_by_vector(self.indexed_vector(image_id), k, offset)
+        return self.captions_by_vector(self.indexed_vector(image_id), k, offset, from_image=True)
 
     # -- metadata ------------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from search.engine import SearchEngine  # noqa: E402
 from tests.benchmarks.http_latency import run as run_clients  # noqa: E402
 from tests.benchmarks.results_file import record  # noqa: E402
 from indexer.collection import hash_bytes  # noqa: E402
+from indexer.hubness import Penalties, load_bank  # noqa: E402
 
 RECALL_QUERIES = 1000
 
@@ -96,7 +97,12 @@ def write_index_dir(index_dir: Path, vectors: np.ndarray, model: str, settings: 
     empty = faiss_index.build_index(np.zeros((0, vectors.shape[1]), np.float32), np.zeros(0, np.int64), "Flat")
     faiss_index.write_index(empty, build_dir / faiss_index.CAPTIONS_FILE)
     params = faiss_index.default_search_params(index_type)
-    faiss_index.Manifest(build_id, model, vectors.shape[1], index_type, "Flat", len(vectors), 0, params).write(build_dir)
+    bank = load_bank(model)  # served text queries are hubness-corrected, as after a real build
+    if bank is not None:
+        Penalties.of(np.arange(1, len(vectors) + 1), bank.penalties(vectors, "image")).save(
+            build_dir / faiss_index.PENALTY_FILES[faiss_index.IMAGES_FILE])
+    faiss_index.Manifest(build_id, model, vectors.shape[1], index_type, "Flat", len(vectors), 0, params,
+                         bank.describe() if bank else {}).write(build_dir)
     with store.session() as s, s.begin():
         row = s.get(Build, build_id)
         row.status, row.dim, row.n_images, row.finished_at = "published", vectors.shape[1], len(vectors), utcnow()
