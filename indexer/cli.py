@@ -209,9 +209,12 @@ def train(
     _quiet_model_loading()
     report = run_training(data, cache_dir, [int(s) for s in seeds.split(",")], TrainConfig(epochs=epochs),
                           pick_device(device or get_settings().device))
+    typer.echo(f"zero-shot label-bridged baseline:\n{format_table(report['label_bridged_baseline'])}")
     for run in report["runs"]:
-        typer.echo(f"seed {run['seed']} ({run['seconds']:.0f} s):\n{format_table(run['dev'])}")
-    typer.echo(f"saved {report['saved']} ({report['saved_bytes']} bytes)")
+        typer.echo(f"seed {run['seed']} ({run['seconds']:.0f} s), without hubness correction:\n"
+                   f"{format_table(run['dev_without_hubness'])}\n"
+                   f"with hubness correction {run['hubness']}:\n{format_table(run['dev'])}")
+    typer.echo(f"saved {', '.join(report['saved'])} ({report['saved_bytes']} bytes)")
 
 
 @app.command()

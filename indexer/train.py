@@ -1,7 +1,9 @@
 """Train the heads of `crossmodal-lite` (LiT-style: frozen pretrained towers, trained projections).
 
 Tower features are computed once and cached, so training itself takes seconds per
-epoch on a CPU. Settings are chosen on the dev split; the best dev epoch is kept.
+epoch on a CPU. Settings are chosen on the dev split; the best dev epoch is kept. After
+training, the hubness bank is embedded from training data and its strength chosen on dev
+(see hubness.py), and the zero-shot label-bridged baseline is measured the same way.
 """
 from __future__ import annotations
 
@@ -14,24 +16,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import ImageOps
+from PIL import Image, ImageOps
 from torch import nn
 from tqdm import tqdm
 
 from indexer.collection import decode_image, read_captions
-from indexer.default_model import HEADS_FILE, create_default_model
+from indexer.default_model import HEADS_FILE, create_default_model, image_classifier, read_config
 from indexer.encoder import Encoder
 from indexer.evaluate import recall_at_k
+from indexer.hubness import BANK_FILE_NAME, HubnessBank
 from indexer.prefetch import prefetched_batches
 
 log = logging.getLogger(__name__)
-VIEWS = ("center", "flip")
+VIEWS = ("center", "flip", "zoom", "zoomflip")  # cached augmented views of each training image
+ZOOM = 0.8  # the zoom views keep the central 80% of the image (measured: +0.9 T->I R@1 on dev)
+BANK_SIZE = 2048  # bank queries per modality: 2 MB each at float16
+HUBNESS_K = 10
+HUBNESS_BETAS = (0.3, 0.5, 0.7)
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 256
+    batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.1
     input_dropout: float = 0.3
@@ -56,6 +63,14 @@ def _feature_model(device: torch.device):
     return model.to(memory_format=torch.channels_last), preprocess, tokenizer
 
 
+def _view(image: Image.Image, view: str) -> Image.Image:
+    if view.startswith("zoom"):
+        w, h = image.size
+        low, high = (1 - ZOOM) / 2, (1 + ZOOM) / 2
+        image = image.crop((int(w * low), int(h * low), int(w * high), int(h * high)))
+    return ImageOps.mirror(image) if view.endswith("flip") else image
+
+
 @torch.inference_mode()
 def cache_features(split_dir: Path, cache_file: Path, device: torch.device, views: tuple[str, ...],
                    batch_size: int = 8) -> dict[str, np.ndarray]:
@@ -67,7 +82,7 @@ def cache_features(split_dir: Path, cache_file: Path, device: torch.device, view
     def load(name: str) -> torch.Tensor:
         path = split_dir / "images" / name
         image = decode_image(path.read_bytes(), max_pixels=10**9)
-        return torch.stack([preprocess(ImageOps.mirror(image) if v == "flip" else image) for v in views])
+        return torch.stack([preprocess(_view(image, v)) for v in views])
 
     image_features = []
     for batch in tqdm(prefetched_batches(names, load, batch_size), total=math.ceil(len(names) / batch_size),
@@ -122,6 +137,59 @@ class Heads(nn.Module):
 
 def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0).astype(np.float32), (x.std(0) + 1e-6).astype(np.float32)
+
+
+def embed_folded(heads: dict[str, torch.Tensor], features: np.ndarray, kind: str) -> np.ndarray:
+    """What the model outputs for cached tower features, given exported heads."""
+    key = "visual.head.proj" if kind == "image" else "text.proj"
+    out = torch.from_numpy(features) @ heads[f"{key}.weight"].T + heads[f"{key}.bias"]
+    return nn.functional.normalize(out, dim=-1).numpy()
+
+
+def hubness_bank(heads: dict[str, torch.Tensor], train: dict[str, np.ndarray], dev: dict[str, np.ndarray],
+                 seed: int) -> tuple[HubnessBank, dict]:
+    """Bank queries sampled from train; beta chosen on dev. Returns (bank, its dev metrics)."""
+    rng = np.random.default_rng(seed)
+    texts = train["text"][np.sort(rng.choice(len(train["text"]), BANK_SIZE, replace=False))]
+    images = train["image"][0][np.sort(rng.choice(train["image"].shape[1], BANK_SIZE, replace=False))]
+    bank_text, bank_image = embed_folded(heads, texts, "text"), embed_folded(heads, images, "image")
+    dev_image, dev_text = embed_folded(heads, dev["image"][0], "image"), embed_folded(heads, dev["text"], "text")
+    best = None
+    for beta in HUBNESS_BETAS:
+        bank = HubnessBank(bank_text, bank_image, HUBNESS_K, beta)
+        metrics = corrected_recall(bank, dev_image, dev_text, dev["caption_image"])
+        if best is None or rsum(metrics) > rsum(best[1]):
+            best = (bank, metrics)
+    return best
+
+
+def corrected_recall(bank: HubnessBank, image: np.ndarray, text: np.ndarray, caption_image: np.ndarray) -> dict:
+    """Recall with each gallery item's penalty folded in as one more dimension (exact, exhaustive)."""
+    ones = lambda x: np.ones((len(x), 1), dtype=np.float32)  # noqa: E731
+    image_gallery = np.hstack([image, -bank.penalties(image, "image")[:, None]])
+    text_gallery = np.hstack([text, -bank.penalties(text, "text")[:, None]])
+    return {"text_to_image": recall_at_k(image_gallery, np.hstack([text, ones(text)]), caption_image)["text_to_image"],
+            "image_to_text": recall_at_k(np.hstack([image, ones(image)]), text_gallery, caption_image)["image_to_text"]}
+
+
+@torch.inference_mode()
+def label_bridged_baseline(dev: dict[str, np.ndarray], device: torch.device) -> dict:
+    """Zero-shot baseline with no trained parameters: an image is the mix of ImageNet class
+    names (embedded by the text tower) weighted by the image tower's own class probabilities;
+    a caption is its text-tower embedding (last layer, mean-pooled)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    config = read_config()
+    classifier = image_classifier(config["crossmodal"]["image_backbone_package"])
+    model, _, tokenizer = _feature_model(device)
+    width = dev["text"].shape[1] // 2  # the pooler's first half is the last layer's mean
+    names = model.encode_text(tokenizer([f"a photo of a {c}." for c in IMAGENET_CLASSNAMES]).to(device),
+                              normalize=False).float().cpu()[:, :width]
+    names = nn.functional.normalize(names, dim=-1)
+    probs = classifier(torch.from_numpy(dev["image"][0])).softmax(dim=-1)
+    image = nn.functional.normalize(probs @ names, dim=-1).numpy()
+    text = nn.functional.normalize(torch.from_numpy(dev["text"][:, :width]), dim=-1).numpy()
+    return recall_at_k(image, text, dev["caption_image"])
 
 
 def evaluate_heads(heads: Heads, feats: dict[str, np.ndarray]) -> dict:
@@ -189,11 +257,16 @@ def run_training(data_dir: Path, cache_dir: Path, seeds: list[int], cfg: TrainCo
     for seed in seeds:
         t0 = time.perf_counter()
         heads, metrics, history = train_heads(train, dev, TrainConfig(**{**asdict(cfg), "seed": seed}))
-        runs.append({"seed": seed, "dev": metrics, "seconds": time.perf_counter() - t0, "history": history})
+        bank, corrected = hubness_bank(heads, train, dev, seed)
+        runs.append({"seed": seed, "dev": corrected, "dev_without_hubness": metrics, "hubness": bank.describe(),
+                     "seconds": time.perf_counter() - t0, "history": history})
         if seed == seeds[0]:
             out_file.parent.mkdir(parents=True, exist_ok=True)
             save_file(heads, str(out_file))
-    report = {"config": asdict(cfg), "feature_seconds": feature_seconds, "runs": runs,
-              "saved": str(out_file), "saved_bytes": out_file.stat().st_size}
+            bank.save(out_file.parent / BANK_FILE_NAME)
+    saved = [out_file, out_file.parent / BANK_FILE_NAME]
+    report = {"config": asdict(cfg), "views": VIEWS, "feature_seconds": feature_seconds,
+              "label_bridged_baseline": label_bridged_baseline(dev, device), "runs": runs,
+              "saved": [str(f) for f in saved], "saved_bytes": sum(f.stat().st_size for f in saved)}
     (out_file.parent / "training_report.json").write_text(json.dumps(report, indent=2))
     return report

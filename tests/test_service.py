@@ -64,9 +64,9 @@ def test_captions_by_text_and_by_image(client, collection):
     by_text = client.get("/v1/captions/search", params={"q": "a red coffee cup", "k": 2}).json()["results"]
     assert by_text[0]["image_path"] == "coffee.jpg"
     assert set(by_text[0]) == {"id", "score", "text", "image_id", "image_path", "thumbnail_url"}
-    files = {"file": ("x.webp", (collection / "rocket.webp").read_bytes(), "application/octet-stream")}
+    files = {"file": ("x.webp", (collection / "camera.png").read_bytes(), "application/octet-stream")}
     by_image = client.post("/v1/captions/search", files=files, params={"k": 2}).json()["results"]
-    assert by_image[0]["image_path"] == "rocket.webp" and len(by_image) == 2
+    assert by_image[0]["image_path"] == "camera.png" and len(by_image) == 2
 
 
 def test_image_detail_file_and_cached_thumbnail(client, collection):

@@ -70,14 +70,14 @@ def test_upload_an_image_to_get_its_captions_and_similar_images(app_for, live_se
     at = app_for(live_server).run()
     at.radio(key="view").set_value("Image → captions").run()
     assert "Upload a photo" in texts(at.info)
-    at.file_uploader(key="upload").set_value(("rocket.webp", (collection / "rocket.webp").read_bytes(),
-                                              "image/webp")).run()
+    at.file_uploader(key="upload").set_value(("camera.png", (collection / "camera.png").read_bytes(),
+                                              "image/png")).run()
     assert not at.exception and not at.error
     ranked = [m.value for m in at.markdown if m.value.startswith(("1. ", "2. "))]
-    assert "rocket" in ranked[0] or "launch" in ranked[0]
-    assert "rocket.webp" in texts(at.caption)
+    assert "camera" in ranked[0]
+    assert "camera.png" in texts(at.caption)
     assert "Most similar images" in [s.value for s in at.subheader]
-    assert any("rocket.webp" in m.value and m.value.startswith("**1.0") for m in at.markdown)  # itself, score 1.0
+    assert any("camera.png" in m.value and m.value.startswith("**1.0") for m in at.markdown)  # itself, score 1.0
 
 
 def test_rejected_upload_is_a_message_not_a_traceback(app_for, live_server):
