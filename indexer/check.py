@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from indexer import faiss_index
 from indexer.collection import hash_bytes
+from indexer.hubness import Penalties
 from indexer.settings import Settings
 from indexer.store import Build, CaptionRow, ImageRow, Store, load_embeddings, vectors_from_bytes
 
@@ -105,6 +106,22 @@ def _check_contents(store: Store, build: Build, manifest: faiss_index.Manifest, 
     _check_files_on_disk(Path(build.collection_root), paths, report)
 
 
+def _check_penalties(path: Path, ids: np.ndarray, manifest: faiss_index.Manifest, report: CheckReport) -> None:
+    """With a hubness correction, every indexed id has exactly one penalty (see hubness.py)."""
+    if not manifest.hubness:
+        return
+    penalty_path = path.parent / faiss_index.PENALTY_FILES[path.name]
+    try:
+        penalties = Penalties.load(penalty_path)
+    except (OSError, ValueError, KeyError) as err:
+        report.problems.append(f"{penalty_path.name} cannot be read: {err}")
+        return
+    if penalties is None:
+        report.problems.append(f"{penalty_path.name} is missing: the manifest records a hubness correction")
+    elif not np.array_equal(penalties.ids, np.sort(ids)):
+        report.problems.append(f"{penalty_path.name}: its ids differ from {path.name}'s")
+
+
 def _check_faiss_file(path: Path, kind: str, rows: dict[int, str], stored: dict[str, bytes],
                       manifest: faiss_index.Manifest, index_type: str, pending: bool, report: CheckReport) -> None:
     try:
@@ -116,6 +133,7 @@ def _check_faiss_file(path: Path, kind: str, rows: dict[int, str], stored: dict[
         report.problems.append(f"{path}: dimension {index.d}, the manifest says {manifest.dim}")
         return
     ids = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else np.arange(index.ntotal)
+    _check_penalties(path, ids, manifest, report)
     in_index, in_db = set(ids.tolist()), set(rows)
     if in_index - in_db:
         report.problems.append(f"{path.name}: {len(in_index - in_db)} ids are not {kind} rows in the database "

@@ -78,3 +78,15 @@ def test_correction_can_be_switched_off_at_search_time(indexed, encoder):
     query = encoder.encode_texts(["a cat"])[0]
     stored = engine._stored_image_vectors([h.id for h in hits])
     np.testing.assert_allclose([h.score for h in hits], [stored[h.id] @ query for h in hits], atol=1e-5)
+
+
+def test_check_reports_missing_or_mismatched_penalties(indexed):
+    from indexer.check import check_index
+
+    assert check_index(indexed).ok
+    path = faiss_index.build_dir_for(indexed.index_dir, 1) / faiss_index.PENALTY_FILES[faiss_index.IMAGES_FILE]
+    good = Penalties.load(path)
+    Penalties.of(good.ids[1:], good.values[1:]).save(path)
+    assert any("ids differ" in p for p in check_index(indexed).problems)
+    path.unlink()
+    assert any("is missing" in p for p in check_index(indexed).problems)
