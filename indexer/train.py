@@ -71,6 +71,14 @@ def _view(image: Image.Image, view: str) -> Image.Image:
     return ImageOps.mirror(image) if view.endswith("flip") else image
 
 
+def _cache_file(cache_dir: Path, split: str, views: tuple[str, ...]) -> Path:
+    """Named after what made the features (towers, pooling, views), so a changed recipe never reuses them."""
+    import hashlib
+
+    recipe = json.dumps([read_config(), views, ZOOM], sort_keys=True).encode()
+    return cache_dir / f"{split}-{hashlib.sha256(recipe).hexdigest()[:12]}.npz"
+
+
 @torch.inference_mode()
 def cache_features(split_dir: Path, cache_file: Path, device: torch.device, views: tuple[str, ...],
                    batch_size: int = 8) -> dict[str, np.ndarray]:
@@ -251,8 +259,8 @@ def run_training(data_dir: Path, cache_dir: Path, seeds: list[int], cfg: TrainCo
     from safetensors.torch import save_file
 
     start = time.perf_counter()
-    train = cache_features(data_dir / "train", cache_dir / "train.npz", device, VIEWS)
-    dev = cache_features(data_dir / "dev", cache_dir / "dev.npz", device, ("center",))
+    train = cache_features(data_dir / "train", _cache_file(cache_dir, "train", VIEWS), device, VIEWS)
+    dev = cache_features(data_dir / "dev", _cache_file(cache_dir, "dev", ("center",)), device, ("center",))
     feature_seconds = time.perf_counter() - start
     runs = []
     for seed in seeds:
