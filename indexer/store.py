@@ -7,9 +7,12 @@ previous build never sees a row change under it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-from pathlib import Path
+import os
+import threading
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,6 +95,18 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor.close()
 
 
+PREFETCH_WINDOW = 8 * 1024 * 1024
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to new page cache (Linux MemAvailable; 0 where unknown)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as meminfo:
+            line = next(line for line in meminfo if line.startswith("MemAvailable:"))
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def create_db_engine(url: str) -> Engine:
     """An engine for any SQLAlchemy URL; SQLite gets WAL and foreign keys."""
     if url.startswith("sqlite"):
@@ -113,6 +128,37 @@ class Store:
         self.url = url
         self.engine = create_db_engine(url)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def prefetch_into_page_cache(self, max_share_of_free_memory: float = 0.5) -> bool:
+        """Ask the OS to read a SQLite database file into its page cache, in the background.
+
+        Search re-ranks IVF-PQ candidates with exact vectors read from this file: 100 rows
+        at random places per query. On cold pages that measured 19.7 ms per query at 100k
+        vectors against 14.2 ms warm (tests/benchmarks/search_scale.py). The kernel reads
+        ahead on its own I/O; nothing is copied into this process. Skipped where the file
+        would take more than `max_share_of_free_memory` of available memory, for other
+        databases, and where the OS has no posix_fadvise. True when a prefetch started.
+        """
+        database = make_url(self.url).database if self.url.startswith("sqlite") else None
+        if not database or database == ":memory:" or not hasattr(os, "posix_fadvise"):
+            return False
+        files = [Path(database + suffix) for suffix in ("", "-wal") if Path(database + suffix).is_file()]
+        size = sum(f.stat().st_size for f in files)
+        if not files or size > max_share_of_free_memory * _available_memory():
+            return False
+
+        def advise() -> None:
+            for path in files:
+                with contextlib.suppress(OSError):
+                    fd = os.open(path, os.O_RDONLY)
+                    try:  # one call reads ahead only a few MB, so advise window by window
+                        for offset in range(0, os.fstat(fd).st_size, PREFETCH_WINDOW):
+                            os.posix_fadvise(fd, offset, PREFETCH_WINDOW, os.POSIX_FADV_WILLNEED)
+                    finally:
+                        os.close(fd)
+
+        threading.Thread(target=advise, name="db-prefetch", daemon=True).start()
+        return True
 
     def published_build(self) -> Build | None:
         with self.session() as s:

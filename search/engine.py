@@ -145,6 +145,7 @@ class SearchEngine:
         self._snapshot: Snapshot | None = None
         self.text_cache = TextCache()
         self.reload()
+        self.store.prefetch_into_page_cache()  # the re-rank reads exact vectors at random places
 
     # -- loading -----------------------------------------------------------------------------
 
