@@ -71,7 +71,7 @@ def evaluate_published(settings) -> dict:
 
     from indexer import faiss_index
     from indexer.collection import hash_bytes
-    from indexer.hubness import Penalties
+    from indexer.hubness import load_build_penalties
     from indexer.store import CaptionRow, ImageRow, Store, load_embeddings, vectors_from_bytes
 
     store = Store(settings.resolved_database_url())
@@ -96,9 +96,7 @@ def evaluate_published(settings) -> dict:
         image_blobs = load_embeddings(s, manifest.model, "image", list({h for _, h in query_images}))
     text_vectors = vectors_from_bytes([text_blobs[k] for k in text_keys], manifest.dim)
     image_vectors = vectors_from_bytes([image_blobs[h] for _, h in query_images], manifest.dim)
-    image_penalties, caption_penalties = (
-        Penalties.load(build_dir / faiss_index.PENALTY_FILES[name]) if settings.hubness_correction else None
-        for name in (faiss_index.IMAGES_FILE, faiss_index.CAPTIONS_FILE))
+    image_penalties, caption_penalties = load_build_penalties(build_dir, settings.hubness_correction)
     t2i = _top_ids(images, text_vectors, image_penalties)
     t2i_ranks = _first_hit(t2i, [{r[1]} for r in rows])
     captions_of: dict[int, set[int]] = {}

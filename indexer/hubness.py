@@ -102,6 +102,16 @@ def corrected(ranked: list[tuple[int, float]], penalties: Penalties | None) -> l
     return sorted(zip(ids.tolist(), scores.tolist()), key=lambda item: -item[1])
 
 
+def load_build_penalties(build_dir: Path, enabled: bool = True) -> tuple[Penalties | None, Penalties | None]:
+    """(image, caption) penalties of a build; None where switched off or the build has none."""
+    from indexer.faiss_index import CAPTIONS_FILE, IMAGES_FILE, PENALTY_FILES
+
+    if not enabled:
+        return None, None
+    image, caption = (Penalties.load(build_dir / PENALTY_FILES[name]) for name in (IMAGES_FILE, CAPTIONS_FILE))
+    return image, caption
+
+
 def load_bank(model_name: str) -> HubnessBank | None:
     """The bank shipped with a model, or None (open_clip models have none)."""
     from indexer.default_model import DEFAULT_MODEL_NAME, MODEL_DIR

@@ -176,9 +176,7 @@ class SearchEngine:
         use_gpu = self.settings.use_gpu_faiss
         images, captions = (faiss_index.read_index(build_dir / name, manifest.search_params, use_gpu)
                             for name in (faiss_index.IMAGES_FILE, faiss_index.CAPTIONS_FILE))
-        image_penalties, caption_penalties = (
-            Penalties.load(build_dir / faiss_index.PENALTY_FILES[name]) if self.settings.hubness_correction else None
-            for name in (faiss_index.IMAGES_FILE, faiss_index.CAPTIONS_FILE))
+        image_penalties, caption_penalties = hubness.load_build_penalties(build_dir, self.settings.hubness_correction)
         snapshot = Snapshot(build, manifest, images, captions, Path(build.collection_root),
                             image_penalties, caption_penalties)
         if self._encoder is not None and self._encoder.name != manifest.model:
