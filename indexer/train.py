@@ -71,7 +71,7 @@ def _view(image: Image.Image, view: str) -> Image.Image:
     return ImageOps.mirror(image) if view.endswith("flip") else image
 
 
-def _cache_file(cache_dir: Path, split: str, views: tuple[str, ...]) -> Path:
+def feature_cache_file(cache_dir: Path, split: str, views: tuple[str, ...]) -> Path:
     """Named after what made the features (towers, pooling, views), so a changed recipe never reuses them."""
     import hashlib
 
@@ -259,8 +259,8 @@ def run_training(data_dir: Path, cache_dir: Path, seeds: list[int], cfg: TrainCo
     from safetensors.torch import save_file
 
     start = time.perf_counter()
-    train = cache_features(data_dir / "train", _cache_file(cache_dir, "train", VIEWS), device, VIEWS)
-    dev = cache_features(data_dir / "dev", _cache_file(cache_dir, "dev", ("center",)), device, ("center",))
+    train = cache_features(data_dir / "train", feature_cache_file(cache_dir, "train", VIEWS), device, VIEWS)
+    dev = cache_features(data_dir / "dev", feature_cache_file(cache_dir, "dev", ("center",)), device, ("center",))
     feature_seconds = time.perf_counter() - start
     runs = []
     for seed in seeds:

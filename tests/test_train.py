@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from indexer.hubness import BANK_FILE_NAME, HubnessBank
-from indexer.train import VIEWS, TrainConfig, run_training
+from indexer.train import VIEWS, TrainConfig, feature_cache_file, run_training
 
 
 def _split(root, sample_source, names):
@@ -28,7 +28,7 @@ def test_training_writes_heads_bank_and_report_that_load(tmp_path, sample_source
     report = run_training(tmp_path / "data", tmp_path / "cache", [0, 1], TrainConfig(epochs=2, batch_size=8),
                           torch.device("cpu"), out_file=out)
 
-    cached = np.load(tmp_path / "cache" / "train.npz")
+    cached = np.load(feature_cache_file(tmp_path / "cache", "train", VIEWS))
     assert cached["image"].shape[:2] == (len(VIEWS), 10)  # every view of every training image
     assert not np.allclose(cached["image"][0], cached["image"][1])  # the mirrored view differs
     assert [run["seed"] for run in report["runs"]] == [0, 1]
