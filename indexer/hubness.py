@@ -4,8 +4,8 @@ In a joint embedding space some items ("hubs") sit close to very many queries an
 the top of every result list. We measure each indexed item's hubness against a bank of
 training queries of the other modality (the mean similarity to its k nearest bank
 queries, as in CSLS) and subtract `beta` times it from the item's score at search time.
-On Flickr8k dev this raised text-to-image R@1 by about 2.5 points and image-to-text R@1
-by about 3.5 (see data/models/crossmodal-lite/MODEL_CARD.md).
+On Flickr8k dev this raised text-to-image R@1 by 2.3 points and image-to-text R@1 by
+3.4 (means over 3 seeds; see data/models/crossmodal-lite/MODEL_CARD.md).
 
 - The bank ships with the model (`hubness_bank.safetensors`, written by `crossmodal train`);
   models without one (any open_clip model) are searched without correction.
