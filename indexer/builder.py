@@ -30,8 +30,8 @@ from indexer.encoder import Encoder, load_encoder
 from indexer.hubness import Penalties, load_bank
 from indexer.prefetch import prefetched_batches
 from indexer.settings import Settings
-from indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings, utcnow,
-                           vector_to_bytes, vectors_from_bytes)
+from indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings, save_embeddings,
+                           utcnow, vectors_from_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ TRANSACTION_IMAGES = 64  # images embedded and committed per transaction: a kill
 
 def decode_threads(configured: int, encoder: Encoder) -> int:
     """Beside a GPU, decoding runs ahead on threads so the GPU never waits. On a CPU the model
-    already uses every core, and decoding beside it (or on a pool between its passes) slows
-    it more than it saves: measured on 2 cores, 70 (58) against 83 images/s inline."""
+    already uses every core, and decoding beside it gains nothing: measured on 2 cores, 123.9
+    images/s with one decode thread against 124.1 inline (500 Flickr8k photos)."""
     if configured >= 0:
         return configured
     return min(8, max(2, (os.cpu_count() or 2) - 2)) if encoder.device.type == "cuda" else 0
@@ -239,9 +239,9 @@ class IndexBuilder:
 
     @staticmethod
     def _load(entry: FileEntry, encoder: Encoder, max_bytes: int, max_pixels: int):
-        """Runs on decode threads: read, hash, decode and preprocess one file."""
+        """Runs on decode threads: read, hash, decode and prepare (resize, crop) one file."""
         image = load_image(entry, max_bytes, max_pixels)
-        return image, encoder.preprocess(image.image)
+        return image, encoder.prepare(image.image)
 
     def _store_images(self, loaded: list[tuple[LoadedImage, torch.Tensor]], encoder: Encoder, build_id: int,
                       report: BuildReport) -> dict[int, str]:
@@ -259,8 +259,7 @@ class IndexBuilder:
                 for start in range(0, len(new), encoder.image_batch_size):
                     keys = list(new)[start:start + encoder.image_batch_size]
                     vectors = encoder.encode_image_tensors(torch.stack([new[k] for k in keys]))
-                    s.add_all(Embedding(model=encoder.name, kind="image", key=k, vector=vector_to_bytes(v))
-                              for k, v in zip(keys, vectors))
+                    save_embeddings(s, encoder.name, "image", keys, vectors)
             report.n_embedded += len(new)
             report.n_reused += sum(1 for item, _ in loaded if item.content_hash in have)
             rows = self._image_rows(s, [item for item, _ in loaded], build_id)
@@ -331,8 +330,7 @@ class IndexBuilder:
             encoder = lazy.get()
             vectors = encoder.encode_texts([texts[k] for k in keys])
             with self.store.session() as s, s.begin():
-                s.add_all(Embedding(model=encoder.name, kind="text", key=k, vector=vector_to_bytes(v))
-                          for k, v in zip(keys, vectors))
+                save_embeddings(s, encoder.name, "text", keys, vectors)
             meter.advance(len(keys))
 
     # -- index files and publishing ----------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from indexer.default_model import DEFAULT_MODEL_NAME, create_default_model
+from indexer.pixels import PixelPipeline
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,17 @@ def _quiet_model_loading() -> None:
 
 
 class Encoder:
-    """A loaded dual encoder. `name`, `dim` and `device` describe it; encode_* embed."""
+    """A loaded dual encoder. `name`, `dim` and `device` describe it; encode_* embed.
+
+    Images go in as `prepare(image)` tensors (stacked into batches) or as PIL images.
+    """
 
     def __init__(self, name: str, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
                  device: torch.device):
         self.name = name
         self.model = model
         self.preprocess = preprocess
+        self._pixels = PixelPipeline.of(preprocess)
         self.tokenizer = tokenizer
         self.device = device
         self.use_fp16 = device.type == "cuda"
@@ -97,11 +102,20 @@ class Encoder:
             return torch.autocast(device_type="cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """The per-image half of preprocessing (the indexer runs it while decoding): uint8
+        pixels where the transform allows (see pixels.py), else the whole transform."""
+        if self._pixels is None:
+            return self.preprocess(image.convert("RGB"))
+        return self._pixels.pixels(image)
+
     @torch.inference_mode()
     def encode_image_tensors(self, batch: torch.Tensor) -> np.ndarray:
-        """Embed an already preprocessed batch [n, 3, H, W] (the indexer preprocesses separately)."""
+        """Embed a batch [n, 3, H, W] of `prepare` outputs (uint8) or of preprocessed floats."""
         with self._autocast():
             batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            if batch.dtype == torch.uint8:
+                batch = self._pixels.normalise(batch)  # float ops keep the channels-last layout
             features = torch.nn.functional.normalize(self._image_tower(batch), dim=-1)
         return features.float().cpu().numpy()
 
@@ -127,7 +141,7 @@ class Encoder:
         out = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            out.append(self.encode_image_tensors(torch.stack([self.preprocess(im.convert("RGB")) for im in chunk])))
+            out.append(self.encode_image_tensors(torch.stack([self.prepare(im) for im in chunk])))
         return np.concatenate(out)
 
     def _text_tower(self, tokens: torch.Tensor) -> torch.Tensor:

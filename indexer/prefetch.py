@@ -2,8 +2,8 @@
 
 With threads, decoding and resizing (PIL releases the GIL) run on a small pool that
 stays a couple of batches ahead of the encoder, so a GPU never waits for JPEG decoding.
-When the model runs on the CPU it already uses every core, and overlapping only slows
-it down (measured: see builder.decode_threads), so batches are then loaded inline.
+When the model runs on the CPU it already uses every core, and overlapping gains nothing
+(measured: see builder.decode_threads), so batches are then loaded inline.
 """
 from __future__ import annotations
 

@@ -182,6 +182,12 @@ def vectors_from_bytes(blobs: list[bytes], dim: int) -> np.ndarray:
     return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim)
 
 
+def save_embeddings(session: Session, model: str, kind: str, keys: list[str], vectors: np.ndarray) -> None:
+    """Vectors by content key, for load_embeddings to find on any later build."""
+    session.add_all(Embedding(model=model, kind=kind, key=key, vector=vector_to_bytes(vector))
+                    for key, vector in zip(keys, vectors))
+
+
 def load_embeddings(session: Session, model: str, kind: str, keys: list[str]) -> dict[str, bytes]:
     """Stored vectors for these keys (missing keys are simply absent)."""
     found: dict[str, bytes] = {}

@@ -98,3 +98,44 @@ def test_traced_image_tower_matches_open_clip_eager(encoder, sample_source):
     with torch.inference_mode():
         eager = encoder.model.encode_image(pixels, normalize=True).numpy()
     np.testing.assert_allclose(traced, eager, atol=1e-4)
+
+
+def _sample_photos(sample_source):
+    """The sample photos as they are, plus wide, tall, tiny and grey variants (other resize paths)."""
+    from PIL import Image
+    photos = [Image.open(sample_source / n).convert("RGB") for n in ("cat.jpg", "horse.png", "rocket.webp")]
+    return photos + [photos[0].resize((500, 333)), photos[1].resize((180, 640)), photos[2].resize((40, 30)),
+                     photos[0].convert("L")]
+
+
+def test_prepared_pixels_stand_in_for_the_open_clip_transform(encoder, sample_source):
+    """prepare() (uint8, tensor kernels) plus the batched normalisation gives open_clip's
+    pixels to within 2 levels of 255, and the same vectors."""
+    photos = _sample_photos(sample_source)
+    prepared = torch.stack([encoder.prepare(p) for p in photos])
+    reference = torch.stack([encoder.preprocess(p.convert("RGB")) for p in photos])
+    assert prepared.dtype == torch.uint8 and encoder._pixels.on_tensors
+    level = 2 / 255  # one level of 255 after Normalize(0.5, 0.5)
+    assert (encoder._pixels.normalise(prepared) - reference).abs().max() <= 2 * level + 1e-6
+    ours, theirs = encoder.encode_image_tensors(prepared), encoder.encode_image_tensors(reference)
+    assert (ours * theirs).sum(axis=1).min() > 0.9999
+
+
+def test_transforms_that_cannot_run_on_tensors_still_run(encoder, sample_source):
+    """An unknown PIL step keeps the PIL path (same floats exactly); a transform without
+    ToTensor + Normalize at its end runs whole."""
+    from torchvision import transforms as T
+
+    from indexer.encoder import Encoder
+    photos = _sample_photos(sample_source)
+    custom = T.Compose([T.Lambda(lambda im: im.rotate(90)), *encoder.preprocess.transforms])
+    bare = T.Compose([*encoder.preprocess.transforms[:-1]])  # no Normalize
+    for preprocess, dtype in ((custom, torch.uint8), (bare, torch.float32)):
+        other = Encoder("custom-transform", encoder.model, preprocess, encoder.tokenizer, encoder.device)
+        prepared = torch.stack([other.prepare(p) for p in photos])
+        assert prepared.dtype == dtype
+        expected = torch.stack([preprocess(p.convert("RGB")) for p in photos])
+        got = other._pixels.normalise(prepared) if dtype == torch.uint8 else prepared
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(other.encode_image_tensors(prepared), other.encode_image_tensors(expected),
+                                   atol=1e-5)
