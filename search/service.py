@@ -67,11 +67,14 @@ class Service:
         return True, None
 
 
-def get_service(request: Request) -> Service:
+# Dependencies that never block are `async def`: FastAPI runs them on the event loop, where a
+# sync one costs a thread-pool hop each. Measured over HTTP at 100k vectors, the time outside
+# the text-search endpoint went from 2.7-2.8 to 2.4-2.5 ms (p50).
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
-def get_engine(service: Annotated[Service, Depends(get_service)]) -> SearchEngine:
+async def get_engine(service: Annotated[Service, Depends(get_service)]) -> SearchEngine:
     ready, reason = service.ready
     if not ready:
         raise HTTPException(503, reason)
@@ -81,7 +84,7 @@ def get_engine(service: Annotated[Service, Depends(get_service)]) -> SearchEngin
 _bearer = HTTPBearer(auto_error=False, description="CROSSMODAL_ADMIN_TOKEN, when the service has one")
 
 
-def require_admin(service: Annotated[Service, Depends(get_service)],
+async def require_admin(service: Annotated[Service, Depends(get_service)],
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     """Rebuilds read folders on the server: with a token configured, only its holder may start or see them."""
     token = service.settings.admin_token
@@ -156,7 +159,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _text_query(max_chars: int):
-    def query(q: Annotated[str, Query(description="Text query.", max_length=max_chars)]) -> str:
+    async def query(q: Annotated[str, Query(description="Text query.", max_length=max_chars)]) -> str:
         text = q.strip()
         if not text:
             raise HTTPException(422, "the query is empty")
