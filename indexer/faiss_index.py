@@ -164,20 +164,25 @@ def read_index(path: Path, params: dict[str, int], use_gpu: bool = True) -> fais
     return to_gpu(index) if use_gpu else index
 
 
-SEARCH_THREADS = faiss.omp_get_max_threads()
-
-
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids); ids of -1 (fewer than k vectors) are dropped by callers.
 
     One query runs on the calling thread alone. FAISS's OpenMP team gains nothing on a single
-    query, and its threads spin after each search: on 2 cores they took 2.3 ms a query from
-    the text encoding that followed (engine p50 13.9 -> 11.4 ms at 100k). The thread count is
-    an OpenMP setting of the calling thread, so batch searches elsewhere keep every core.
+    query, and its threads spin after each search: back to back, they took 2.3 ms a query
+    from the text encoding that followed (engine p50 13.9 -> 11.4 ms at 100k). The thread
+    count is an OpenMP setting of the calling thread, restored at once, so batch searches,
+    training and adding on any thread keep every core.
     """
-    faiss.omp_set_num_threads(1 if len(queries) == 1 else SEARCH_THREADS)
     k = max(1, min(k, index.ntotal)) if index.ntotal else 1
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if len(queries) != 1:
+        return index.search(queries, k)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(queries, k)
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def remove_unpublished(index_dir: Path, keep: set[int]) -> None:

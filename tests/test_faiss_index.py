@@ -79,3 +79,20 @@ def test_search_parameters_apply_only_to_indexes_that_have_them(tmp_path):
     params = faiss_index.default_search_params("IVF16,SQ8")
     assert faiss_index.read_index(tmp_path / "flat.faiss", params).ntotal == 10
     assert faiss.extract_index_ivf(faiss_index.read_index(tmp_path / "ivf.faiss", params)).nprobe == params["nprobe"]
+
+
+def test_single_query_search_leaves_the_threads_setting_alone():
+    """Single queries run on one thread, but training and adding after them on the same
+    thread must keep every core (this once made IVF builds in a serving process 2x slower)."""
+    import faiss
+    index = faiss.IndexFlatIP(32)
+    index.add(unit_vectors(50))
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        scores, ids = faiss_index.search(index, index.reconstruct_n(0, 1), 3)
+        assert ids[0][0] == 0 and faiss.omp_get_max_threads() == 2
+        faiss_index.search(index, index.reconstruct_n(0, 4), 3)
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(before)
