@@ -85,7 +85,7 @@ _bearer = HTTPBearer(auto_error=False, description="CROSSMODAL_ADMIN_TOKEN, when
 
 
 async def require_admin(service: Annotated[Service, Depends(get_service)],
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     """Rebuilds read folders on the server: with a token configured, only its holder may start or see them."""
     token = service.settings.admin_token
     if not token:
