@@ -84,7 +84,6 @@ def test_search_parameters_apply_only_to_indexes_that_have_them(tmp_path):
 def test_single_query_search_leaves_the_threads_setting_alone():
     """Single queries run on one thread, but training and adding after them on the same
     thread must keep every core (this once made IVF builds in a serving process 2x slower)."""
-    import faiss
     index = faiss.IndexFlatIP(32)
     index.add(unit_vectors(50))
     before = faiss.omp_get_max_threads()
