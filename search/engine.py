@@ -9,13 +9,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import weakref
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import faiss
 import numpy as np
@@ -29,9 +26,6 @@ from indexer.encoder import Encoder, load_encoder
 from indexer.hubness import Penalties
 from indexer.settings import Settings
 from indexer.store import Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings
-
-
-T = TypeVar("T")
 
 
 class NoIndex(RuntimeError):
@@ -95,82 +89,49 @@ class TextCache:
                 self._items.popitem(last=False)
 
 
-class ModelThread:
-    """The one thread on which the service runs its model: loading, text and image encoding.
+class TextBatcher:
+    """Concurrent text queries share one forward pass of the text tower.
 
-    torch's OpenMP runtime keeps a team of worker threads for each thread that calls it.
-    With a second calling thread it manages more threads than there are cores and stops
-    spinning between parallel regions, so every small op of a text query pays a wake-up:
-    measured on 2 cores, a text encoding took 7.3 ms when the model was loaded on one thread
-    and run on another, 5.6 ms with one thread for both; over HTTP at 100k vectors, p50 was
-    14.3-14.4 ms against 15.4-17.9 ms with a text-only worker thread. One thread also means
-    one pass at a time (torch already uses every core for each), and text queries that wait
-    together are encoded as one batch: under load, N queries cost about one pass, not N.
+    One worker thread takes whatever queries are waiting (up to `max_batch`) and encodes
+    them together: a lone query is encoded at once, and under load N waiting queries cost
+    about one batch instead of N passes (torch already uses every core for each pass).
     """
 
-    _STOP = object()
+    def __init__(self, encoder: Encoder, lock: threading.Lock, max_batch: int = 32):
+        self.encoder, self._lock, self.max_batch = encoder, lock, max_batch
+        self._queue: queue.SimpleQueue[tuple[str, Future] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._work, name=f"text-batcher-{encoder.name}", daemon=True).start()
 
-    def __init__(self, max_batch: int = 32):
-        self.max_batch = max_batch
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._work, name="model", daemon=True).start()
-
-    def call(self, fn: Callable[..., T], *args) -> T:
-        """fn(*args), run on the model thread; its exception is raised here."""
-        return self._submit("call", fn, args)
-
-    def encode_text(self, encoder: Encoder, text: str) -> np.ndarray:
-        return self._submit("text", encoder, text)
-
-    def close(self) -> None:
-        """Work already queued is still done; then the thread ends."""
-        self._queue.put(self._STOP)
-
-    def _submit(self, kind: str, target, payload):
+    def encode(self, text: str) -> np.ndarray:
         future: Future = Future()
-        self._queue.put((kind, target, payload, future))
+        self._queue.put((text, future))
         return future.result()
 
+    def close(self) -> None:
+        """Queries already queued are still answered; then the worker ends."""
+        self._queue.put(None)
+
     def _work(self) -> None:
-        held = None  # taken from the queue while gathering a batch: handled next
-        while True:
-            item = held if held is not None else self._queue.get()
-            held = None
-            if item is self._STOP:
-                return
-            kind, target, payload, future = item
-            if kind == "call":
-                _settle(future, target, *payload)
-                continue
-            batch = [item]
+        while (first := self._queue.get()) is not None:
+            batch = [first]
             while len(batch) < self.max_batch:
                 try:
-                    queued = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if queued is self._STOP or queued[0] != "text" or queued[1] is not target:
-                    held = queued
+                if item is None:
+                    self._queue.put(None)  # finish this batch, then stop
                     break
-                batch.append(queued)
-            self._encode_texts(target, batch)
-
-    @staticmethod
-    def _encode_texts(encoder: Encoder, batch: list[tuple]) -> None:
-        try:
-            vectors = encoder.encode_texts([text for _, _, text, _ in batch])
-        except Exception as err:  # reported to every waiting query; the thread lives on
-            for *_, future in batch:
-                future.set_exception(err)
-            return
-        for (*_, future), vector in zip(batch, vectors):
-            future.set_result(vector)
-
-
-def _settle(future: Future, fn: Callable, *args) -> None:
-    try:
-        future.set_result(fn(*args))
-    except BaseException as err:  # noqa: BLE001 - handed to the caller, who raises it
-        future.set_exception(err)
+                batch.append(item)
+            try:
+                with self._lock:
+                    vectors = self.encoder.encode_texts([text for text, _ in batch])
+            except Exception as err:  # reported to every waiting query, the worker lives on
+                for _, future in batch:
+                    future.set_exception(err)
+                continue
+            for (_, future), vector in zip(batch, vectors):
+                future.set_result(vector)
 
 
 class SearchEngine:
@@ -178,8 +139,9 @@ class SearchEngine:
         self.settings = settings
         self.store = store or Store(settings.resolved_database_url())
         self._encoder = encoder
-        self._model = ModelThread()
-        weakref.finalize(self, self._model.close)  # the thread ends with the engine
+        self._encoder_lock = threading.Lock()  # torch uses every core per pass: queueing beats oversubscribing
+        self._batcher: TextBatcher | None = None
+        self._batcher_lock = threading.Lock()
         self._snapshot: Snapshot | None = None
         self.text_cache = TextCache()
         self.reload()
@@ -201,7 +163,7 @@ class SearchEngine:
     def encoder(self) -> Encoder:
         snapshot = self.snapshot
         if self._encoder is None or self._encoder.name != snapshot.manifest.model:
-            self._encoder = self._model.call(load_encoder, snapshot.manifest.model, self.settings.device)
+            self._encoder = load_encoder(snapshot.manifest.model, self.settings.device)
         return self._encoder
 
     def reload(self) -> bool:
@@ -232,13 +194,24 @@ class SearchEngine:
         key = (encoder.name, text)
         vector = self.text_cache.get(key)
         if vector is None:
-            vector = self._model.encode_text(encoder, text)
+            vector = self._text_batcher(encoder).encode(text)
             self.text_cache.put(key, vector)
         return vector
 
+    def _text_batcher(self, encoder: Encoder) -> TextBatcher:
+        batcher = self._batcher
+        if batcher is None or batcher.encoder is not encoder:
+            with self._batcher_lock:
+                if self._batcher is None or self._batcher.encoder is not encoder:
+                    if self._batcher is not None:
+                        self._batcher.close()  # the build's model changed
+                    self._batcher = TextBatcher(encoder, self._encoder_lock)
+                batcher = self._batcher
+        return batcher
+
     def image_vector(self, image: Image.Image) -> np.ndarray:
-        encoder = self.encoder
-        return self._model.call(lambda: encoder.encode_images([image])[0])
+        with self._encoder_lock:
+            return self.encoder.encode_images([image])[0]
 
     # -- searches ----------------------------------------------------------------------------
 

@@ -202,28 +202,6 @@ def test_concurrent_text_queries_share_forward_passes_and_get_their_own_vectors(
     assert sum(calls) == 24 and len(calls) < 24  # some queries were encoded together
 
 
-def test_the_engine_runs_its_model_on_one_thread_and_survives_errors(settings, encoder, collection):
-    """Loading, text and image encoding all run on the engine's model thread (torch's OpenMP
-    teams are per calling thread); an error reaches the caller and the thread carries on."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    build(settings, encoder, collection)
-    engine = SearchEngine(settings)  # loads the model itself, on its model thread
-    threads = set()
-    for name in ("encode_texts", "encode_images"):
-        original = getattr(engine.encoder, name)
-        setattr(engine.encoder, name, lambda *a, _f=original, **kw: threads.add(threading.get_ident()) or _f(*a, **kw))
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(engine.text_vector, [f"query {i}" for i in range(8)]))
-        pool.submit(engine.image_vector, solid_image((200, 10, 10))).result()
-    assert len(threads) == 1 and threading.get_ident() not in threads
-    assert engine._model.call(threading.get_ident) in threads
-    with pytest.raises(ZeroDivisionError):
-        engine._model.call(lambda: 1 / 0)
-    assert engine.text_vector("still answering").shape == (engine.encoder.dim,)
-
-
 def test_a_lossy_index_is_reranked_with_stored_vectors_to_exact_results(settings, encoder, collection, tmp_path):
     """IVF-PQ only proposes candidates; the order and scores users see are those of exact search."""
     from PIL import Image
