@@ -241,7 +241,7 @@ class IndexBuilder:
     def _load(entry: FileEntry, encoder: Encoder, max_bytes: int, max_pixels: int):
         """Runs on decode threads: read, hash, decode and prepare (resize, crop) one file."""
         image = load_image(entry, max_bytes, max_pixels)
-        return image, encoder.prepare(image.image)
+        return image, encoder.prepare(image.pixels)
 
     def _store_images(self, loaded: list[tuple[LoadedImage, torch.Tensor]], encoder: Encoder, build_id: int,
                       report: BuildReport) -> dict[int, str]:
@@ -275,7 +275,7 @@ class IndexBuilder:
             row = existing.get((item.entry.path, item.content_hash))
             if row is None:
                 row = ImageRow(path=item.entry.path, content_hash=item.content_hash, build_id=build_id,
-                               bytes=item.entry.bytes, width=item.image.width, height=item.image.height,
+                               bytes=item.entry.bytes, width=item.width, height=item.height,
                                mtime=item.entry.mtime)
                 existing[(row.path, row.content_hash)] = row
                 s.add(row)

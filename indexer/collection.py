@@ -5,6 +5,7 @@ a `SkippedFile` with a reason instead of an exception in the middle of a build.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -14,7 +15,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
+import numpy as np
+import simplejpeg
+from PIL import ExifTags, Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 CAPTION_FILE_NAMES = ("captions.tsv", "captions.csv", "captions.jsonl")
@@ -40,7 +43,15 @@ class SkippedFile:
 class LoadedImage:
     entry: FileEntry
     content_hash: str
-    image: Image.Image
+    pixels: np.ndarray  # [height, width, 3] uint8 RGB, as decode_pixels gives them
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
 
 
 class BadImage(Exception):
@@ -126,6 +137,48 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     return to_rgb(image)
 
 
+def decode_pixels(data: bytes, max_pixels: int) -> np.ndarray:
+    """decode_image's pixels as a writable [H, W, 3] uint8 array, for the indexer.
+
+    Plain JPEGs (colour or grey, no EXIF rotation) are decoded by libjpeg-turbo through
+    simplejpeg: the same pixels as Pillow's (equal on all Flickr8k dev photos), 0.15 ms
+    against 0.25 ms for a 224 px photo, and no copy out of a PIL image. Everything else,
+    and any JPEG simplejpeg refuses, goes through decode_image, which has the last word on
+    what is corrupt.
+    """
+    size = _plain_jpeg_size(data)
+    if size is not None:
+        if size[0] * size[1] > max_pixels:
+            raise BadImage(f"too many pixels: {size[0]}x{size[1]} exceeds the limit of {max_pixels}")
+        with contextlib.suppress(ValueError):
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    return np.array(decode_image(data, max_pixels))
+
+
+def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG whose pixels need nothing but decoding: YCbCr or grey (CMYK
+    conversions differ between decoders) and shown as stored (no EXIF rotation or mirroring)."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "Gray") or _exif_orientation(data) != 1:
+        return None
+    return width, height
+
+
+def _exif_orientation(data: bytes) -> int | None:
+    """The EXIF orientation tag (1: as stored); None where Pillow cannot read the block."""
+    if data.find(b"Exif\x00\x00", 0, 65536) < 0:
+        return 1
+    try:
+        return int(Image.open(io.BytesIO(data)).getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # a broken EXIF block: decode_image handles (or reports) the file
+        return None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any mode to RGB; transparency is composited onto white, 16-bit scaled down."""
     if image.mode == "RGB":
@@ -142,14 +195,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(entry: FileEntry, max_bytes: int, max_pixels: int) -> LoadedImage:
-    """Read a file once: hash its bytes and decode them."""
+    """Read a file once: hash its bytes and decode them to pixels."""
     if entry.bytes > max_bytes:
         raise BadImage(f"file too large: {entry.bytes} bytes exceeds the limit of {max_bytes}")
     try:
         data = entry.abs_path.read_bytes()
     except OSError as err:
         raise BadImage(f"unreadable: {err.strerror or err}") from err
-    return LoadedImage(entry, hash_bytes(data), decode_image(data, max_pixels))
+    return LoadedImage(entry, hash_bytes(data), decode_pixels(data, max_pixels))
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from indexer.default_model import DEFAULT_MODEL_NAME, create_default_model
-from indexer.pixels import PixelPipeline
+from indexer.pixels import PixelPipeline, Pixels, as_pil
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class Encoder:
     """A loaded dual encoder. `name`, `dim` and `device` describe it; encode_* embed.
 
     Images go in as `prepare(image)` tensors (stacked into batches) or as PIL images.
+    `prepare` takes a PIL image or decode_pixels' [H, W, 3] uint8 array.
     """
 
     def __init__(self, name: str, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
@@ -102,11 +103,11 @@ class Encoder:
             return torch.autocast(device_type="cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def prepare(self, image: Image.Image) -> torch.Tensor:
+    def prepare(self, image: Pixels) -> torch.Tensor:
         """The per-image half of preprocessing (the indexer runs it while decoding): uint8
         pixels where the transform allows (see pixels.py), else the whole transform."""
         if self._pixels is None:
-            return self.preprocess(image.convert("RGB"))
+            return self.preprocess(as_pil(image))
         return self._pixels.pixels(image)
 
     @torch.inference_mode()

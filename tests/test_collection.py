@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.collection import BadImage, FileEntry, decode_image, load_image, read_captions, scan
+from indexer import collection
+from indexer.collection import BadImage, FileEntry, decode_image, decode_pixels, load_image, read_captions, scan
 from tests.conftest import solid_image
 
 
@@ -65,6 +66,53 @@ def test_bad_bytes_raise_bad_image_with_reason(data, reason):
 def test_pixel_limit_is_checked_before_decoding():
     with pytest.raises(BadImage, match="too many pixels"):
         decode_image(encoded(Image.new("L", (4000, 4000)), "PNG"), max_pixels=1_000_000)
+
+
+def _jpegs() -> dict[str, bytes]:
+    """JPEGs for each route through decode_pixels, all with detail (noise) to decode."""
+    rotated, upright = Image.Exif(), Image.Exif()
+    rotated[0x0112], upright[0x0112] = 6, 1
+    photo = solid_image((120, 60, 30), (80, 20))
+    fine = encoded(photo, "JPEG", quality=100)
+    return {
+        "colour": encoded(photo, "JPEG"),
+        "grey": encoded(photo.convert("L"), "JPEG"),
+        "exif upright": encoded(photo, "JPEG", exif=upright.tobytes()),
+        "exif rotated": encoded(photo, "JPEG", exif=rotated.tobytes()),
+        "cmyk": encoded(photo.convert("CMYK"), "JPEG"),
+        "progressive": encoded(photo, "JPEG", progressive=True),
+        "damaged scan data": fine[:800] + bytes(200) + fine[1000:],  # simplejpeg refuses it, Pillow decodes it
+        "png": encoded(photo, "PNG"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_jpegs()))
+def test_decode_pixels_gives_decode_image_pixels(name):
+    data = _jpegs()[name]
+    pixels = decode_pixels(data, 10**7)
+    assert pixels.dtype == np.uint8 and pixels.flags.writeable
+    np.testing.assert_array_equal(pixels, np.asarray(decode_image(data, 10**7)))
+    assert pixels.shape == ((80, 20, 3) if name == "exif rotated" else (20, 80, 3))
+
+
+def test_decode_pixels_decodes_plain_jpegs_itself_and_hands_the_rest_to_pillow(monkeypatch):
+    def pillow(data, max_pixels):
+        raise AssertionError("went through Pillow")
+
+    monkeypatch.setattr(collection, "decode_image", pillow)
+    jpegs = _jpegs()
+    for name in ("colour", "grey", "exif upright", "progressive"):
+        decode_pixels(jpegs[name], 10**7)
+    for name in ("exif rotated", "cmyk", "damaged scan data", "png"):
+        with pytest.raises(AssertionError, match="Pillow"):
+            decode_pixels(jpegs[name], 10**7)
+
+
+def test_decode_pixels_limits_and_errors():
+    with pytest.raises(BadImage, match="too many pixels: 80x20"):
+        decode_pixels(_jpegs()["colour"], max_pixels=1000)
+    with pytest.raises(BadImage, match="corrupt image"):
+        decode_pixels(_jpegs()["colour"][:-100], 10**7)  # truncated: Pillow's verdict, as before
 
 
 def test_file_size_limit(tmp_path):
