@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
-                        UniqueConstraint, create_engine, event, select)
+                        UniqueConstraint, create_engine, event, insert, select)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -183,9 +183,9 @@ def vectors_from_bytes(blobs: list[bytes], dim: int) -> np.ndarray:
 
 
 def save_embeddings(session: Session, model: str, kind: str, keys: list[str], vectors: np.ndarray) -> None:
-    """Vectors by content key, for load_embeddings to find on any later build."""
-    session.add_all(Embedding(model=model, kind=kind, key=key, vector=vector_to_bytes(vector))
-                    for key, vector in zip(keys, vectors))
+    """Vectors by content key, for load_embeddings to find on any later build (one bulk insert)."""
+    session.execute(insert(Embedding), [{"model": model, "kind": kind, "key": key, "vector": vector_to_bytes(vector)}
+                                        for key, vector in zip(keys, vectors)])
 
 
 def load_embeddings(session: Session, model: str, kind: str, keys: list[str]) -> dict[str, bytes]:

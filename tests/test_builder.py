@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from indexer.builder import BuildInProgress, IndexBuilder, build_lock
 from indexer.encoder import Encoder
 from indexer.faiss_index import build_dir_for
-from indexer.store import Build, CaptionRow, Embedding, ImageRow
+from indexer.store import Build, CaptionRow, Embedding, ImageRow, Store
 from search.engine import NoIndex, SearchEngine
 from tests.conftest import solid_image
 
@@ -71,6 +71,19 @@ def test_incremental_rebuild_embeds_only_what_changed(settings, encoder, collect
         assert s.scalar(select(func.count()).select_from(ImageRow)) == 18
         # stored vectors follow the published build: 18 image files (17 distinct contents + 0 dupes) and captions
         assert s.scalar(select(func.count()).select_from(Embedding).where(Embedding.kind == "image")) == 18
+
+
+def test_touched_file_keeps_its_row_and_takes_the_new_mtime(settings, encoder, collection):
+    build(settings, encoder, collection)
+    store = Store(settings.resolved_database_url())
+    with store.session() as s:
+        before = s.scalars(select(ImageRow).where(ImageRow.path == "camera.png")).one()
+    os.utime(collection / "camera.png", (12345, 12345))  # same bytes, new mtime
+    touched, _ = build(settings, encoder, collection)
+    assert touched.n_embedded == 0 and touched.n_images == 18
+    with store.session() as s:
+        after = s.scalars(select(ImageRow).where(ImageRow.path == "camera.png")).one()
+    assert (after.id, after.content_hash) == (before.id, before.content_hash) and after.mtime == 12345
 
 
 def test_moved_file_reuses_its_embedding(settings, encoder, collection):
