@@ -291,49 +291,66 @@ class IndexBuilder:
 
     def _index_captions(self, parsed: Captions | None, images: dict[int, str], lazy: "_LazyEncoder",
                         report: BuildReport, progress: ProgressCallback | None) -> dict[int, str]:
-        """Returns {caption row id: text hash} of every caption in the new build."""
+        """Returns {caption row id: text hash} of every caption in the new build.
+
+        The phase starts before the caption rows are written, so writing them is timed (and
+        shown) as caption work, not as the tail of the image phase.
+        """
         if parsed is None:
             return {}
         report.bad_caption_rows = parsed.bad_rows
+        with self.store.session() as s:
+            wanted = self._wanted_captions(s, parsed, images, report)
+            have = set(load_embeddings(s, lazy.name, "text", list(set(wanted.values()))))
+        todo = {key: text for (_, text), key in wanted.items() if key not in have}
+        meter = _Meter("captions", len(todo), progress)
         with self.store.session() as s, s.begin():
-            paths = self._live_paths(s, images)
-            by_name = defaultdict(list)
-            for path, image_id in paths.items():
-                by_name[path.rsplit("/", 1)[-1]].append(image_id)
-            wanted: dict[tuple[int, str], None] = {}
-            for ref, text in parsed.rows:
-                image_id = paths.get(ref) or (by_name[ref][0] if len(by_name.get(ref, ())) == 1 else None)
-                if image_id is None:
-                    report.captions_for_unknown_images += 1
-                else:
-                    wanted[(image_id, text)] = None
-            existing = {(r.image_id, r.text): r.id for r in s.scalars(select(CaptionRow))}
-            new_rows = [CaptionRow(image_id=i, text=t) for i, t in wanted if (i, t) not in existing]
-            s.add_all(new_rows)
-            s.flush()
-            existing.update({(r.image_id, r.text): r.id for r in new_rows})
-            live = {existing[key]: hash_bytes(key[1].encode()) for key in wanted}
-        self._embed_texts({h: t for (_, t), h in zip(wanted, live.values())}, lazy, progress)
+            live = self._caption_rows(s, wanted)
+        self._embed_texts(todo, lazy, meter)
         report.n_captions = len(live)
         return live
 
     @staticmethod
-    def _live_paths(s: Session, images: dict[int, str]) -> dict[str, int]:
+    def _wanted_captions(s: Session, parsed: Captions, images: dict[int, str],
+                         report: BuildReport) -> dict[tuple[int, str], str]:
+        """{(image row id, caption): text hash} of the captions whose image is in the build; an
+        image is named by its path in the collection, or by its file name where that is unique."""
         ids = set(images)
-        return {p: i for p, i in s.execute(select(ImageRow.path, ImageRow.id)) if i in ids}
+        paths = {p: i for p, i in s.execute(select(ImageRow.path, ImageRow.id)) if i in ids}
+        by_name = defaultdict(list)
+        for path, image_id in paths.items():
+            by_name[path.rsplit("/", 1)[-1]].append(image_id)
+        wanted: dict[tuple[int, str], str] = {}
+        for ref, text in parsed.rows:
+            image_id = paths.get(ref) or (by_name[ref][0] if len(by_name.get(ref, ())) == 1 else None)
+            if image_id is None:
+                report.captions_for_unknown_images += 1
+            else:
+                wanted[(image_id, text)] = hash_bytes(text.encode())
+        return wanted
 
-    def _embed_texts(self, texts: dict[str, str], lazy: "_LazyEncoder", progress: ProgressCallback | None) -> None:
-        with self.store.session() as s:
-            have = set(load_embeddings(s, lazy.name, "text", list(texts)))
-        todo = [k for k in texts if k not in have]
-        meter = _Meter("captions", len(todo), progress)
-        for start in range(0, len(todo), 1024):
-            keys = todo[start:start + 1024]
+    @staticmethod
+    def _caption_rows(s: Session, wanted: dict[tuple[int, str], str]) -> dict[int, str]:
+        """{caption row id: text hash}: rows that exist are kept, the others bulk-inserted."""
+        existing = {(image_id, text): row_id for row_id, image_id, text in s.execute(
+            select(CaptionRow.id, CaptionRow.image_id, CaptionRow.text))}
+        new = [key for key in wanted if key not in existing]
+        if new:
+            ids = s.scalars(insert(CaptionRow).returning(CaptionRow.id, sort_by_parameter_order=True),
+                            [{"image_id": image_id, "text": text} for image_id, text in new])
+            existing.update(zip(new, ids))
+        return {existing[key]: text_hash for key, text_hash in wanted.items()}
+
+    def _embed_texts(self, todo: dict[str, str], lazy: "_LazyEncoder", meter: _Meter) -> None:
+        """Embed {text hash: text}, committing each 1,024 (a resumable step)."""
+        keys = list(todo)
+        for start in range(0, len(keys), 1024):
+            chunk = keys[start:start + 1024]
             encoder = lazy.get()
-            vectors = encoder.encode_texts([texts[k] for k in keys])
+            vectors = encoder.encode_texts([todo[k] for k in chunk])
             with self.store.session() as s, s.begin():
-                save_embeddings(s, encoder.name, "text", keys, vectors)
-            meter.advance(len(keys))
+                save_embeddings(s, encoder.name, "text", chunk, vectors)
+            meter.advance(len(chunk))
 
     # -- index files and publishing ----------------------------------------------------------
 
