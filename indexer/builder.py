@@ -23,7 +23,7 @@ import torch
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from indexer import faiss_index
+from indexer import faiss_index, pixels
 from indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
                                 hash_bytes, load_image, read_captions, scan)
 from indexer.encoder import Encoder, load_encoder
@@ -252,12 +252,12 @@ class IndexBuilder:
             hashes = list({item.content_hash for item, _ in loaded})
             have = set(load_embeddings(s, encoder.name, "image", hashes))
             new = {}
-            for item, pixels in loaded:
+            for item, prepared in loaded:
                 if item.content_hash not in have and item.content_hash not in new:
-                    new[item.content_hash] = pixels
+                    new[item.content_hash] = prepared
             if new:
                 keys, size = list(new), encoder.image_batch_size
-                vectors = [encoder.encode_image_tensors(torch.stack([new[k] for k in keys[start:start + size]]))
+                vectors = [encoder.encode_image_tensors(pixels.stack([new[k] for k in keys[start:start + size]]))
                            for start in range(0, len(keys), size)]
                 save_embeddings(s, encoder.name, "image", keys, np.concatenate(vectors))  # one insert
             report.n_embedded += len(new)

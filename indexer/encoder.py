@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from indexer.default_model import DEFAULT_MODEL_NAME, create_default_model
-from indexer.pixels import PixelPipeline, Pixels, as_pil
+from indexer.pixels import PixelPipeline, Pixels, as_pil, stack
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _quiet_model_loading() -> None:
 class Encoder:
     """A loaded dual encoder. `name`, `dim` and `device` describe it; encode_* embed.
 
-    Images go in as `prepare(image)` tensors (stacked into batches) or as PIL images.
+    Images go in as `prepare(image)` tensors (batched by pixels.stack) or as PIL images.
     `prepare` takes a PIL image or decode_pixels' [H, W, 3] uint8 array.
     """
 
@@ -142,7 +142,7 @@ class Encoder:
         out = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            out.append(self.encode_image_tensors(torch.stack([self.prepare(im) for im in chunk])))
+            out.append(self.encode_image_tensors(stack([self.prepare(im) for im in chunk])))
         return np.concatenate(out)
 
     def _text_tower(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from indexer.encoder import ModelSpec, load_encoder, pick_device
+from indexer.pixels import stack
 from tests.conftest import solid_image
 
 
@@ -112,9 +113,11 @@ def test_prepared_pixels_stand_in_for_the_open_clip_transform(encoder, sample_so
     """prepare() (uint8, tensor kernels) plus the batched normalisation gives open_clip's
     pixels to within 2 levels of 255, and the same vectors."""
     photos = _sample_photos(sample_source)
-    prepared = torch.stack([encoder.prepare(p) for p in photos])
+    prepared = stack([encoder.prepare(p) for p in photos])
     reference = torch.stack([encoder.preprocess(p.convert("RGB")) for p in photos])
     assert prepared.dtype == torch.uint8 and encoder._pixels.on_tensors
+    assert prepared.is_contiguous(memory_format=torch.channels_last)  # the encoder's layout, no conversion
+    assert torch.equal(prepared, torch.stack([encoder.prepare(np.array(p.convert("RGB"))) for p in photos]))
     level = 2 / 255  # one level of 255 after Normalize(0.5, 0.5)
     assert (encoder._pixels.normalise(prepared) - reference).abs().max() <= 2 * level + 1e-6
     ours, theirs = encoder.encode_image_tensors(prepared), encoder.encode_image_tensors(reference)
@@ -132,7 +135,7 @@ def test_transforms_that_cannot_run_on_tensors_still_run(encoder, sample_source)
     bare = T.Compose([*encoder.preprocess.transforms[:-1]])  # no Normalize
     for preprocess, dtype in ((custom, torch.uint8), (bare, torch.float32)):
         other = Encoder("custom-transform", encoder.model, preprocess, encoder.tokenizer, encoder.device)
-        prepared = torch.stack([other.prepare(p) for p in photos])
+        prepared = stack([other.prepare(p) for p in photos])
         assert prepared.dtype == dtype
         expected = torch.stack([preprocess(p.convert("RGB")) for p in photos])
         got = other._pixels.normalise(prepared) if dtype == torch.uint8 else prepared

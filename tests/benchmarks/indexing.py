@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from indexer.builder import IndexBuilder, Progress  # noqa: E402
 from indexer.collection import decode_image  # noqa: E402
 from indexer.encoder import Encoder, load_encoder  # noqa: E402
+from indexer.pixels import stack  # noqa: E402
 from indexer.settings import Settings  # noqa: E402
 from tests.benchmarks.results_file import FLICKR8K, record  # noqa: E402
 
@@ -70,7 +71,7 @@ def model_only(encoder: Encoder, images: list[Path], batch_sizes: list[int], n: 
     """Images/s of the model alone on ready tensors (`Encoder.prepare` outputs, as the build feeds
     it), per batch size: the best of `rounds` passes over n images, after warm-up batches (a
     traced model re-optimises for each new shape). The best round is the highest ceiling."""
-    tensors = torch.stack([encoder.prepare(decode_image(p.read_bytes(), 10**9)) for p in images[:n]])
+    tensors = stack([encoder.prepare(decode_image(p.read_bytes(), 10**9)) for p in images[:n]])
     rates = {}
     for batch in batch_sizes:
         for _ in range(3):
@@ -90,7 +91,7 @@ def model_only(encoder: Encoder, images: list[Path], batch_sizes: list[int], n: 
 def warm_up(encoder: Encoder, image: Path) -> None:
     """Trace the image tower and let TorchScript optimise it for batches of the build's size,
     as the model-only runs do, so neither figure carries that one-off cost."""
-    batch = torch.stack([encoder.prepare(decode_image(image.read_bytes(), 10**9))] * encoder.image_batch_size)
+    batch = stack([encoder.prepare(decode_image(image.read_bytes(), 10**9))] * encoder.image_batch_size)
     for _ in range(3):
         encoder.encode_image_tensors(batch)
 
