@@ -28,7 +28,7 @@ from indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, Skip
                                 hash_bytes, load_image, read_captions, scan)
 from indexer.encoder import Encoder, load_encoder
 from indexer.hubness import Penalties, load_bank
-from indexer.prefetch import prefetched_batches
+from indexer.prefetch import prefetched_batches, read_ahead
 from indexer.settings import Settings
 from indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings, save_embeddings,
                            utcnow, vectors_from_bytes)
@@ -224,7 +224,8 @@ class IndexBuilder:
         encoder = lazy.get()
         limits = (self.settings.max_file_bytes, self.settings.max_image_pixels)
         for batch in prefetched_batches(todo, lambda e: self._load(e, encoder, *limits), TRANSACTION_IMAGES,
-                                        threads=decode_threads(self.settings.decode_threads, encoder)):
+                                        threads=decode_threads(self.settings.decode_threads, encoder),
+                                        read=lambda entries: read_ahead(e.abs_path for e in entries)):
             loaded = []
             for entry, result in batch:
                 if isinstance(result, Exception):

@@ -143,3 +143,23 @@ def test_unreadable_file_is_skipped(tmp_path):
     entries, skipped = json.loads(result.stdout)
     assert entries == ["readable.png"]
     assert skipped == [["secret.png", "unreadable: permission denied"]]
+
+
+def test_file_removed_after_the_scan_is_skipped(tmp_path, monkeypatch, encoder):
+    """Between the scan and the read (and the read-ahead before it), a file may go away."""
+    import indexer.builder as builder
+
+    for i, color in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
+        solid_image(color).save(tmp_path / f"{i}.jpg")
+
+    real_scan = builder.scan
+
+    def scan_then_remove(root):
+        found = real_scan(root)
+        (tmp_path / "1.jpg").unlink()
+        return found
+
+    monkeypatch.setattr(builder, "scan", scan_then_remove)
+    report = IndexBuilder(Settings(index_dir=tmp_path / "index"), encoder=encoder).build(tmp_path)
+    assert report.n_images == 2
+    assert [(s.path, s.reason.split(":")[0]) for s in report.skipped] == [("1.jpg", "unreadable")]
