@@ -376,10 +376,11 @@ class IndexBuilder:
             index_type = faiss_index.choose_index_type(len(ids), encoder.dim, settings.index_factory,
                                                        settings.exact_search_max)
             log.info("%s index: %d vectors, type %s", kind, len(ids), index_type)
-            index = faiss_index.build_index(vectors.reshape(-1, encoder.dim), ids, index_type, settings.use_gpu_faiss)
-            faiss_index.write_index(index, build_dir / file_name)
+            vectors = vectors.reshape(-1, encoder.dim)
+            index = faiss_index.build_index(vectors, ids, index_type, settings.use_gpu_faiss)
+            faiss_index.write_build_index(build_dir, file_name, index, index_type, ids, vectors)
             if bank is not None:
-                Penalties.of(ids, bank.penalties(vectors.reshape(-1, encoder.dim), kind)).save(
+                Penalties.of(ids, bank.penalties(vectors, kind)).save(
                     build_dir / faiss_index.PENALTY_FILES[file_name])
             params.update(faiss_index.default_search_params(index_type))
             if kind == "image":

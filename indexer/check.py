@@ -122,6 +122,26 @@ def _check_penalties(path: Path, ids: np.ndarray, manifest: faiss_index.Manifest
         report.problems.append(f"{penalty_path.name}: its ids differ from {path.name}'s")
 
 
+def _check_exact_vectors(path: Path, ids: np.ndarray, rows: dict[int, str], stored: dict[str, bytes],
+                         manifest: faiss_index.Manifest, report: CheckReport) -> None:
+    """A lossy index re-ranks with its build's ExactVectors: the same ids, the stored vectors."""
+    try:
+        exact = faiss_index.ExactVectors.open(path.parent, path.name)
+    except (OSError, ValueError) as err:
+        report.problems.append(f"the exact vectors of {path.name} cannot be read: {err}")
+        return
+    if exact is None:
+        report.warnings.append(f"{path.name} has no exact-vector files beside it (a build from an older version): "
+                               "search re-ranks from the database, more slowly, until the next `crossmodal index`")
+    elif not np.array_equal(exact.ids, np.sort(ids)) or exact.vectors.shape != (len(ids), manifest.dim):
+        report.problems.append(f"the exact vectors beside {path.name} do not match its ids")
+    else:
+        sample = [i for i in exact.ids[:VECTOR_SAMPLE].tolist() if i in rows and rows[i] in stored]
+        found, expected = exact.get(sample), vectors_from_bytes([stored[rows[i]] for i in sample], manifest.dim)
+        if sample and np.abs(np.stack([found[i] for i in sample]) - expected).max() > EXACT_TOLERANCE:
+            report.problems.append(f"the exact vectors beside {path.name} differ from the stored embeddings")
+
+
 def _check_faiss_file(path: Path, kind: str, rows: dict[int, str], stored: dict[str, bytes],
                       manifest: faiss_index.Manifest, index_type: str, pending: bool, report: CheckReport) -> None:
     try:
@@ -134,6 +154,8 @@ def _check_faiss_file(path: Path, kind: str, rows: dict[int, str], stored: dict[
         return
     ids = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else np.arange(index.ntotal)
     _check_penalties(path, ids, manifest, report)
+    if faiss_index.is_lossy(index_type):
+        _check_exact_vectors(path, ids, rows, stored, manifest, report)
     in_index, in_db = set(ids.tolist()), set(rows)
     if in_index - in_db:
         report.problems.append(f"{path.name}: {len(in_index - in_db)} ids are not {kind} rows in the database "

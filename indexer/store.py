@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, LargeBinary,
                         UniqueConstraint, create_engine, event, insert, select)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from indexer.prefetch import read_ahead_in_background
 
 
 def utcnow() -> datetime:
@@ -95,9 +96,6 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor.close()
 
 
-PREFETCH_WINDOW = 8 * 1024 * 1024
-
-
 def _available_memory() -> int:
     """Bytes of memory available to new page cache (Linux MemAvailable; 0 where unknown)."""
     with contextlib.suppress(OSError, ValueError, StopIteration):
@@ -132,10 +130,10 @@ class Store:
     def prefetch_into_page_cache(self, max_share_of_free_memory: float = 0.5) -> bool:
         """Ask the OS to read a SQLite database file into its page cache, in the background.
 
-        Search re-ranks IVF-PQ candidates with exact vectors read from this file: 100 rows
-        at random places per query. On cold pages that measured 19.7 ms per query at 100k
-        vectors against 14.2 ms warm (tests/benchmarks/search_scale.py). The kernel reads
-        ahead on its own I/O; nothing is copied into this process. Skipped where the file
+        Search reads rows at random places for every query: the hits' metadata, and for a
+        build without ExactVectors files, the 100 re-rank candidates' vectors. On cold pages
+        those vectors measured 19.7 ms per query at 100k against 14.2 ms warm. The kernel
+        reads ahead on its own I/O; nothing is copied into this process. Skipped where the file
         would take more than `max_share_of_free_memory` of available memory, for other
         databases, and where the OS has no posix_fadvise. True when a prefetch started.
         """
@@ -147,17 +145,7 @@ class Store:
         if not files or size > max_share_of_free_memory * _available_memory():
             return False
 
-        def advise() -> None:
-            for path in files:
-                with contextlib.suppress(OSError):
-                    fd = os.open(path, os.O_RDONLY)
-                    try:  # one call reads ahead only a few MB, so advise window by window
-                        for offset in range(0, os.fstat(fd).st_size, PREFETCH_WINDOW):
-                            os.posix_fadvise(fd, offset, PREFETCH_WINDOW, os.POSIX_FADV_WILLNEED)
-                    finally:
-                        os.close(fd)
-
-        threading.Thread(target=advise, name="db-prefetch", daemon=True).start()
+        read_ahead_in_background(files)
         return True
 
     def published_build(self) -> Build | None:

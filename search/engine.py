@@ -64,6 +64,8 @@ class Snapshot:
     collection_root: Path
     image_penalties: Penalties | None = None  # hubness correction of text -> image search
     caption_penalties: Penalties | None = None  # ... and of image -> caption search
+    image_vectors: faiss_index.ExactVectors | None = None  # a lossy index's re-rank vectors
+    caption_vectors: faiss_index.ExactVectors | None = None
 
 
 @dataclass
@@ -145,7 +147,7 @@ class SearchEngine:
         self._snapshot: Snapshot | None = None
         self.text_cache = TextCache()
         self.reload()
-        self.store.prefetch_into_page_cache()  # the re-rank reads exact vectors at random places
+        self.store.prefetch_into_page_cache()  # each query reads rows at random places
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -177,8 +179,10 @@ class SearchEngine:
         images, captions = (faiss_index.read_index(build_dir / name, manifest.search_params, use_gpu)
                             for name in (faiss_index.IMAGES_FILE, faiss_index.CAPTIONS_FILE))
         image_penalties, caption_penalties = hubness.load_build_penalties(build_dir, self.settings.hubness_correction)
+        image_vectors, caption_vectors = (faiss_index.ExactVectors.open(build_dir, name)
+                                          for name in (faiss_index.IMAGES_FILE, faiss_index.CAPTIONS_FILE))
         snapshot = Snapshot(build, manifest, images, captions, Path(build.collection_root),
-                            image_penalties, caption_penalties)
+                            image_penalties, caption_penalties, image_vectors, caption_vectors)
         if self._encoder is not None and self._encoder.name != manifest.model:
             self._encoder = None  # the new build was made with another model
         self._snapshot = snapshot
@@ -220,8 +224,9 @@ class SearchEngine:
         """`from_text`: the vector is a text's, so the images' hubness penalties apply."""
         snapshot = self.snapshot
         extra = 1 if exclude is not None else 0
+        exact = snapshot.image_vectors.get if snapshot.image_vectors else self._stored_image_vectors
         ranked = self._ranked(snapshot.images, snapshot.manifest.image_index_type, vector, k + offset + extra,
-                              self._stored_image_vectors, snapshot.image_penalties if from_text else None)
+                              exact, snapshot.image_penalties if from_text else None)
         page = [(i, s) for i, s in ranked if i != exclude][offset:offset + k]
         rows = self._images([i for i, _ in page])
         return [ImageHit(i, s, rows[i].path, rows[i].width, rows[i].height, [c.text for c in rows[i].captions])
@@ -231,8 +236,9 @@ class SearchEngine:
                            from_image: bool = False) -> list[CaptionHit]:
         """`from_image`: the vector is an image's, so the captions' hubness penalties apply."""
         snapshot = self.snapshot
+        exact = snapshot.caption_vectors.get if snapshot.caption_vectors else self._stored_caption_vectors
         ranked = self._ranked(snapshot.captions, snapshot.manifest.caption_index_type, vector, k + offset,
-                              self._stored_caption_vectors, snapshot.caption_penalties if from_image else None)
+                              exact, snapshot.caption_penalties if from_image else None)
         page = ranked[offset:offset + k]
         with self.store.session() as s:
             rows = {c.id: c for c in s.scalars(select(CaptionRow).options(selectinload(CaptionRow.image))
@@ -242,7 +248,8 @@ class SearchEngine:
     def _ranked(self, index: faiss.Index, index_type: str, vector: np.ndarray, depth: int,
                 stored_vectors, penalties: Penalties | None = None) -> list[tuple[int, float]]:
         """The top `depth` (id, score). A lossy index only proposes candidates: their exact
-        vectors, stored in the database, decide the order and give the scores. With hubness
+        vectors (the build's ExactVectors; the database for older builds) decide the order
+        and give the scores. With hubness
         penalties, the candidates' scores are corrected before they are ordered."""
         rerank = faiss_index.rerank_depth(index_type)
         candidates = max(depth, rerank, hubness.CANDIDATES if penalties is not None else 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 
@@ -239,18 +240,38 @@ def test_a_lossy_index_is_reranked_with_stored_vectors_to_exact_results(settings
     assert horse.path == "horse.png" and horse.score > 0.999  # exact, not a PQ approximation
     assert [h.path for h in lossy_engine.similar_images(horse.id, k=4)] == \
         [h.path for h in exact_engine.similar_images(exact_engine.images_by_image(query_image, k=1)[0].id, k=4)]
+    assert lossy_engine.snapshot.image_vectors is not None and lossy_engine.snapshot.caption_vectors is not None
+
+    # A build from before the exact-vector files re-ranks from the database, to the same results.
+    for path in build_dir_for(lossy.index_dir, report.build_id).glob("*.npy"):
+        path.unlink()
+    older = SearchEngine(lossy, encoder=encoder)
+    assert older.snapshot.image_vectors is None and older.snapshot.caption_vectors is None
+    for query in ("a man with a camera", "an animal"):
+        assert [(h.path, round(h.score, 5)) for h in older.images_by_text(query, k=8)] == \
+            [(h.path, round(h.score, 5)) for h in exact_engine.images_by_text(query, k=8)]
+        assert [c.text for c in older.captions_by_text(query, k=5)] == \
+            [c.text for c in exact_engine.captions_by_text(query, k=5)]
 
 
 def test_check_accepts_a_lossy_index_and_catches_a_swapped_one(settings, encoder, collection, tmp_path):
     import shutil
 
     from indexer.check import check_index
-    from indexer.faiss_index import IMAGES_FILE
+    from indexer.faiss_index import EXACT_FILES, IMAGES_FILE
     from indexer.settings import Settings
 
     lossy = Settings(index_dir=tmp_path / "lossy", device="cpu", index_factory="IVF2,PQ64x4")
     report, _ = build(lossy, encoder, collection)
     assert check_index(lossy).ok, check_index(lossy).problems
+    vectors_file = build_dir_for(lossy.index_dir, report.build_id) / EXACT_FILES[IMAGES_FILE][1]
+    good = np.load(vectors_file)
+    np.save(vectors_file, good[::-1])
+    assert any("differ from the stored embeddings" in p for p in check_index(lossy).problems)
+    vectors_file.unlink()
+    older = check_index(lossy)  # a build from before these files: served, more slowly
+    assert older.ok and any("no exact-vector files" in w for w in older.warnings), older.warnings
+    np.save(vectors_file, good)
     other, _ = build(settings, encoder, collection)  # a different index whose ids mean other rows
     solid_image((1, 1, 1)).save(collection / "generated" / "x.png")
     third, _ = build(lossy, encoder, collection)

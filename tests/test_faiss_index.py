@@ -95,3 +95,26 @@ def test_single_query_search_leaves_the_threads_setting_alone():
         assert faiss.omp_get_max_threads() == 2
     finally:
         faiss.omp_set_num_threads(before)
+
+
+def test_a_lossy_index_is_written_with_its_exact_vectors_by_id(tmp_path):
+    """Re-ranking looks vectors up by id: ids arrive in any order, and unknown ids are left out."""
+    vectors, ids = unit_vectors(300), np.random.default_rng(2).permutation(np.arange(10, 610, 2))
+    lossy = faiss_index.build_index(vectors, ids, "IVF4,SQ8")
+    faiss_index.write_build_index(tmp_path, faiss_index.IMAGES_FILE, lossy, "IVF4,SQ8", ids, vectors)
+    exact = faiss_index.ExactVectors.open(tmp_path, faiss_index.IMAGES_FILE)
+    assert isinstance(exact.vectors, np.memmap)  # read from disk, not loaded whole
+    wanted = [int(ids[5]), 11, int(ids[0]), 10_000, int(ids[299])]  # 11 and 10,000 are no ids
+    found = exact.get(wanted)
+    assert sorted(found) == sorted([int(ids[5]), int(ids[0]), int(ids[299])])
+    for position in (5, 0, 299):
+        np.testing.assert_array_equal(found[int(ids[position])], vectors[position])
+    assert exact.get([]) == {}
+
+
+def test_an_exact_index_needs_no_exact_vector_files(tmp_path):
+    vectors, ids = unit_vectors(50), np.arange(50)
+    flat = faiss_index.build_index(vectors, ids, "Flat")
+    faiss_index.write_build_index(tmp_path, faiss_index.CAPTIONS_FILE, flat, "Flat", ids, vectors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [faiss_index.CAPTIONS_FILE]
+    assert faiss_index.ExactVectors.open(tmp_path, faiss_index.CAPTIONS_FILE) is None
