@@ -249,8 +249,8 @@ class SearchEngine:
                 stored_vectors, penalties: Penalties | None = None) -> list[tuple[int, float]]:
         """The top `depth` (id, score). A lossy index only proposes candidates: their exact
         vectors (the build's ExactVectors; the database for older builds) decide the order
-        and give the scores. With hubness
-        penalties, the candidates' scores are corrected before they are ordered."""
+        and give the scores. With hubness penalties, the candidates' scores are corrected
+        before they are ordered."""
         rerank = faiss_index.rerank_depth(index_type)
         candidates = max(depth, rerank, hubness.CANDIDATES if penalties is not None else 0)
         scores, ids = faiss_index.search(index, vector[None, :], candidates)
