@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
 from indexer import faiss_index
 from indexer.hubness import HubnessBank, Penalties, corrected, load_bank
-from indexer.store import Store, load_embeddings, vectors_from_bytes
+from indexer.store import ImageRow, Store, load_embeddings, vectors_from_bytes
 from search.engine import SearchEngine
 
 
@@ -53,8 +54,8 @@ def test_text_search_ranks_by_corrected_scores_and_image_search_by_cosine(indexe
     store = Store(indexed.resolved_database_url())
     engine = SearchEngine(indexed, encoder=encoder, store=store)
     ids = penalties.ids
-    hashes = {row.id: row.content_hash for row in engine._images(ids.tolist()).values()}
     with store.session() as s:
+        hashes = dict(s.execute(select(ImageRow.id, ImageRow.content_hash)).all())
         blobs = load_embeddings(s, encoder.name, "image", list(hashes.values()))
     vectors = vectors_from_bytes([blobs[hashes[i]] for i in ids], encoder.dim)
     # the stored penalties are the bank's, for the stored vectors

@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import faiss
 import httpx
 import numpy as np
 from sqlalchemy import insert, select
