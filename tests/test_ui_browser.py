@@ -10,10 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.conftest import free_port, wait_until_answers
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+THUMBNAILS = "[data-testid=stImage] img"
 # Chromium must not reach for Google's services: this machine has no network beyond loopback.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -73,11 +75,16 @@ def test_three_flows_in_a_real_browser(browser, ui_url, collection):
     query.fill("a man with a camera")
     query.press("Enter")
     page.get_by_text("images for “a man with a camera”").wait_for()
-    results = page.locator("[data-testid=stImage] img")
+    results = page.locator(THUMBNAILS)
     results.nth(11).wait_for()
     assert results.count() == 12
-    assert results.first.evaluate("img => img.complete && img.naturalWidth > 0")
-    assert page.locator("code", has_text="camera.png").first.is_visible()
+    # The <img> elements appear before their bytes arrive: wait until every one has loaded and
+    # decoded (a broken image is `complete` with naturalWidth 0, so this times out on one).
+    page.wait_for_function(f"""() => {{
+        const imgs = [...document.querySelectorAll({THUMBNAILS!r})];
+        return imgs.length === 12 && imgs.every(img => img.complete && img.naturalWidth > 0);
+    }}""")
+    expect(page.locator("code", has_text="camera.png").first).to_be_visible()
     shot(page, "text-to-images")
     page.locator("[class*=st-key-text-open] button").first.click()
     page.get_by_role("button", name="Describe it (captions)").wait_for()
@@ -97,6 +104,6 @@ def test_three_flows_in_a_real_browser(browser, ui_url, collection):
     page.get_by_text("Index", exact=True).click()
     page.get_by_role("button", name="Rebuild index").click()
     page.get_by_text("published: 18 images, 22 captions").wait_for()
-    assert page.get_by_text("No files were skipped.").is_visible()
+    expect(page.get_by_text("No files were skipped.")).to_be_visible()
     shot(page, "index-rebuilt")
     page.close()
