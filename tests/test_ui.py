@@ -100,8 +100,8 @@ def test_describe_an_indexed_image_from_its_result(app_for, live_server):
 
 
 def test_index_view_rebuild_shows_progress_then_skipped_files(app_for, live_server, collection):
-    for i in range(24):
-        solid_image((10 * i, 200 - 5 * i, 40 + 3 * i), size=(224, 200)).save(collection / f"new{i:02d}.png")
+    for i in range(80):  # enough work that the job is surely still running for the 409 and the progress bar
+        solid_image((3 * i, 200 - 2 * i, 40 + 2 * i), size=(224, 200)).save(collection / f"new{i:02d}.png")
     (collection / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     at = app_for(live_server).run()
     at.radio(key="view").set_value("Index").run()
@@ -119,8 +119,8 @@ def test_index_view_rebuild_shows_progress_then_skipped_files(app_for, live_serv
         time.sleep(0.3)
         at.run()
     assert saw_progress, "no progress bar while the rebuild ran"
-    assert "published: 42 images, 22 captions" in texts(at.success)
-    assert {m.label: m.value for m in at.metric}["Images"] == "42"  # stats reloaded after the swap
+    assert "published: 98 images, 22 captions" in texts(at.success)
+    assert {m.label: m.value for m in at.metric}["Images"] == "98"  # stats reloaded after the swap
     skipped = at.dataframe[0].value
     assert list(skipped["file"]) == ["broken.jpg"] and "corrupt" in skipped["reason"][0]
 
