@@ -78,8 +78,8 @@ def test_three_flows_in_a_real_browser(browser, ui_url, collection):
     results = page.locator(THUMBNAILS)
     results.nth(11).wait_for()
     assert results.count() == 12
-    # The <img> elements appear before their bytes arrive: wait until every one has loaded and
-    # decoded (a broken image is `complete` with naturalWidth 0, so this times out on one).
+    # The <img> elements appear before their bytes arrive: wait until every one has loaded
+    # (a broken image is `complete` with naturalWidth 0, so this times out on one).
     page.wait_for_function(f"""() => {{
         const imgs = [...document.querySelectorAll({THUMBNAILS!r})];
         return imgs.length === 12 && imgs.every(img => img.complete && img.naturalWidth > 0);
