@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,6 +47,20 @@ def read_ahead(paths: Iterable[Path]) -> None:
 def read_ahead_in_background(paths: Iterable[Path]) -> None:
     """read_ahead on a daemon thread: for files of gigabytes, where the advice itself takes a while."""
     threading.Thread(target=read_ahead, args=(list(paths),), name="read-ahead", daemon=True).start()
+
+
+def read_ahead_in_child_process(paths: Iterable[Path]) -> subprocess.Popen:
+    """read_ahead in a short-lived child process: for files that another library holds locked.
+
+    On Linux, closing any descriptor of a file drops every POSIX lock this process holds on
+    it. SQLite keeps its database's locks that way, so opening and closing `metadata.db`
+    beside a live connection let another process's SQLite believe it was alone, and delete
+    the write-ahead log under the service (lost builds). A child's descriptors are its own.
+    """
+    code = "import sys; from pathlib import Path; from indexer.prefetch import read_ahead; " \
+           "read_ahead(Path(p) for p in sys.argv[1:])"
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, paths)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
 
 
 def prefetched_batches(items: Sequence[T], load: Callable[[T], R], batch_size: int, threads: int = 2,

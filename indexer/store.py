@@ -20,7 +20,7 @@ from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, LargeBinary,
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from indexer.prefetch import read_ahead_in_background
+from indexer.prefetch import read_ahead_in_child_process
 
 
 def utcnow() -> datetime:
@@ -133,7 +133,9 @@ class Store:
         Search reads rows at random places for every query: the hits' metadata, and for a
         build without ExactVectors files, the 100 re-rank candidates' vectors. On cold pages
         those vectors measured 19.7 ms per query at 100k against 14.2 ms warm. The kernel
-        reads ahead on its own I/O; nothing is copied into this process. Skipped where the file
+        reads ahead on its own I/O; nothing is copied into this process. The files are opened in
+        a child process only: this process's SQLite connections hold POSIX locks on them, which
+        any open and close here would drop (see prefetch.read_ahead_in_child_process). Skipped where the file
         would take more than `max_share_of_free_memory` of available memory, for other
         databases, and where the OS has no posix_fadvise. True when a prefetch started.
         """
@@ -145,7 +147,7 @@ class Store:
         if not files or size > max_share_of_free_memory * _available_memory():
             return False
 
-        read_ahead_in_background(files)
+        read_ahead_in_child_process(files)
         return True
 
     def published_build(self) -> Build | None:
