@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from indexer import faiss_index, pixels
 from indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
                                 hash_bytes, load_image, read_captions, scan)
-from indexer.encoder import Encoder, load_encoder
+from indexer.encoder import Encoder, keep_freed_memory, load_encoder
 from indexer.hubness import Penalties, load_bank
 from indexer.prefetch import prefetched_batches, read_ahead
 from indexer.settings import Settings
@@ -135,6 +135,7 @@ class IndexBuilder:
 
     def encoder(self, model: str) -> Encoder:
         if self._encoder is None or self._encoder.name != model:
+            keep_freed_memory()
             self._encoder = load_encoder(model, self.settings.device)
         return self._encoder
 

@@ -112,7 +112,7 @@ def search(
     json_out: JsonOut = False,
 ) -> None:
     """Search the published index with TEXT or --image FILE."""
-    from indexer.collection import BadImage, decode_image
+    from indexer.collection import BadImage, decode_reduced
     from search.engine import NoIndex, SearchEngine
 
     if (text is None) == (image is None):
@@ -125,7 +125,7 @@ def search(
         if text is not None:
             result = {"query": {"text": text}, "images": engine.images_by_text(text, k), "captions": []}
         else:
-            query = decode_image(image.read_bytes(), settings.max_image_pixels)
+            query = decode_reduced(image.read_bytes(), settings.max_image_pixels, settings.max_image_pixels)
             result = {"query": {"image": str(image)}, "captions": engine.captions_by_image(query, k),
                       "images": engine.images_by_image(query, k)}
     except NoIndex as err:

@@ -10,8 +10,11 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
+import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,32 +112,99 @@ def hash_bytes(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what a query upload may be
+QUERY_SIDE = 1024  # an upload's short side is decoded no larger than needed for this (models use 224-448)
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode to RGB with EXIF orientation applied; first frame of animations.
 
     The pixel count is checked from the header, before any pixel is decoded.
     """
+    def load(image: Image.Image) -> Image.Image:
+        image.load()
+        return image
+
+    return _decode(data, max_pixels, None, load)
+
+
+def decode_reduced(data: bytes, max_pixels: int, max_decoded_pixels: int) -> Image.Image:
+    """An image decoded no larger than a query (or a thumbnail) needs, in bounded memory.
+
+    A JPEG is decoded at reduced scale (libjpeg's DCT scaling, down to 1/8 a side) and
+    other formats are box-reduced right after decoding, each keeping a short side of at
+    least QUERY_SIDE; orientation and colour conversion then work on the small image. What
+    is decoded must stay within `max_decoded_pixels` (the header's count, after JPEG's
+    scaling), which bounds an upload's memory; only common photo formats are accepted.
+    Measured on the worst uploads the limits let through: see tests/test_upload_limits.py.
+    """
+    def load(image: Image.Image) -> Image.Image:
+        image.draft("RGB", _scaled_to_side(image.size, QUERY_SIDE))  # only JPEG decoders act on it
+        weight = DECODE_WEIGHT.get(image.format, 1)
+        if image.width * image.height * weight > max_decoded_pixels:
+            counted = f" (a {image.format} counts {weight}x)" if weight > 1 else ""
+            raise BadImage(f"too many pixels: {image.width}x{image.height}{counted} exceeds the upload limit of "
+                           f"{max_decoded_pixels}")
+        image.load()
+        if image.mode.startswith("I;16"):
+            image = _to_8bit_grey(image)  # Pillow cannot reduce these modes
+        elif image.mode in ("P", "PA", "1", "LAB", "HSV", "YCbCr"):
+            image = image.convert("RGBA" if "transparency" in image.info or image.mode == "PA" else "RGB")
+        factor = min(image.size) // QUERY_SIDE
+        return image.reduce(factor) if factor >= 2 and image.mode in REDUCIBLE_MODES else image
+
+    return _decode(data, max_pixels, UPLOAD_FORMATS, load)
+
+
+# Pillow decodes a WebP through several full-size RGBA buffers: measured ~4x a PNG's peak memory.
+DECODE_WEIGHT = {"WEBP": 4}
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "I", "F")
+
+
+def _scaled_to_side(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """The size whose short side is `side` (never larger than `size`), aspect kept."""
+    scale = min(1.0, side / max(1, min(size)))
+    return max(1, math.ceil(size[0] * scale)), max(1, math.ceil(size[1] * scale))
+
+
+def _decode(data: bytes, max_pixels: int, formats: tuple[str, ...] | None,
+            load: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """Open, check the header's pixel count, `load` (decode), orient, convert to RGB."""
     if not data:
         raise BadImage("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on broken metadata
+            image = Image.open(io.BytesIO(data), formats=formats)
             width, height = image.size
             if width * height > max_pixels:
                 raise BadImage(f"too many pixels: {width}x{height} exceeds the limit of {max_pixels}")
             image.seek(0)
-            image.load()
-            image = ImageOps.exif_transpose(image)
+            return to_rgb(_oriented(load(image)))
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadImage(f"too many pixels: {err}") from err
     except Image.UnidentifiedImageError as err:
-        raise BadImage("not an image (unrecognised content)") from err
+        kinds = ", ".join(formats) if formats else "a known image format"
+        raise BadImage(f"not an image (unrecognised content; expected {kinds})") from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise BadImage(f"corrupt image: {err}") from err
-    return to_rgb(image)
+    except MemoryError as err:
+        raise BadImage("image too large to decode") from err
+
+
+def _oriented(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied; a broken EXIF block leaves the pixels as stored (they are fine).
+
+    Pillow raises AttributeError, struct.error, OSError and others on malformed tags, so
+    any error here means "orientation unknown", never "corrupt image".
+    """
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        return image
 
 
 def decode_pixels(data: bytes, max_pixels: int) -> np.ndarray:
@@ -180,18 +250,40 @@ def _exif_orientation(data: bytes) -> int | None:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode to RGB; transparency is composited onto white, 16-bit scaled down."""
+    """Any mode to RGB; transparency is composited onto white, 16-bit and float scaled down."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = image.point(lambda v: v / 256).convert("L")
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8bit_grey(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
+        rgba = image.convert("RGBA")
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def _to_8bit_grey(image: Image.Image) -> Image.Image:
+    """Integer (16- or 32-bit, either byte order) and float greyscale as 8-bit: 16-bit ranges
+    are scaled by 1/256, floats in [0, 1] by 255; anything else is clipped.
+
+    Memory matters here (an upload may be 24 MP): a 16-bit image's high bytes are taken as a
+    view, and wider types are shifted and clipped in place.
+    """
+    values = np.array(image)
+    if values.dtype.kind == "f":
+        if np.nanmax(values, initial=0.0) <= 1.0:
+            values *= 255.0
+        np.nan_to_num(values, copy=False)
+    elif values.itemsize == 2 and values.max(initial=0) > 255:
+        high = 0 if values.dtype.byteorder == ">" or (values.dtype.byteorder == "=" and sys.byteorder == "big") else 1
+        return Image.fromarray(np.ascontiguousarray(values.view(np.uint8)[:, high::2]), mode="L")
+    elif values.max(initial=0) > 255:
+        np.right_shift(values, 8, out=values)
+    np.clip(values, 0, 255, out=values)
+    return Image.fromarray(values.astype(np.uint8), mode="L")
 
 
 def load_image(entry: FileEntry, max_bytes: int, max_pixels: int) -> LoadedImage:

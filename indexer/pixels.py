@@ -86,6 +86,30 @@ def stack(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2)
 
 
+MAX_ASPECT = 4.0  # long side / short side kept before resizing; models crop the centre square anyway
+
+
+def bounded_aspect(image: Pixels, max_aspect: float = MAX_ASPECT) -> Pixels:
+    """The centre of an image no longer than `max_aspect` times its short side.
+
+    open_clip's transforms scale the short side to the model's size and then crop the centre,
+    so the resize's output grows with the aspect ratio: a 7 KB PNG of 300,000x8 pixels was
+    resized to 8.4 million x 260 (gigabytes) to keep 260x260 of it. Cropping the long side
+    first bounds that work by the output size. Photos up to 4:1 (panoramas included) are
+    untouched, so their vectors are exactly what they were.
+    """
+    width, height = (image.shape[1], image.shape[0]) if isinstance(image, np.ndarray) else image.size
+    short, long = min(width, height), max(width, height)
+    keep = max(1, int(short * max_aspect))
+    if long <= keep:
+        return image
+    start = (long - keep) // 2
+    if isinstance(image, np.ndarray):
+        return image[:, start:start + keep] if width > height else image[start:start + keep]
+    box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+    return image.crop(box)
+
+
 def as_pil(image: Pixels) -> Image.Image:
     return Image.fromarray(image) if isinstance(image, np.ndarray) else image.convert("RGB")
 

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_bytes: int = 20 * 1024 * 1024
+    # Pixels an upload may decode to (after a JPEG's reduced-scale decoding): bounds its memory.
+    max_upload_pixels: int = 16_000_000
+    # Uploads and thumbnails decoded at once; more wait their turn (each may take ~100 MB briefly).
+    max_concurrent_decodes: int = 2
     max_query_chars: int = 500
     max_k: int = 100
     max_offset: int = 1000

@@ -7,12 +7,15 @@ snapshot it started with and never sees a half-swapped state.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import stat
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import faiss
 import numpy as np
@@ -20,7 +23,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from indexer import faiss_index, hubness
+from indexer import faiss_index, hubness, pixels
 from indexer.collection import hash_bytes
 from indexer.encoder import Encoder, load_encoder
 from indexer.hubness import Penalties
@@ -214,8 +217,11 @@ class SearchEngine:
         return batcher
 
     def image_vector(self, image: Image.Image) -> np.ndarray:
+        """Resizing runs outside the model lock: other queries wait for the model, never for a resize."""
+        encoder = self.encoder
+        prepared = pixels.stack([encoder.prepare(image)])
         with self._encoder_lock:
-            return self.encoder.encode_images([image])[0]
+            return encoder.encode_image_tensors(prepared)[0]
 
     # -- searches ----------------------------------------------------------------------------
 
@@ -338,11 +344,29 @@ class SearchEngine:
             raise NotFound(f"image {image_id} not found")
         return row
 
-    def image_file(self, image_id: int) -> Path:
-        """The file of an indexed image; it must resolve inside the collection root."""
+    def open_image_file(self, image_id: int) -> BinaryIO:
+        """The file of an indexed image, opened for reading; it must lie inside the collection root.
+
+        Where the opened descriptor really points is checked, not the path before opening: a
+        file swapped for a symlink to elsewhere between a check and an open (a race that
+        served outside files) is refused, while symlinks that stay inside the root still work.
+        """
         row = self.image(image_id)
         root = self.snapshot.collection_root.resolve()
-        path = (root / row.path).resolve()
-        if root not in path.parents or not path.is_file():
+        try:
+            fd = os.open(root / row.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+        except OSError as err:
+            raise NotFound(f"file of image {image_id} is not available") from err
+        handle = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or root not in _opened_path(fd, root / row.path).parents:
+            handle.close()
             raise NotFound(f"file of image {image_id} is not available")
-        return path
+        return handle
+
+
+def _opened_path(fd: int, path: Path) -> Path:
+    """Where an open descriptor points (Linux: /proc/self/fd; elsewhere, the path resolved now)."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return path.resolve()

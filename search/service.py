@@ -5,14 +5,17 @@ lifespan, before `/ready` turns true. Endpoints are plain `def`s, so FastAPI run
 on its thread pool: FAISS releases the GIL and queries do not queue behind each other.
 """
 
-import io
-import mimetypes
+import asyncio
+import os
 import secrets
+import tempfile
 import time
 import unicodedata
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
@@ -20,11 +23,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from indexer.collection import BadImage, decode_image
+from indexer.collection import BadImage, decode_reduced
 from indexer.settings import Settings, get_settings
 from search import schemas
 from search.engine import CaptionHit, ImageHit, NoIndex, NotFound, SearchEngine
@@ -45,6 +48,14 @@ class Service:
         self.engine = engine
         self.jobs: JobManager | None = None
         self.load_error: str | None = None
+        # Decoding an upload or a thumbnail takes memory and both cores for a moment: it runs on
+        # its own few threads (never the request pool, never under the model lock), the rest
+        # queue. Few threads also means few malloc arenas holding on to freed pixel buffers.
+        self.decoder = ThreadPoolExecutor(max(1, settings.max_concurrent_decodes), thread_name_prefix="decode")
+
+    async def decode(self, function, *args):
+        """`function(*args)` on a decode thread, once one is free."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, function, *args)
 
     def load(self) -> None:
         try:
@@ -169,15 +180,18 @@ def _text_query(max_chars: int):
     return query
 
 
-async def _uploaded_image(file: UploadFile, settings: Settings) -> Image.Image:
+async def _uploaded_image(file: UploadFile, service: Service) -> Image.Image:
+    settings = service.settings
     data = await file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(413, f"upload larger than the limit of {settings.max_upload_bytes} bytes")
     try:
-        return await run_in_threadpool(decode_image, data, settings.max_image_pixels)
+        return await service.decode(decode_reduced, data, settings.max_image_pixels, settings.max_upload_pixels)
     except BadImage as err:
-        status = 413 if "too many pixels" in str(err) else 415
+        status = 413 if "too many pixels" in str(err) or "too large" in str(err) else 415
         raise HTTPException(status, f"not a usable image: {err}") from err
+    except Exception as err:  # a decoder's own failure on odd input is the upload's fault, never a 500
+        raise HTTPException(415, f"not a usable image: {type(err).__name__}") from err
 
 
 def _image_result(hit: ImageHit) -> schemas.ImageResult:
@@ -235,10 +249,10 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
 
     @app.post("/v1/images/search", response_model=schemas.ImageSearchResponse, tags=["search"],
               max_body_size=upload_limit)
-    async def images_by_image(engine: EngineDep, file: Upload, k: K = 10, offset: Offset = 0):
+    async def images_by_image(service: ServiceDep, engine: EngineDep, file: Upload, k: K = 10, offset: Offset = 0):
         """Image to images."""
         start = time.perf_counter()
-        image = await _uploaded_image(file, settings)
+        image = await _uploaded_image(file, service)
         return _images_response(await run_in_threadpool(engine.images_by_image, image, k, offset), start)
 
     @app.get("/v1/images/{image_id}/similar", response_model=schemas.ImageSearchResponse, tags=["search"])
@@ -255,10 +269,11 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
 
     @app.post("/v1/captions/search", response_model=schemas.CaptionSearchResponse, tags=["search"],
               max_body_size=upload_limit)
-    async def captions_by_image(engine: EngineDep, file: Upload, k: K = 10, offset: Offset = 0):
+    async def captions_by_image(service: ServiceDep, engine: EngineDep, file: Upload, k: K = 10,
+                                offset: Offset = 0):
         """Image to captions."""
         start = time.perf_counter()
-        image = await _uploaded_image(file, settings)
+        image = await _uploaded_image(file, service)
         return _captions_response(await run_in_threadpool(engine.captions_by_image, image, k, offset), start)
 
     @app.get("/v1/images/{image_id}/captions", response_model=schemas.CaptionSearchResponse, tags=["search"])
@@ -277,17 +292,18 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/v1/images/{image_id}/file", tags=["images"], response_class=FileResponse)
     def image_file(engine: EngineDep, image_id: ImageId):
-        path = engine.image_file(image_id)
-        return FileResponse(path, media_type=_media_type(path))
+        return _file_response(engine.open_image_file(image_id))
 
     @app.get("/v1/images/{image_id}/thumbnail", tags=["images"], response_class=FileResponse)
-    def image_thumbnail(engine: EngineDep, request: Request, image_id: ImageId):
-        row = engine.image(image_id)
+    async def image_thumbnail(service: ServiceDep, engine: EngineDep, request: Request, image_id: ImageId):
+        row = await run_in_threadpool(engine.image, image_id)
         etag = f'"{row.content_hash}-{settings.thumbnail_size}"'
         headers = {"Cache-Control": "public, max-age=86400", "ETag": etag}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
-        path = _thumbnail(engine, image_id, row.content_hash, settings)
+        path = _cached_thumbnail(row.content_hash, settings)
+        if not path.is_file():
+            path = await service.decode(_thumbnail, engine, image_id, row.content_hash, settings)
         return FileResponse(path, media_type="image/jpeg", headers=headers)
 
     @app.post("/v1/index/jobs", response_model=schemas.Job, status_code=202, tags=["index"], dependencies=admin,
@@ -317,31 +333,55 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         return job
 
 
-def _media_type(path: Path) -> str:
-    """By the file's bytes (a lying extension does not matter), falling back to the name."""
+FILE_CHUNK = 256 * 1024
+
+
+def _file_response(handle: BinaryIO) -> StreamingResponse:
+    """Serve an already opened (and checked) file from its descriptor, never by path again."""
+    size = os.fstat(handle.fileno()).st_size
+    media_type = _media_type(handle)
+
+    def chunks() -> Iterator[bytes]:
+        with handle:
+            handle.seek(0)
+            while data := handle.read(FILE_CHUNK):
+                yield data
+
+    return StreamingResponse(chunks(), media_type=media_type, headers={"Content-Length": str(size)})
+
+
+def _media_type(handle: BinaryIO) -> str:
+    """By the file's bytes (a lying extension does not matter)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(handle) as image:
             return Image.MIME.get(image.format, "application/octet-stream")
-    except OSError:
-        return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    except Exception:  # not an image Pillow knows, or odd metadata: still served, as bytes
+        return "application/octet-stream"
+
+
+def _cached_thumbnail(content_hash: str, settings: Settings) -> Path:
+    return settings.index_dir / "thumbnails" / f"{content_hash}-{settings.thumbnail_size}.jpg"
 
 
 def _thumbnail(engine: SearchEngine, image_id: int, content_hash: str, settings: Settings) -> Path:
-    """JPEG thumbnails cached by content hash, written atomically."""
-    cache = settings.index_dir / "thumbnails"
-    target = cache / f"{content_hash}-{settings.thumbnail_size}.jpg"
-    if target.is_file():
-        return target
-    source = engine.image_file(image_id)
+    """A JPEG thumbnail cached by content hash; each writer renames its own temporary file into place."""
+    target = _cached_thumbnail(content_hash, settings)
+    with engine.open_image_file(image_id) as handle:
+        data = handle.read(settings.max_file_bytes + 1)
     try:
-        image = decode_image(source.read_bytes(), settings.max_image_pixels)
+        if len(data) > settings.max_file_bytes:
+            raise BadImage("file too large")
+        image = decode_reduced(data, settings.max_image_pixels, settings.max_image_pixels)
     except (BadImage, OSError) as err:
         raise NotFound(f"image {image_id} can no longer be read: {err}") from err
     image.thumbnail((settings.thumbnail_size, settings.thumbnail_size))
-    cache.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    tmp = target.with_suffix(f".{image_id}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            image.save(out, format="JPEG", quality=85)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return target

@@ -42,7 +42,8 @@ def test_text_finds_images_and_an_image_finds_its_captions(settings, encoder, co
     assert similar[0].path == "cat.jpg" and similar[0].score > 0.99
     cat_id = similar[0].id
     assert all(h.id != cat_id for h in engine.similar_images(cat_id, k=5))
-    assert engine.image_file(cat_id) == (collection / "cat.jpg").resolve()
+    with engine.open_image_file(cat_id) as handle:
+        assert handle.read() == (collection / "cat.jpg").read_bytes()
 
 
 def test_paging_with_offset_continues_the_ranking(settings, encoder, collection):
