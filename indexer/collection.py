@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 import simplejpeg
@@ -64,26 +65,43 @@ class BadImage(Exception):
 def scan(root: Path) -> tuple[list[FileEntry], list[SkippedFile]]:
     """All image files under root, sorted; unreadable entries are reported, not raised.
 
+    The walk keeps its own stack (a tree deeper than Python's recursion limit is fine).
     Symlinked folders are not followed (no loops); symlinked files are, when they stay
-    inside the root.
+    inside the root. Only regular files are taken: a named pipe called `x.jpg` would
+    block the build forever.
     """
     root = root.resolve()
     if not root.is_dir():
         raise NotADirectoryError(f"collection folder not found: {root}")
     entries: list[FileEntry] = []
     skipped: list[SkippedFile] = []
-
-    def on_error(err: OSError) -> None:
-        skipped.append(SkippedFile(_relative(Path(err.filename), root), f"unreadable folder: {err.strerror}"))
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as listing:
+                children = sorted(listing, key=lambda child: child.name)
+        except OSError as err:
+            skipped.append(SkippedFile(_relative(folder, root), f"unreadable folder: {err.strerror}"))
+            continue
+        subfolders = []
+        for child in children:
+            if child.name.startswith("."):
                 continue
-            entry_or_skip = _entry(Path(dirpath) / name, root)
-            (entries if isinstance(entry_or_skip, FileEntry) else skipped).append(entry_or_skip)
+            if _is_folder(child):
+                subfolders.append(Path(child.path))
+            elif Path(child.name).suffix.lower() in IMAGE_EXTENSIONS:
+                entry_or_skip = _entry(Path(child.path), root)
+                (entries if isinstance(entry_or_skip, FileEntry) else skipped).append(entry_or_skip)
+        pending.extend(reversed(subfolders))  # depth first, in name order, as os.walk would go
     return entries, skipped
+
+
+def _is_folder(child: os.DirEntry) -> bool:
+    try:
+        return child.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -103,9 +121,27 @@ def _entry(path: Path, root: Path) -> FileEntry | SkippedFile:
         stat = real.stat()
     except (OSError, RuntimeError) as err:
         return SkippedFile(rel, f"unreadable: {getattr(err, 'strerror', None) or err}")
+    if not S_ISREG(stat.st_mode):
+        return SkippedFile(rel, "not a regular file")
     if not os.access(real, os.R_OK):
         return SkippedFile(rel, "unreadable: permission denied")
     return FileEntry(rel, path, stat.st_size, stat.st_mtime)
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """A file's bytes, opened so that nothing but a regular file is ever read or waited on.
+
+    O_NONBLOCK makes opening a FIFO (or a device) return at once; it is then refused. A
+    file swapped for one after the scan is refused the same way.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not S_ISREG(info.st_mode):
+            raise BadImage("not a regular file")
+        if info.st_size > max_bytes:
+            raise BadImage(f"file too large: {info.st_size} bytes exceeds the limit of {max_bytes}")
+        return handle.read(max_bytes + 1)
 
 
 def hash_bytes(data: bytes) -> str:
@@ -291,7 +327,7 @@ def load_image(entry: FileEntry, max_bytes: int, max_pixels: int) -> LoadedImage
     if entry.bytes > max_bytes:
         raise BadImage(f"file too large: {entry.bytes} bytes exceeds the limit of {max_bytes}")
     try:
-        data = entry.abs_path.read_bytes()
+        data = read_regular_file(entry.abs_path, max_bytes)
     except OSError as err:
         raise BadImage(f"unreadable: {err.strerror or err}") from err
     return LoadedImage(entry, hash_bytes(data), decode_pixels(data, max_pixels))

@@ -36,7 +36,7 @@ def read_ahead(paths: Iterable[Path]) -> None:
         return
     for path in paths:
         with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the read-ahead
             try:
                 for offset in range(0, max(os.fstat(fd).st_size, 1), READ_AHEAD_WINDOW):
                     os.posix_fadvise(fd, offset, READ_AHEAD_WINDOW, os.POSIX_FADV_WILLNEED)

@@ -52,6 +52,23 @@ def palette_with_transparency() -> bytes:
     return encoded(image, "PNG", transparency=0)
 
 
+# Two real-world EXIF blocks Pillow cannot parse (found by fuzzing): a Model tag typed as a float,
+# and a signed-short tag out of range; both with orientation 6. The pixels are fine.
+BROKEN_EXIF = ("4578696600004d4d002a0000000800020112000300000001000600000110000b000000017386848900000000ff364a4b9ec69d"
+               "9d401175e8d96f55d6ba1fd2ab655957d3f45de5c486a0f561fe6b30be62cb2d19",
+               "4578696600004d4d002a000000080002011200030000000100060000010a000800000001f8b243a7000000006e97d282f0c0"
+               "68dfbc6d8528c40a9c9d3a8201dbcd8afc5807a784444fdbc1a77234c4ab52766fa0")
+
+
+def jpeg_with_exif(exif_hex: str, color: tuple[int, int, int]) -> bytes:
+    return encoded(solid_image(color), "JPEG", exif=bytes.fromhex(exif_hex))
+
+
+def grey16_big_endian_tiff() -> bytes:
+    values = np.linspace(0, 65535, 48 * 32, dtype=">u2").reshape(32, 48)
+    return encoded(Image.frombytes("I;16B", (48, 32), values.tobytes()), "TIFF")
+
+
 # file name -> (bytes, expected outcome: "indexed" or a fragment of the skip reason)
 BAD_FILES = {
     "zero-bytes.jpg": (b"", "empty file"),
@@ -64,6 +81,9 @@ BAD_FILES = {
     "cmyk.jpg": (encoded(solid_image((200, 0, 0)).convert("CMYK"), "JPEG"), "indexed"),
     "palette-transparent.png": (palette_with_transparency(), "indexed"),
     "animated.gif": (animated_gif(), "indexed"),
+    "grey16-big-endian.tif": (grey16_big_endian_tiff(), "indexed"),
+    "broken-exif-float.jpg": (jpeg_with_exif(BROKEN_EXIF[0], (220, 220, 20)), "indexed"),
+    "broken-exif-range.jpg": (jpeg_with_exif(BROKEN_EXIF[1], (20, 220, 220)), "indexed"),
 }
 
 
@@ -72,6 +92,7 @@ def bad_build(tmp_path_factory, encoder):
     root = write_sample_collection(tmp_path_factory.mktemp("bad") / "collection")
     for name, (data, _) in BAD_FILES.items():
         (root / name).write_bytes(data if data is not None else (root / "cat.jpg").read_bytes()[:3000])
+    os.mkfifo(root / "pipe.jpg")  # opening it for reading would wait for a writer forever
     (root / "loop-a.jpg").symlink_to(root / "loop-b.jpg")
     (root / "loop-b.jpg").symlink_to(root / "loop-a.jpg")
     non_utf8 = os.fsencode(str(root)) + b"/caf\xe9.jpg"  # Latin-1 bytes: not a valid UTF-8 name
@@ -104,6 +125,11 @@ def test_symlink_loop_is_skipped(bad_build):
     assert "loop-b.jpg" in skipped
 
 
+def test_a_named_pipe_is_skipped_not_waited_on(bad_build):
+    _, skipped = bad_build
+    assert skipped["pipe.jpg"] == "not a regular file"
+
+
 def test_non_utf8_file_name_is_skipped(bad_build):
     _, skipped = bad_build
     assert any("not valid UTF-8" in reason for reason in skipped.values())
@@ -113,7 +139,7 @@ def test_the_rest_of_the_build_is_unaffected(bad_build):
     report, skipped = bad_build
     indexed_odd = sum(1 for _, outcome in BAD_FILES.values() if outcome == "indexed")
     assert report.n_images == GOOD_SAMPLE_IMAGES + indexed_odd
-    assert len(skipped) == len(BAD_FILES) - indexed_odd + 3  # + two loop links + the non-UTF-8 name
+    assert len(skipped) == len(BAD_FILES) - indexed_odd + 4  # + two loop links, the non-UTF-8 name, the pipe
 
 
 def test_bad_caption_rows_are_reported_and_good_rows_kept(bad_build):
@@ -163,3 +189,19 @@ def test_file_removed_after_the_scan_is_skipped(tmp_path, monkeypatch, encoder):
     report = IndexBuilder(Settings(index_dir=tmp_path / "index"), encoder=encoder).build(tmp_path)
     assert report.n_images == 2
     assert [(s.path, s.reason.split(":")[0]) for s in report.skipped] == [("1.jpg", "unreadable")]
+
+
+def test_folders_nested_deeper_than_pythons_recursion_limit_are_walked(tmp_path, encoder):
+    root = tmp_path / "deep"
+    folder = root
+    root.mkdir()
+    for _ in range(1_100):  # one level at a time: pathlib's mkdir(parents=True) recurses too
+        folder = folder / "d"
+        folder.mkdir()
+    solid_image((90, 30, 160)).save(folder / "bottom.png")
+    solid_image((160, 30, 90)).save(root / "top.png")
+    try:
+        report = IndexBuilder(Settings(index_dir=tmp_path / "index", device="cpu"), encoder=encoder).build(root)
+        assert report.n_images == 2 and not report.skipped
+    finally:
+        subprocess.run(["rm", "-rf", str(root)], check=True)  # shutil.rmtree recurses too
