@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from indexer import faiss_index, pixels
 from indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
-                                hash_bytes, load_image, read_captions, scan)
+                                hash_bytes, load_image, nfc, read_captions, scan)
 from indexer.encoder import Encoder, keep_freed_memory, load_encoder
 from indexer.hubness import Penalties, load_bank
 from indexer.prefetch import prefetched_batches, read_ahead
@@ -150,7 +150,7 @@ class IndexBuilder:
         start = time.perf_counter()
         previous = self.store.published_build()
         captions_file = self._captions_source(root, captions_file, previous)
-        parsed = read_captions(captions_file) if captions_file else None  # a bad file fails before any work
+        parsed = read_captions(captions_file, self.settings.max_captions_bytes) if captions_file else None  # a bad file fails before any work
         build_id = self._start_build(root, captions_file, model)
         report = BuildReport(build_id, model, previous.model if previous else None,
                              model_changed=bool(previous and previous.model != model))
@@ -319,7 +319,7 @@ class IndexBuilder:
         """{(image row id, caption): text hash} of the captions whose image is in the build; an
         image is named by its path in the collection, or by its file name where that is unique."""
         ids = set(images)
-        paths = {p: i for p, i in s.execute(select(ImageRow.path, ImageRow.id)) if i in ids}
+        paths = {nfc(p): i for p, i in s.execute(select(ImageRow.path, ImageRow.id)) if i in ids}
         by_name = defaultdict(list)
         for path, image_id in paths.items():
             by_name[path.rsplit("/", 1)[-1]].append(image_id)

@@ -13,8 +13,9 @@ import json
 import math
 import os
 import sys
+import unicodedata
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
@@ -345,29 +346,100 @@ def find_captions_file(root: Path) -> Path | None:
     return next((root / n for n in CAPTION_FILE_NAMES if (root / n).is_file()), None)
 
 
-def read_captions(path: Path) -> Captions:
-    """Read a TSV, CSV or JSONL file with `image` and `caption` fields.
+CAPTION_SUFFIXES = (".tsv", ".csv", ".jsonl")
+MAX_CAPTION_CHARS = 2_000  # a longer "caption" is a mistake (or an attack), never a description
+MAX_LINE_CHARS = 64 * 1024  # a TSV or JSONL line; longer ones are skipped unread
 
-    Undecodable bytes, missing fields and empty captions drop that row only.
+
+def read_captions(path: Path, max_bytes: int = 512 * 2**20) -> Captions:
+    """Read a TSV, CSV or JSONL file with `image` and `caption` fields, streaming it.
+
+    The suffix, the kind of file and its size are checked before a byte is read. TSV has no
+    quoting: one row per line, fields split at tabs (a stray quote is just a character).
+    Undecodable bytes, missing fields, over-long and unparseable rows drop that row only.
+    No error message quotes the file's content: a rebuild request may name any file.
     """
-    text = path.read_bytes().decode("utf-8-sig", errors="replace")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(text, path.name)
-    if suffix not in (".tsv", ".csv"):
+    if suffix not in CAPTION_SUFFIXES:
         raise ValueError(f"captions file must be .tsv, .csv or .jsonl: {path}")
-    reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
-    if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
-        raise ValueError(f"{path}: header must name the columns 'image' and 'caption', got {reader.fieldnames}")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as raw:
+        info = os.fstat(fd)
+        if not S_ISREG(info.st_mode):
+            raise ValueError(f"captions file is not a regular file: {path}")
+        if info.st_size > max_bytes:
+            raise ValueError(f"captions file is {info.st_size} bytes, over the limit of {max_bytes}: {path}")
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+        reader = {".jsonl": _read_jsonl, ".tsv": _read_tsv, ".csv": _read_csv}[suffix]
+        return reader(text, path.name)
+
+
+def _lines(stream: io.TextIOBase, name: str, captions: Captions) -> Iterator[tuple[int, str]]:
+    """(line number, line without its line break); over-long lines are reported and skipped."""
+    line_no = 0
+    while line := stream.readline(MAX_LINE_CHARS):
+        line_no += 1
+        if len(line) == MAX_LINE_CHARS and not line.endswith("\n"):
+            while (rest := stream.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+                pass
+            captions.bad_rows.append(SkippedFile(f"{name}:{line_no}", f"line longer than {MAX_LINE_CHARS} characters"))
+            continue
+        yield line_no, line.rstrip("\r\n")
+
+
+def _header_error(name: str, fields: int) -> ValueError:
+    return ValueError(f"{name}: the first line must name the columns 'image' and 'caption' "
+                      f"(it has {fields} field{'s' if fields != 1 else ''} without both names)")
+
+
+def _read_tsv(stream: io.TextIOBase, name: str) -> Captions:
     captions = Captions()
-    for line_no, row in enumerate(reader, start=2):
-        _add_row(captions, f"{path.name}:{line_no}", row.get("image"), row.get("caption"))
+    lines = _lines(stream, name, captions)
+    header = next(lines, (1, ""))[1].split("\t")
+    if "image" not in header or "caption" not in header:
+        raise _header_error(name, len(header))
+    image_col, caption_col = header.index("image"), header.index("caption")
+    for line_no, line in lines:
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            captions.bad_rows.append(SkippedFile(f"{name}:{line_no}", _field_count(len(fields), len(header))))
+            continue
+        _add_row(captions, f"{name}:{line_no}", fields[image_col], fields[caption_col])
     return captions
 
 
-def _read_jsonl(text: str, name: str) -> Captions:
+def _field_count(found: int, expected: int) -> str:
+    return f"expected {expected} fields as in the header, found {found}"
+
+
+def _read_csv(stream: io.TextIOBase, name: str) -> Captions:
     captions = Captions()
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    reader = csv.reader(stream)
+    try:
+        header = next(reader, [])
+    except csv.Error:
+        header = []
+    if "image" not in header or "caption" not in header:
+        raise _header_error(name, len(header))
+    image_col, caption_col = header.index("image"), header.index("caption")
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return captions
+        except csv.Error as err:  # e.g. a field over the csv module's 128 KiB limit: that row only
+            captions.bad_rows.append(SkippedFile(f"{name}:{reader.line_num}", f"unreadable CSV row: {err}"))
+            continue
+        where = f"{name}:{reader.line_num}"
+        if len(fields) != len(header):
+            captions.bad_rows.append(SkippedFile(where, _field_count(len(fields), len(header))))
+            continue
+        _add_row(captions, where, fields[image_col], fields[caption_col])
+
+
+def _read_jsonl(stream: io.TextIOBase, name: str) -> Captions:
+    captions = Captions()
+    for line_no, line in _lines(stream, name, captions):
         if not line.strip():
             continue
         try:
@@ -383,11 +455,20 @@ def _read_jsonl(text: str, name: str) -> Captions:
 
 
 def _add_row(captions: Captions, where: str, image: object, caption: object) -> None:
+    """Image names are NFC-normalised (as file names are when matched), so a caption file
+    written on one system names the files of another."""
     if not isinstance(image, str) or not image.strip():
         captions.bad_rows.append(SkippedFile(where, "missing image"))
     elif not isinstance(caption, str) or not caption.strip():
         captions.bad_rows.append(SkippedFile(where, "missing caption"))
     elif "\ufffd" in caption or "\ufffd" in image:
         captions.bad_rows.append(SkippedFile(where, "not valid UTF-8"))
+    elif len(caption) > MAX_CAPTION_CHARS:
+        captions.bad_rows.append(SkippedFile(where, f"caption longer than {MAX_CAPTION_CHARS} characters"))
     else:
-        captions.rows.append((image.strip().replace("\\", "/"), " ".join(caption.split())))
+        captions.rows.append((nfc(image.strip().replace("\\", "/")), " ".join(caption.split())))
+
+
+def nfc(text: str) -> str:
+    """Unicode NFC: macOS writes file names decomposed (NFD), most editors write text composed."""
+    return unicodedata.normalize("NFC", text)

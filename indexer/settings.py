@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     # Limits on what the indexer will open.
     max_file_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 80_000_000  # checked before decoding (decompression bombs)
+    max_captions_bytes: int = 512 * 1024 * 1024  # a captions file's size, checked before it is read
 
     # Search service.
     host: str = "127.0.0.1"

@@ -153,6 +153,15 @@ def test_captions_file_option_and_unknown_images(settings, encoder, collection, 
         build(settings, encoder, collection, captions_file=tmp_path / "missing.tsv")
 
 
+def test_captions_match_file_names_whatever_their_unicode_normal_form(settings, encoder, collection, tmp_path):
+    """macOS writes file names decomposed (NFD); caption files are usually composed (NFC)."""
+    solid_image((150, 90, 40)).save(collection / "cafe\u0301 au lait.png")  # NFD: e + combining acute
+    captions = tmp_path / "captions.tsv"
+    captions.write_text("image\tcaption\ncaf\u00e9 au lait.png\ta brown drink in a cup\n")  # NFC
+    report = IndexBuilder(settings, encoder=encoder).build(collection, captions)
+    assert report.n_captions == 1 and report.captions_for_unknown_images == 0
+
+
 def test_captions_file_without_its_columns_fails_before_any_work(settings, encoder, collection, tmp_path):
     wrong = tmp_path / "wrong.tsv"
     wrong.write_text("file\ttext\ncat.jpg\ta cat\n")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -166,3 +167,43 @@ def test_read_captions_without_required_columns(tmp_path):
     (tmp_path / "c.tsv").write_text("file\ttext\na\tb\n")
     with pytest.raises(ValueError, match="'image' and 'caption'"):
         read_captions(tmp_path / "c.tsv")
+
+
+def test_a_caption_over_the_csv_field_limit_drops_that_row_only(tmp_path):
+    (tmp_path / "c.csv").write_text("image,caption\na.jpg,first\nb.jpg," + "x" * 140_000 + "\nc.jpg,last\n")
+    captions = read_captions(tmp_path / "c.csv")
+    assert captions.rows == [("a.jpg", "first"), ("c.jpg", "last")]
+    assert len(captions.bad_rows) == 1 and "field limit" in captions.bad_rows[0].reason
+    (tmp_path / "c.tsv").write_text("image\tcaption\na.jpg\t" + "word " * 1000 + "\nb.jpg\t" + "y" * 100_000 + "\n"
+                                    "c.jpg\tlast\n")
+    captions = read_captions(tmp_path / "c.tsv")
+    assert captions.rows == [("c.jpg", "last")]
+    assert [b.reason for b in captions.bad_rows] == ["caption longer than 2000 characters",
+                                                    "line longer than 65536 characters"]
+
+
+def test_a_stray_quote_in_a_tsv_is_a_character_not_the_start_of_a_quoted_field(tmp_path):
+    (tmp_path / "c.tsv").write_text('image\tcaption\na.jpg\t"a dog\nb.jpg\ta cat\nc.jpg\ta 6" ruler\n')
+    assert read_captions(tmp_path / "c.tsv").rows == [("a.jpg", '"a dog'), ("b.jpg", "a cat"),
+                                                      ("c.jpg", 'a 6" ruler')]
+
+
+def test_caption_file_errors_never_quote_the_file(tmp_path):
+    """A rebuild request may name any readable file; its error must not become a way to read it."""
+    (tmp_path / "env.csv").write_text("AWS_SECRET_ACCESS_KEY=abc123,x\nmore,secrets\n")
+    with pytest.raises(ValueError) as raised:
+        read_captions(tmp_path / "env.csv")
+    assert "AWS" not in str(raised.value) and "abc123" not in str(raised.value)
+
+
+def test_caption_files_are_checked_before_they_are_read(tmp_path):
+    with pytest.raises(ValueError, match="must be .tsv, .csv or .jsonl"):
+        read_captions(tmp_path / "notes.txt")  # refused by name: it does not even exist
+    sparse = tmp_path / "huge.tsv"
+    with open(sparse, "wb") as handle:
+        handle.truncate(3 * 2**30)  # 3 GB of nothing, no disk used
+    with pytest.raises(ValueError, match="over the limit"):
+        read_captions(sparse)
+    os.mkfifo(tmp_path / "pipe.tsv")  # opening it for reading would wait for a writer forever
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_captions(tmp_path / "pipe.tsv")
