@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from indexer import faiss_index, pixels
 from indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
                                 hash_bytes, load_image, nfc, read_captions, scan)
-from indexer.encoder import Encoder, keep_freed_memory, load_encoder
+from indexer.encoder import Encoder, check_model_name, keep_freed_memory, load_encoder
 from indexer.hubness import Penalties, load_bank
 from indexer.prefetch import prefetched_batches, read_ahead
 from indexer.settings import Settings
@@ -142,6 +142,7 @@ class IndexBuilder:
     def build(self, collection: Path, captions_file: Path | None = None, model: str | None = None,
               progress: ProgressCallback | None = None) -> BuildReport:
         """Index `collection`; returns the report of the published build."""
+        check_model_name(model or self.settings.model)
         with build_lock(self.settings.index_dir):
             return self._build(collection.resolve(), captions_file, model or self.settings.model, progress)
 

@@ -49,6 +49,22 @@ class ModelSpec:
         return cls(arch, pretrained or None)
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a name that would build a randomly initialised network, before any work.
+
+    open_clip happily creates "RN50" with no weights: its vectors are meaningless, and a
+    build with it would discard every stored embedding of the real model. A model must be
+    the default, carry a pretrained tag or checkpoint ("ARCH:TAG", "ARCH:/path.pt"), or be
+    one of open_clip's schemas that bring their weights ("hf-hub:", "local-dir:").
+    """
+    if name == DEFAULT_MODEL_NAME or name.startswith(("hf-hub:", "local-dir:")):
+        return
+    spec = ModelSpec.parse(name)
+    if not spec.pretrained:
+        raise ValueError(f"model {name!r} names an architecture without weights: add a pretrained tag "
+                         f"({spec.arch}:TAG, e.g. ViT-B-32:laion2b_s34b_b79k) or a checkpoint ({spec.arch}:/path.pt)")
+
+
 def keep_freed_memory() -> None:
     """Stop glibc from handing each batch's activations back to the OS (Linux/glibc only).
 
@@ -225,6 +241,7 @@ def load_encoder(name: str = DEFAULT_MODEL_NAME, device: str = "auto") -> Encode
     import open_clip
 
     _quiet_model_loading()
+    check_model_name(name)
     torch_device = pick_device(device)
     if name == DEFAULT_MODEL_NAME:
         model, preprocess, tokenizer = create_default_model(torch_device)

@@ -65,11 +65,17 @@ class Settings(BaseSettings):
     # When set, rebuild endpoints need `Authorization: Bearer <token>`; set it whenever the
     # service listens beyond localhost. The UI sends it from the same variable.
     admin_token: str = ""
+    # Models a rebuild request may name, besides `model`: a request can otherwise make the
+    # service download and run anything open_clip can load.
+    allowed_models: list[str] = []
 
     # UI (Streamlit): where it listens, and the search service it talks to.
     ui_host: str = "127.0.0.1"
     ui_port: int = 8501
     api_url: str = "http://127.0.0.1:8000"
+
+    def rebuild_models(self) -> list[str]:
+        return [self.model, *(m for m in self.allowed_models if m != self.model)]
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.index_dir / 'metadata.db'}"

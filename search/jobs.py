@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from indexer.builder import BuildInProgress, IndexBuilder, Progress
+from indexer.encoder import check_model_name
 from indexer.settings import Settings
 from search.engine import SearchEngine
 from search.schemas import Job, JobProgress, SkippedItem
@@ -30,6 +31,11 @@ class JobManager:
         self._thread: threading.Thread | None = None
 
     def start(self, collection: Path, captions: Path | None, model: str | None) -> Job:
+        if model is not None and model not in self.settings.rebuild_models():
+            raise ValueError(f"model {model!r} is not allowed here; this service rebuilds with "
+                             f"{', '.join(self.settings.rebuild_models())} (CROSSMODAL_ALLOWED_MODELS)")
+        if model is not None:
+            check_model_name(model)
         if not collection.is_dir():
             raise FileNotFoundError(f"collection folder not found: {collection}")
         if captions is not None and not captions.is_file():

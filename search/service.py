@@ -315,7 +315,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         try:
             return service.jobs.start(Path(body.collection), Path(body.captions) if body.captions else None,
                                       body.model)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ValueError) as err:
             raise HTTPException(400, str(err)) from err
         except JobConflict as err:
             raise HTTPException(409, str(err)) from err

@@ -52,3 +52,9 @@ def test_user_errors_are_messages_not_tracebacks(tmp_path):
     assert code == 1 and "collection folder not found" in out
     code, out = run("eval", "--index-dir", tmp_path / "empty")
     assert code == 1 and "no published index" in out
+
+
+def test_a_model_without_weights_is_refused_before_any_work(tmp_path, collection):
+    code, out = run("index", collection, "--index-dir", tmp_path / "idx", "--model", "RN50")
+    assert code == 1 and "architecture without weights" in out and "RN50:" in out
+    assert not (tmp_path / "idx" / "builds").exists()  # no build was started

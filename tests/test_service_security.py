@@ -219,6 +219,17 @@ def test_rebuilds_need_the_admin_token_when_one_is_set(indexed, encoder, collect
             time.sleep(0.2)
 
 
+def test_a_rebuild_may_name_only_an_allowed_model_with_weights(client, small_limits, encoder, collection):
+    response = client.post("/v1/index/jobs", json={"collection": str(collection), "model": "RN50"})
+    assert response.status_code == 400 and "not allowed" in response.json()["detail"]
+    allowing = small_limits.model_copy(update={"allowed_models": ["RN50", "ViT-B-32:laion2b_s34b_b79k"]})
+    with TestClient(create_app(allowing, SearchEngine(allowing, encoder=encoder))) as other:
+        response = other.post("/v1/index/jobs", json={"collection": str(collection), "model": "RN50"})
+        assert response.status_code == 400 and "without weights" in response.json()["detail"]
+        assert other.get("/v1/index/jobs").json() == []  # no job was started
+        assert other.get("/v1/stats").json()["model"] == "crossmodal-lite"
+
+
 def test_cors_allows_the_configured_ui_origin_only(indexed, encoder):
     configured = indexed.model_copy(update={"cors_origins": ["http://ui.example:8501"]})
     with TestClient(create_app(configured, SearchEngine(configured, encoder=encoder))) as client:
