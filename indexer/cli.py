@@ -233,9 +233,10 @@ def serve(
     _quiet_model_loading()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     typer.echo(f"serving {settings.index_dir} on http://{settings.host}:{settings.port} (docs at /docs)")
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.admin_token:
+    if settings.host not in LOCAL_HOSTS and not settings.admin_token:
         typer.secho("warning: listening beyond localhost without CROSSMODAL_ADMIN_TOKEN: anyone who can reach "
                     "this port can start rebuilds. Set a token (see SECURITY.md).", fg=typer.colors.YELLOW, err=True)
+    _warn_if_exposed(settings.host, "the service", "anyone who reaches it can search")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 
@@ -254,8 +255,19 @@ def ui(
     except RuntimeError as err:
         _fail(str(err))
     typer.echo(f"UI: http://{settings.ui_host}:{settings.ui_port}  (search service: {settings.api_url})")
+    _warn_if_exposed(settings.ui_host, "the UI", "everyone who reaches it can search your photos; rebuilds "
+                     "need the admin token typed into its form when the service has one")
     raise typer.Exit(run_until_interrupted([start_ui(settings.api_url, settings.ui_host, settings.ui_port,
-                                                     settings.max_upload_bytes)]))
+                                                     settings.max_upload_bytes, settings.answered_hosts())]))
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _warn_if_exposed(host: str, what: str, consequence: str) -> None:
+    if host not in LOCAL_HOSTS:
+        typer.secho(f"warning: {what} listens beyond localhost ({host}): {consequence}. Only the host names in "
+                    "CROSSMODAL_ALLOWED_HOSTS are answered. See SECURITY.md.", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command()
@@ -271,7 +283,7 @@ def up(index_dir: IndexDir = None) -> None:
     except RuntimeError as err:
         _fail(str(err))
     service = start_service(settings.host, settings.port, index_dir)
-    interface = start_ui(api, settings.ui_host, settings.ui_port, settings.max_upload_bytes)
+    interface = start_ui(api, settings.ui_host, settings.ui_port, settings.max_upload_bytes, settings.answered_hosts())
     url = f"http://{settings.ui_host}:{settings.ui_port}"
     try:
         wait_for(f"{url}/_stcore/health", interface, timeout=60)

@@ -69,10 +69,20 @@ class Settings(BaseSettings):
     # service download and run anything open_clip can load.
     allowed_models: list[str] = []
 
+    # Host names (the Host header) the service and the UI answer to; others get 400. A web page
+    # whose name resolves to 127.0.0.1 (DNS rebinding) otherwise drives both from a browser.
+    # Add the names you reach them by when they listen beyond localhost ("*" accepts any).
+    allowed_hosts: list[str] = ["localhost", "127.0.0.1", "::1"]
+
     # UI (Streamlit): where it listens, and the search service it talks to.
     ui_host: str = "127.0.0.1"
     ui_port: int = 8501
     api_url: str = "http://127.0.0.1:8000"
+
+    def answered_hosts(self) -> list[str]:
+        """allowed_hosts, plus the addresses the service and the UI listen on (never a wildcard)."""
+        listening = [h for h in (self.host, self.ui_host) if h not in ("0.0.0.0", "::", "")]
+        return list(dict.fromkeys([*self.allowed_hosts, *listening]))
 
     def rebuild_models(self) -> list[str]:
         return [self.model, *(m for m in self.allowed_models if m != self.model)]

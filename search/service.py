@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, BinaryIO
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
@@ -127,6 +128,7 @@ def create_app(settings: Settings | None = None, engine: SearchEngine | None = N
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                        allow_headers=["*"])
     _add_body_limits(app, settings)
+    _add_host_check(app, settings.answered_hosts())
     _add_error_handlers(app)
     _add_routes(app, settings)
     return app
@@ -156,6 +158,29 @@ def _add_body_limits(app: FastAPI, settings: Settings) -> None:
         if err.status_code == 413 and err.detail == "Content Too Large":  # the streaming limit's own message
             err = StarletteHTTPException(413, _too_large(request.url.path, settings))
         return await http_exception_handler(request, err)
+
+
+def host_allowed(host: str | None, allowed: list[str]) -> bool:
+    """Whether a Host header names one of `allowed` ("*" any; "*.example.com" its subdomains); port ignored."""
+    if "*" in allowed:
+        return True
+    try:
+        name = urlsplit(f"//{host}").hostname if host else None
+    except ValueError:
+        return False
+    name = (name or "").lower().rstrip(".")
+    return bool(name) and any(name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:]))
+                              for pattern in (a.lower().rstrip(".") for a in allowed))
+
+
+def _add_host_check(app: FastAPI, allowed: list[str]) -> None:
+    @app.middleware("http")
+    async def refuse_unknown_hosts(request: Request, call_next):
+        """Against DNS rebinding: a page on evil.example that resolves to 127.0.0.1 sends Host: evil.example."""
+        if not host_allowed(request.headers.get("host"), allowed):
+            return JSONResponse({"detail": "this service does not answer to that host name; add it to "
+                                           "CROSSMODAL_ALLOWED_HOSTS"}, status_code=400)
+        return await call_next(request)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

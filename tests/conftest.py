@@ -50,7 +50,9 @@ def collection(tmp_path, sample_source) -> Path:
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
-    return Settings(index_dir=tmp_path / "index", device="cpu")
+    # FastAPI's TestClient sends `Host: testserver`.
+    return Settings(index_dir=tmp_path / "index", device="cpu",
+                    allowed_hosts=[*Settings().allowed_hosts, "testserver"])
 
 
 def solid_image(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> Image.Image:

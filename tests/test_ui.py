@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -12,7 +13,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from indexer.settings import get_settings
-from tests.conftest import free_port, solid_image
+from search.engine import SearchEngine
+from search.service import create_app
+from tests.conftest import free_port, serving, solid_image
 
 APP = Path(__file__).resolve().parents[1] / "ui" / "app.py"
 
@@ -29,8 +32,13 @@ def app_for(monkeypatch):
     get_settings.cache_clear()
 
 
+def shown(markdown: str) -> str:
+    """Markdown source as the reader sees it: the app escapes every special character of its data."""
+    return re.sub(r"\\(.)", r"\1", markdown)
+
+
 def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
+    return "\n".join(shown(str(e.value)) for e in elements)
 
 
 def test_text_search_grid_open_similar_and_more(app_for, live_server):
@@ -47,11 +55,11 @@ def test_text_search_grid_open_similar_and_more(app_for, live_server):
 
     camera_id = next(int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("text-open-"))
     at.button(key=f"text-open-{camera_id}").click().run()
-    assert at.subheader[0].value == "camera.png"  # the opened result, large, with its captions
+    assert shown(at.subheader[0].value) == "camera.png"  # the opened result, large, with its captions
     assert any("photographer" in m.value for m in at.markdown)
 
     at.button(key="detail-similar").click().run()
-    assert at.subheader[1].value == "Images similar to camera.png"
+    assert shown(at.subheader[1].value) == "Images similar to camera.png"
     similar_keys = [b.key for b in at.button if b.key and b.key.startswith("similar-open-")]
     assert len(similar_keys) == 12 and f"similar-open-{camera_id}" not in similar_keys
 
@@ -73,7 +81,7 @@ def test_upload_an_image_to_get_its_captions_and_similar_images(app_for, live_se
     at.file_uploader(key="upload").set_value(("camera.png", (collection / "camera.png").read_bytes(),
                                               "image/png")).run()
     assert not at.exception and not at.error
-    ranked = [m.value for m in at.markdown if m.value.startswith(("1. ", "2. "))]
+    ranked = [shown(m.value) for m in at.markdown if shown(m.value).startswith(("1. ", "2. "))]
     assert "camera" in ranked[0]
     assert "camera.png" in texts(at.caption)
     assert "Most similar images" in [s.value for s in at.subheader]
@@ -95,7 +103,7 @@ def test_describe_an_indexed_image_from_its_result(app_for, live_server):
     at.button(key=f"text-open-{horse_id}").click().run()
     at.button(key="detail-describe").click().run()
     assert at.radio(key="view").value == "Image → captions" and at.header[0].value == "Find captions for an image"
-    first = next(m.value for m in at.markdown if m.value.startswith("1. "))
+    first = next(shown(m.value) for m in at.markdown if shown(m.value).startswith("1. "))
     assert "horse" in first
 
 
@@ -138,6 +146,38 @@ def test_second_rebuild_from_the_form_is_explained(app_for, live_server, collect
         deadline = time.time() + 180
         while http.get(f"/v1/index/jobs/{job['id']}").json()["state"] == "running" and time.time() < deadline:
             time.sleep(0.5)
+
+
+def test_rebuilds_from_the_ui_need_the_token_its_user_types(app_for, indexed, encoder, collection, monkeypatch):
+    """The UI holds no admin token: one in its environment is never sent for a user."""
+    guarded = indexed.model_copy(update={"admin_token": "t0ken-for-admins"})
+    auth = {"Authorization": "Bearer t0ken-for-admins"}
+    with serving(create_app(guarded, SearchEngine(guarded, encoder=encoder))) as base:
+        monkeypatch.setenv("CROSSMODAL_ADMIN_TOKEN", "t0ken-for-admins")
+        at = app_for(base).run()
+        at.radio(key="view").set_value("Index").run()
+        at.button[-1].click().run()  # "Rebuild index" with no token typed
+        assert not at.exception and "needs its admin token" in texts(at.error)
+        assert httpx.get(f"{base}/v1/index/jobs", headers=auth).json() == []
+
+        at.text_input(key="admin_token").input("t0ken-for-admins")
+        at.button[-1].click().run()
+        assert not at.exception and not at.error
+        jobs = httpx.get(f"{base}/v1/index/jobs", headers=auth).json()
+        assert len(jobs) == 1
+        deadline = time.time() + 120
+        while httpx.get(f"{base}/v1/index/jobs/{jobs[0]['id']}", headers=auth).json()["state"] in (
+                "queued", "running") and time.time() < deadline:
+            time.sleep(0.3)
+
+
+def test_every_markdown_character_of_data_is_escaped_and_nothing_is_lost():
+    from ui.app import plain
+
+    hostile = "![x](http://127.0.0.1:9/pixel.png) $x^2$ :red[alarm] **bold** <b>tag</b> `tick`"
+    escaped = plain(hostile)
+    assert all(f"\\{ch}" in escaped for ch in "![]()$:*<>`")
+    assert escaped.replace("\\", "") == hostile  # nothing lost: Markdown drops the backslashes
 
 
 def test_service_down_or_without_index_is_explained(app_for, settings):

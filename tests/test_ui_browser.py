@@ -43,12 +43,23 @@ def browser():
         browser.close()
 
 
+HOSTILE_CAPTION = "![x](http://127.0.0.1:9/pixel.png) a horse $x^2$ :red[alarm] **bold**"
+
+
+@pytest.fixture
+def collection(collection):
+    """The sample collection, one of whose captions is Markdown an attacker wrote."""
+    with open(collection / "captions.tsv", "a") as captions:
+        captions.write(f"horse.png\t{HOSTILE_CAPTION}\n")
+    return collection
+
+
 @pytest.fixture
 def ui_url(live_server, indexed):
     from ui.launch import start_ui
 
     port = free_port()
-    process = start_ui(live_server, "127.0.0.1", port, indexed.max_upload_bytes)
+    process = start_ui(live_server, "127.0.0.1", port, indexed.max_upload_bytes, indexed.answered_hosts())
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_answers(f"{url}/_stcore/health", timeout=90)
@@ -103,7 +114,46 @@ def test_three_flows_in_a_real_browser(browser, ui_url, collection):
     # Index: stats, a rebuild from the form, its result.
     page.get_by_text("Index", exact=True).click()
     page.get_by_role("button", name="Rebuild index").click()
-    page.get_by_text("published: 18 images, 22 captions").wait_for()
+    page.get_by_text("published: 18 images, 23 captions").wait_for()
     expect(page.get_by_text("No files were skipped.")).to_be_visible()
     shot(page, "index-rebuilt")
     page.close()
+
+
+def test_captions_are_shown_as_text_not_rendered_as_markdown(browser, ui_url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(ui_url)
+    page.get_by_text("Service ready").wait_for()
+    query = page.get_by_label("Query")
+    query.fill("a black horse silhouette")
+    query.press("Enter")
+    page.get_by_text("images for").wait_for()
+    page.locator("[class*=st-key-text-open] button").first.click()
+    page.get_by_role("button", name="Describe it (captions)").wait_for()  # the opened result's panel
+    page.get_by_text(HOSTILE_CAPTION).wait_for()  # shown literally, every character of it
+    shot(page, "hostile-caption")
+    assert not [url for url in requested if "pixel.png" in url]
+    assert page.locator("img[src*='pixel.png'], .katex, strong:has-text('bold')").count() == 0
+    page.close()
+
+
+def test_a_dns_rebinding_page_gets_neither_the_ui_nor_the_api(browser, ui_url, live_server):
+    """A page on another name that resolves to 127.0.0.1: Chromium maps the name, as a rebinding DNS would."""
+    ui_port, api_port = ui_url.rsplit(":", 1)[1], live_server.rsplit(":", 1)[1]
+    rebinding = browser.browser_type.launch(executable_path=find_browser(), args=[
+        *CHROMIUM_ARGS, "--host-resolver-rules=MAP rebind.example 127.0.0.1"])
+    try:
+        page = rebinding.new_page()
+        api = page.goto(f"http://rebind.example:{api_port}/v1/stats")
+        assert api.status == 400 and "CROSSMODAL_ALLOWED_HOSTS" in page.content()
+        page.goto(f"http://rebind.example:{ui_port}")
+        page.wait_for_timeout(8_000)  # Streamlit's page loads; its session (WebSocket) is refused
+        assert page.get_by_text("Service ready").count() == 0
+        assert page.get_by_role("button", name="Rebuild index").count() == 0
+        page.goto(ui_url)  # the same browser on the real name works
+        page.get_by_text("Service ready").wait_for(timeout=60_000)
+    finally:
+        rebinding.close()

@@ -5,6 +5,7 @@ or an index. Run it with `crossmodal ui` (or `crossmodal up` for service + UI).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import datetime
 
@@ -24,20 +25,20 @@ EXAMPLES = ("a dog running on the grass", "a man with a camera", "a horse", "a c
 # -- service access (cached per API URL) -------------------------------------------------------
 
 @st.cache_resource(show_spinner=False)
-def _client(api_url: str, admin_token: str) -> SearchClient:
-    return SearchClient(api_url, admin_token)
+def _client(api_url: str) -> SearchClient:
+    return SearchClient(api_url)
 
 
 def client() -> SearchClient:
     settings = get_settings()
-    return _client(settings.api_url, settings.admin_token)
+    return _client(settings.api_url)
 
 
 @st.cache_data(ttl=3600, max_entries=4096, show_spinner=False)
 def thumbnail(api_url: str, image_id: int) -> bytes | None:
     """Row ids are immutable (a changed file gets a new id), so caching by id is safe."""
     try:
-        return _client(api_url, get_settings().admin_token).thumbnail(image_id)
+        return _client(api_url).thumbnail(image_id)
     except ServiceError:
         return None
 
@@ -57,9 +58,9 @@ def guarded(action: Callable, *args, **kwargs):
     try:
         return action(*args, **kwargs)
     except ServiceNotReady as err:
-        st.info(f"The search service is not ready: {err}")
+        st.info(f"The search service is not ready: {plain(str(err))}")
     except Rejected as err:
-        st.error(f"The service refused this request: {err}")
+        st.error(f"The service refused this request: {plain(str(err))}")
     except ServiceError as err:  # down, or a server error
         st.error(str(err))
     return None
@@ -74,9 +75,9 @@ def image_grid(hits: list[schemas.ImageResult], key: str) -> None:
         for column, hit in zip(columns, hits[row_start:row_start + GRID_COLUMNS]):
             with column, st.container(border=True):
                 show_thumbnail(hit.id)
-                st.markdown(f"**{hit.score:.3f}** · `{hit.path}`")
+                st.markdown(f"**{hit.score:.3f}** · {code(hit.path)}")
                 if hit.captions:
-                    st.caption(hit.captions[0])
+                    st.caption(plain(hit.captions[0]))
                 left, right = st.columns(2)
                 left.button("Open", key=f"{key}-open-{hit.id}", on_click=_set, args=("selected", hit.id),
                             width="stretch")
@@ -89,8 +90,26 @@ def caption_list(hits: list[schemas.CaptionResult]) -> None:
         thumb, text = st.columns([1, 5], vertical_alignment="center")
         with thumb:
             show_thumbnail(hit.image_id, width=96)
-        text.markdown(f"{rank}. **{hit.score:.3f}** · {hit.text}")
-        text.caption(f"image `{hit.image_path}` (id {hit.image_id})")
+        text.markdown(f"{rank}\\. **{hit.score:.3f}** · {plain(hit.text)}")
+        text.caption(f"image {code(hit.image_path)} (id {hit.image_id})")
+
+
+MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|$:<>~&=^])")
+
+
+def plain(text: str) -> str:
+    """Text from the collection or the service, shown as itself inside Markdown.
+
+    Streamlit renders Markdown everywhere: a caption `![](http://elsewhere/pixel.png)` made
+    the browser fetch it, `$x$` became maths and `:red[...]` styling. Every Markdown, math
+    and directive character is backslash-escaped; line breaks become spaces.
+    """
+    return MARKDOWN_SPECIALS.sub(r"\\\1", " ".join(text.split()))
+
+
+def code(text: str) -> str:
+    """A path in a code span (literal there), or escaped where a backtick would end the span."""
+    return f"`{text}`" if "`" not in text and "\n" not in text else plain(text)
 
 
 def _set(key: str, value) -> None:
@@ -117,10 +136,10 @@ def detail_panel(api: SearchClient) -> None:
         data = guarded(api.image_file, image_id)
         if data is not None:
             picture.image(data, width="stretch")
-        info.subheader(detail.path)
+        info.subheader(plain(detail.path))
         info.caption(f"id {detail.id} · {detail.width}×{detail.height} px · {detail.bytes:,} bytes")
         for caption in detail.captions:
-            info.markdown(f"- {caption.text}")
+            info.markdown(f"- {plain(caption.text)}")
         if not detail.captions:
             info.caption("No captions for this image.")
         info.button("Similar images", key="detail-similar", on_click=_set, args=("similar_to", image_id))
@@ -156,9 +175,9 @@ def text_results(api: SearchClient, query: str, page_size: int) -> None:
         st.session_state.text_results = state
     hits = state["hits"]
     if not hits:
-        st.warning(f"No images match “{query}”: the index is empty. Build one in the Index view.")
+        st.warning(f"No images match “{plain(query)}”: the index is empty. Build one in the Index view.")
         return
-    st.caption(f"{len(hits)} images for “{query}” · {state['took_ms']:.0f} ms")
+    st.caption(f"{len(hits)} images for “{plain(query)}” · {state['took_ms']:.0f} ms")
     image_grid(hits, "text")
     if not state["exhausted"] and len(hits) <= get_settings().max_offset:
         st.button("More results", key="more", on_click=_more_text, args=(api,))
@@ -176,7 +195,7 @@ def similar_results(api: SearchClient, image_id: int, page_size: int) -> None:
     detail = guarded(api.image, image_id)
     title = detail.path if detail else f"image {image_id}"
     header, back = st.columns([4, 1], vertical_alignment="bottom")
-    header.subheader(f"Images similar to {title}")
+    header.subheader(f"Images similar to {plain(title)}")
     back.button("Back to text search", key="similar-back", on_click=_set, args=("similar_to", None))
     response = guarded(api.similar_images, image_id, page_size)
     if response is not None:
@@ -225,7 +244,7 @@ def index_view(api: SearchClient) -> None:
     try:
         stats = api.stats()
     except ServiceNotReady as err:
-        st.info(f"Nothing is served yet: {err}")
+        st.info(f"Nothing is served yet: {plain(str(err))}")
     except ServiceError as err:
         st.error(str(err))
     if stats is not None:
@@ -243,8 +262,8 @@ def show_stats(stats: schemas.Stats) -> None:
     columns[2].metric("Build", stats.build_id)
     columns[3].metric("Dimensions", stats.dim)
     built = stats.built_at.strftime("%Y-%m-%d %H:%M:%S UTC") if isinstance(stats.built_at, datetime) else "unknown"
-    st.markdown(f"Model **{stats.model}** · image index `{stats.image_index_type}` · caption index "
-                f"`{stats.caption_index_type}` · built {built}  \nCollection `{stats.collection_root}`")
+    st.markdown(f"Model **{plain(stats.model)}** · image index {code(stats.image_index_type)} · caption index "
+                f"{code(stats.caption_index_type)} · built {built}  \nCollection {code(stats.collection_root)}")
 
 
 def rebuild_form(api: SearchClient, stats: schemas.Stats | None) -> None:
@@ -254,6 +273,9 @@ def rebuild_form(api: SearchClient, stats: schemas.Stats | None) -> None:
                                    key="rebuild_collection")
         captions = st.text_input("Captions file (optional: TSV, CSV or JSONL; default: captions.* in the folder)",
                                  key="rebuild_captions")
+        st.text_input("Admin token", type="password", key="admin_token",
+                      help="The service's CROSSMODAL_ADMIN_TOKEN, when it has one. The UI holds no token of its "
+                           "own: it sends yours for this browser session only.")
         submitted = st.form_submit_button("Rebuild index")
     if not submitted:
         return
@@ -261,25 +283,33 @@ def rebuild_form(api: SearchClient, stats: schemas.Stats | None) -> None:
         st.error("Name the collection folder to index.")
         return
     try:
-        job = api.start_rebuild(collection.strip(), captions.strip() or None)
+        job = api.start_rebuild(collection.strip(), captions.strip() or None, token=_token())
     except RebuildRunning as err:
-        st.warning(f"{err}. Its progress is shown below.")
+        st.warning(f"{plain(str(err))}. Its progress is shown below.")
         return
     except ServiceError as err:
-        st.error(f"The rebuild could not start: {err}")
+        if err.status == 401:
+            st.error("This service needs its admin token for rebuilds: enter it in the form above.")
+        else:
+            st.error(f"The rebuild could not start: {plain(str(err))}")
         return
     st.session_state.job_id = job.id
 
 
+def _token() -> str:
+    """The admin token the user typed in this browser session (empty: none)."""
+    return st.session_state.get("admin_token", "").strip()
+
+
 def _running_job_id(api: SearchClient) -> str | None:
     try:
-        return next((j.id for j in api.jobs() if j.state in ("queued", "running")), None)
+        return next((j.id for j in api.jobs(_token()) if j.state in ("queued", "running")), None)
     except ServiceError:
         return None
 
 
 def job_panel(api: SearchClient, job_id: str) -> None:
-    job = guarded(api.job, job_id)
+    job = guarded(api.job, job_id, _token())
     if job is None:
         st.session_state.job_id = None
     elif job.state in ("queued", "running"):
@@ -291,7 +321,7 @@ def job_panel(api: SearchClient, job_id: str) -> None:
 @st.fragment(run_every=1.0)
 def live_job(api: SearchClient, job_id: str) -> None:
     """Polls the job endpoint every second; when the job ends, the whole page reloads its stats."""
-    job = guarded(api.job, job_id)
+    job = guarded(api.job, job_id, _token())
     if job is None:
         return
     show_job(job)
@@ -301,7 +331,7 @@ def live_job(api: SearchClient, job_id: str) -> None:
 
 def show_job(job: schemas.Job) -> None:
     st.subheader(f"Rebuild {job.id}")
-    st.caption(f"`{job.collection}`" + (f" with captions `{job.captions}`" if job.captions else ""))
+    st.caption(code(job.collection) + (f" with captions {code(job.captions)}" if job.captions else ""))
     if job.state in ("queued", "running"):
         progress = job.progress
         if progress is None or not progress.total:
@@ -314,7 +344,7 @@ def show_job(job: schemas.Job) -> None:
     elif job.state == "done":
         st.success(f"Build {job.build_id} published: {job.images:,} images, {job.captions_indexed:,} captions.")
     else:
-        st.error(f"The rebuild failed: {job.error}")
+        st.error(f"The rebuild failed: {plain(job.error or '')}")
     for title, items in (("Skipped files", job.skipped), ("Bad caption rows", job.bad_caption_rows)):
         if items:
             st.markdown(f"**{title}: {len(items)}**")
@@ -346,7 +376,7 @@ def sidebar(api: SearchClient) -> tuple[str, bool]:
         if ready.ready:
             st.success("Service ready")
         else:
-            st.warning(f"Service not ready: {ready.reason}")
+            st.warning(f"Service not ready: {plain(ready.reason or '')}")
             wait_until_ready(api)
         st.caption(f"API `{api.api_url}`")
         return view, ready.ready

@@ -47,10 +47,9 @@ class Upload:
 
 
 class SearchClient:
-    def __init__(self, api_url: str, admin_token: str = "", timeout: float = 30.0):
+    def __init__(self, api_url: str, timeout: float = 30.0):
         self.api_url = api_url.rstrip("/")
-        headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
-        self._http = httpx.Client(base_url=self.api_url, timeout=timeout, headers=headers)
+        self._http = httpx.Client(base_url=self.api_url, timeout=timeout)
 
     def close(self) -> None:
         self._http.close()
@@ -125,15 +124,23 @@ class SearchClient:
 
     # -- rebuilds ----------------------------------------------------------------------------
 
-    def start_rebuild(self, collection: str, captions: str | None = None) -> schemas.Job:
+    # The admin token is the caller's, per call: a UI shared by many browsers must not hold
+    # one itself, or everyone who reaches the UI could rebuild over any folder on the server.
+
+    def start_rebuild(self, collection: str, captions: str | None = None, token: str = "") -> schemas.Job:
         body = schemas.JobRequest(collection=collection, captions=captions or None)
-        return self._json("POST", "/v1/index/jobs", schemas.Job, json=body.model_dump(exclude_none=True))
+        return self._json("POST", "/v1/index/jobs", schemas.Job, json=body.model_dump(exclude_none=True),
+                          headers=_bearer(token))
 
-    def job(self, job_id: str) -> schemas.Job:
-        return self._json("GET", f"/v1/index/jobs/{job_id}", schemas.Job)
+    def job(self, job_id: str, token: str = "") -> schemas.Job:
+        return self._json("GET", f"/v1/index/jobs/{job_id}", schemas.Job, headers=_bearer(token))
 
-    def jobs(self) -> list[schemas.Job]:
-        return self._json("GET", "/v1/index/jobs", list[schemas.Job])
+    def jobs(self, token: str = "") -> list[schemas.Job]:
+        return self._json("GET", "/v1/index/jobs", list[schemas.Job], headers=_bearer(token))
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def _detail(response: httpx.Response) -> str:

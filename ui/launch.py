@@ -19,17 +19,20 @@ import httpx
 APP_FILE = Path(__file__).resolve().parent / "app.py"
 
 
-def streamlit_command(host: str, port: int, max_upload_bytes: int) -> list[str]:
+def streamlit_command(host: str, port: int, max_upload_bytes: int, allowed_hosts: list[str]) -> list[str]:
+    """`streamlit run` for the app; Streamlit itself refuses WebSocket sessions (the whole app)
+    whose Host header is not allowed, which stops DNS-rebinding pages."""
+    hosts = [flag for name in allowed_hosts for flag in ("--server.allowedHosts", name)]
     return [sys.executable, "-m", "streamlit", "run", str(APP_FILE),
             "--server.address", host, "--server.port", str(port), "--server.headless", "true",
             "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
             "--server.maxUploadSize", str(max(1, math.ceil(max_upload_bytes / 2**20))),
-            "--client.toolbarMode", "minimal"]
+            "--client.toolbarMode", "minimal", *hosts]
 
 
-def start_ui(api_url: str, host: str, port: int, max_upload_bytes: int) -> subprocess.Popen:
+def start_ui(api_url: str, host: str, port: int, max_upload_bytes: int, allowed_hosts: list[str]) -> subprocess.Popen:
     env = {**os.environ, "CROSSMODAL_API_URL": api_url}
-    return subprocess.Popen(streamlit_command(host, port, max_upload_bytes), env=env)
+    return subprocess.Popen(streamlit_command(host, port, max_upload_bytes, allowed_hosts), env=env)
 
 
 def start_service(host: str, port: int, index_dir: Path | None) -> subprocess.Popen:
