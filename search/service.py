@@ -164,13 +164,18 @@ def host_allowed(host: str | None, allowed: list[str]) -> bool:
     """Whether a Host header names one of `allowed` ("*" any; "*.example.com" its subdomains); port ignored."""
     if "*" in allowed:
         return True
+    if not host:
+        return False
     try:
-        name = urlsplit(f"//{host}").hostname if host else None
+        parts = urlsplit(f"//{host}")
+        _ = parts.port  # raises on a malformed port
     except ValueError:
         return False
-    name = (name or "").lower().rstrip(".")
-    return bool(name) and any(name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:]))
-                              for pattern in (a.lower().rstrip(".") for a in allowed))
+    if parts.username or parts.password or parts.path or not parts.hostname:
+        return False
+    name = parts.hostname.lower().rstrip(".")
+    return any(name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:]))
+               for pattern in (a.lower().rstrip(".") for a in allowed))
 
 
 def _add_host_check(app: FastAPI, allowed: list[str]) -> None:

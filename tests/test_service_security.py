@@ -47,7 +47,7 @@ def test_oversized_upload_is_refused_while_streaming_not_after(indexed, encoder)
         port = int(base.rsplit(":", 1)[1])
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-                conn.sendall(b"POST /v1/images/search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                conn.sendall(b"POST /v1/images/search HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
                              b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
                 head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n\r\n'
                 conn.sendall(b"%x\r\n%s\r\n" % (len(head), head))
@@ -228,6 +228,15 @@ def test_a_rebuild_may_name_only_an_allowed_model_with_weights(client, small_lim
         assert response.status_code == 400 and "without weights" in response.json()["detail"]
         assert other.get("/v1/index/jobs").json() == []  # no job was started
         assert other.get("/v1/stats").json()["model"] == "crossmodal-lite"
+
+
+def test_only_allowed_host_names_are_answered(client):
+    """DNS rebinding: a page on rebind.example resolved to 127.0.0.1 sends its own name as Host."""
+    assert client.get("/health", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+    assert client.get("/health", headers={"Host": "localhost"}).status_code == 200
+    for host in ("rebind.example", "rebind.example:8000", "127.0.0.1.rebind.example", "user@127.0.0.1", ""):
+        response = client.get("/v1/stats", headers={"Host": host})
+        assert response.status_code == 400 and "CROSSMODAL_ALLOWED_HOSTS" in response.json()["detail"], host
 
 
 def test_cors_allows_the_configured_ui_origin_only(indexed, encoder):
