@@ -227,6 +227,7 @@ def serve(
     import uvicorn
 
     from indexer.encoder import _quiet_model_loading
+    from search.server import raise_open_file_limit, server_config
     from search.service import create_app
 
     settings = _settings(index_dir=index_dir, host=host, port=port)
@@ -237,7 +238,8 @@ def serve(
         typer.secho("warning: listening beyond localhost without CROSSMODAL_ADMIN_TOKEN: anyone who can reach "
                     "this port can start rebuilds. Set a token (see SECURITY.md).", fg=typer.colors.YELLOW, err=True)
     _warn_if_exposed(settings.host, "the service", "anyone who reaches it can search")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    raise_open_file_limit()
+    uvicorn.Server(server_config(create_app(settings), settings)).run()
 
 
 @app.command()

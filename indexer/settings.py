@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     # Search service.
     host: str = "127.0.0.1"
     port: int = 8000
+    # Connections: seconds for a client to send a request's headers (also idle, before its first
+    # request or after a response) and its body; at most this many open at once (then 503).
+    request_head_timeout: float = 10.0
+    request_body_timeout: float = 60.0
+    max_connections: int = 512
     max_upload_bytes: int = 20 * 1024 * 1024
     # Pixels an upload may decode to (after a JPEG's reduced-scale decoding): bounds its memory.
     max_upload_pixels: int = 16_000_000

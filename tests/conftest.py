@@ -19,6 +19,7 @@ from indexer.encoder import Encoder, load_encoder
 from indexer.sample_collection import write_sample_collection
 from indexer.settings import Settings
 from search.engine import SearchEngine
+from search.server import server_config
 from search.service import create_app
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "flickr8k"
@@ -96,7 +97,7 @@ def wait_until_answers(url: str, timeout: float = 60.0) -> None:
 def serving(app) -> Iterator[str]:
     """The app under a real uvicorn on 127.0.0.1 (a thread), until the block ends; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(app, app.state.service.settings, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
