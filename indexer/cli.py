@@ -28,8 +28,19 @@ def _settings(**overrides) -> Settings:
     return get_settings().model_copy(update=updates)
 
 
+def shown(text: str) -> str:
+    """Text for a terminal: control and format characters (escape sequences a file name can
+    carry, bidirectional overrides) written as Python escapes, never sent raw."""
+    return "".join(ch if ch.isprintable() or ch in " \n" else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
+
+
+def _echo(text: str) -> None:
+    typer.echo(shown(text))
+
+
 def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {shown(message)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
@@ -86,20 +97,20 @@ def index(
     if report.model_changed:
         typer.secho(f"model changed from {report.previous_model} to {report.model}: everything was re-embedded",
                     fg=typer.colors.YELLOW)
-    typer.echo(f"build {report.build_id} published to {settings.index_dir}")
-    typer.echo(f"  images:   {report.n_images} ({report.n_embedded} embedded, {report.n_reused} reused, "
+    _echo(f"build {report.build_id} published to {settings.index_dir}")
+    _echo(f"  images:   {report.n_images} ({report.n_embedded} embedded, {report.n_reused} reused, "
                f"{report.n_removed} removed), index {report.image_index_type}")
-    typer.echo(f"  captions: {report.n_captions}, index {report.caption_index_type}")
-    typer.echo(f"  time:     {report.seconds:.1f} s ({report.images_per_second:.1f} images/s)")
+    _echo(f"  captions: {report.n_captions}, index {report.caption_index_type}")
+    _echo(f"  time:     {report.seconds:.1f} s ({report.images_per_second:.1f} images/s)")
     if report.captions_for_unknown_images:
-        typer.echo(f"  captions naming images not in the collection: {report.captions_for_unknown_images}")
+        _echo(f"  captions naming images not in the collection: {report.captions_for_unknown_images}")
     for title, items in (("skipped files", report.skipped), ("bad caption rows", report.bad_caption_rows)):
         if items:
             typer.secho(f"  {title}: {len(items)}", fg=typer.colors.YELLOW)
             for item in items[:20]:
-                typer.echo(f"    {item.path}: {item.reason}")
+                _echo(f"    {item.path}: {item.reason}")
             if len(items) > 20:
-                typer.echo(f"    ... and {len(items) - 20} more (see --json)")
+                _echo(f"    ... and {len(items) - 20} more (see --json)")
 
 
 @app.command()
@@ -114,12 +125,16 @@ def search(
     """Search the published index with TEXT or --image FILE."""
     from indexer.collection import BadImage, decode_reduced
     from search.engine import NoIndex, SearchEngine
+    from search.queries import InvalidQuery, clean_query
 
     if (text is None) == (image is None):
         _fail("give either a TEXT query or --image FILE", code=2)
-    if text is not None and not text.strip():
-        _fail("the text query is empty", code=2)
     settings = _settings(index_dir=index_dir)
+    if text is not None:
+        try:
+            text = clean_query(text, settings.max_query_chars)
+        except InvalidQuery as err:
+            _fail(str(err), code=2)
     try:
         engine = SearchEngine(settings)
         if text is not None:
@@ -141,12 +156,12 @@ def search(
     if result["captions"]:
         typer.secho("captions", bold=True)
         for rank, hit in enumerate(result["captions"], 1):
-            typer.echo(f"{rank:>3}. {hit.score:.3f}  {hit.text}  [{hit.image_path}]")
+            _echo(f"{rank:>3}. {hit.score:.3f}  {hit.text}  [{hit.image_path}]")
     if result["images"]:
         typer.secho("images", bold=True)
         for rank, hit in enumerate(result["images"], 1):
             caption = f"  \"{hit.captions[0]}\"" if hit.captions else ""
-            typer.echo(f"{rank:>3}. {hit.score:.3f}  {root / hit.path}{caption}")
+            _echo(f"{rank:>3}. {hit.score:.3f}  {root / hit.path}{caption}")
     if not result["images"] and not result["captions"]:
         typer.echo("no results: the index is empty")
 
@@ -164,8 +179,8 @@ def evaluate(index_dir: IndexDir = None, json_out: JsonOut = False) -> None:
     if json_out:
         typer.echo(json.dumps(result, indent=2))
         return
-    typer.echo(f"model {result['model']}, {result['n_images']} images, {result['n_captions']} captions")
-    typer.echo(format_table(result["recall"]))
+    _echo(f"model {result['model']}, {result['n_images']} images, {result['n_captions']} captions")
+    _echo(format_table(result["recall"]))
 
 
 @app.command()
@@ -178,9 +193,9 @@ def check(index_dir: IndexDir = None, json_out: JsonOut = False) -> None:
         typer.echo(json.dumps({"ok": report.ok, **report.__dict__}, indent=2))
     else:
         for warning in report.warnings:
-            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW)
+            typer.secho(f"warning: {shown(warning)}", fg=typer.colors.YELLOW)
         for problem in report.problems:
-            typer.secho(f"problem: {problem}", fg=typer.colors.RED)
+            typer.secho(f"problem: {shown(problem)}", fg=typer.colors.RED)
         if report.ok:
             typer.secho(f"ok: build {report.build_id}, {report.counts.get('images', 0)} images and "
                         f"{report.counts.get('captions', 0)} captions agree across index, embeddings and database",
@@ -209,12 +224,12 @@ def train(
     _quiet_model_loading()
     report = run_training(data, cache_dir, [int(s) for s in seeds.split(",")], TrainConfig(epochs=epochs),
                           pick_device(device or get_settings().device))
-    typer.echo(f"zero-shot label-bridged baseline:\n{format_table(report['label_bridged_baseline'])}")
+    _echo(f"zero-shot label-bridged baseline:\n{format_table(report['label_bridged_baseline'])}")
     for run in report["runs"]:
-        typer.echo(f"seed {run['seed']} ({run['seconds']:.0f} s), without hubness correction:\n"
+        _echo(f"seed {run['seed']} ({run['seconds']:.0f} s), without hubness correction:\n"
                    f"{format_table(run['dev_without_hubness'])}\n"
                    f"with hubness correction {run['hubness']}:\n{format_table(run['dev'])}")
-    typer.echo(f"saved {', '.join(report['saved'])} ({report['saved_bytes']} bytes)")
+    _echo(f"saved {', '.join(report['saved'])} ({report['saved_bytes']} bytes)")
 
 
 @app.command()
@@ -233,7 +248,7 @@ def serve(
     settings = _settings(index_dir=index_dir, host=host, port=port)
     _quiet_model_loading()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    typer.echo(f"serving {settings.index_dir} on http://{settings.host}:{settings.port} (docs at /docs)")
+    _echo(f"serving {settings.index_dir} on http://{settings.host}:{settings.port} (docs at /docs)")
     if settings.host not in LOCAL_HOSTS and not settings.admin_token:
         typer.secho("warning: listening beyond localhost without CROSSMODAL_ADMIN_TOKEN: anyone who can reach "
                     "this port can start rebuilds. Set a token (see SECURITY.md).", fg=typer.colors.YELLOW, err=True)
@@ -256,7 +271,7 @@ def ui(
         check_port_free(settings.ui_host, settings.ui_port)
     except RuntimeError as err:
         _fail(str(err))
-    typer.echo(f"UI: http://{settings.ui_host}:{settings.ui_port}  (search service: {settings.api_url})")
+    _echo(f"UI: http://{settings.ui_host}:{settings.ui_port}  (search service: {settings.api_url})")
     _warn_if_exposed(settings.ui_host, "the UI", "everyone who reaches it can search your photos; rebuilds "
                      "need the admin token typed into its form when the service has one")
     raise typer.Exit(run_until_interrupted([start_ui(settings.api_url, settings.ui_host, settings.ui_port,
@@ -303,7 +318,7 @@ def demo_data(dest: Annotated[Path, typer.Argument(help="Folder to write the sam
     """Write the sample collection (scikit-image's photos with our captions) to DEST."""
     from indexer.sample_collection import write_sample_collection
 
-    typer.echo(f"sample collection written to {write_sample_collection(dest)}")
+    _echo(f"sample collection written to {write_sample_collection(dest)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import os
 import secrets
 import tempfile
 import time
-import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -33,6 +32,7 @@ from indexer.settings import Settings, get_settings
 from search import schemas
 from search.engine import CaptionHit, ImageHit, NoIndex, NotFound, SearchEngine
 from search.jobs import JobConflict, JobManager
+from search.queries import InvalidQuery, clean_query
 
 UPLOAD_PATHS = ("/v1/images/search", "/v1/captions/search")
 JSON_BODY_LIMIT = 64 * 1024  # the only JSON body is a rebuild request
@@ -129,6 +129,7 @@ def create_app(settings: Settings | None = None, engine: SearchEngine | None = N
                        allow_headers=["*"])
     _add_body_limits(app, settings)
     _add_host_check(app, settings.answered_hosts())
+    app.add_middleware(HeadAsGet)
     _add_error_handlers(app)
     _add_routes(app, settings)
     return app
@@ -201,13 +202,24 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def _text_query(max_chars: int):
     async def query(q: Annotated[str, Query(description="Text query.", max_length=max_chars)]) -> str:
-        text = q.strip()
-        if not text:
-            raise HTTPException(422, "the query is empty")
-        if any(unicodedata.category(ch) == "Cc" and ch not in "\t\n" for ch in text):
-            raise HTTPException(422, "the query contains control characters")
-        return text
+        try:
+            return clean_query(q, max_chars)
+        except InvalidQuery as err:
+            raise HTTPException(422, str(err)) from err
     return query
+
+
+class HeadAsGet:
+    """HEAD answered as GET (FastAPI routes declare GET only, so HEAD got 405); uvicorn sends
+    the headers, Content-Length included, and drops the body of a HEAD response itself."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
 
 
 async def _uploaded_image(file: UploadFile, service: Service) -> Image.Image:

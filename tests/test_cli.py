@@ -58,3 +58,18 @@ def test_a_model_without_weights_is_refused_before_any_work(tmp_path, collection
     code, out = run("index", collection, "--index-dir", tmp_path / "idx", "--model", "RN50")
     assert code == 1 and "architecture without weights" in out and "RN50:" in out
     assert not (tmp_path / "idx" / "builds").exists()  # no build was started
+
+
+def test_file_names_never_reach_the_terminal_as_escape_sequences(tmp_path, collection):
+    (collection / "generated" / "red.png").rename(collection / "evil\x1b[2J\x1b]0;pwned\x07.png")
+    index_dir = tmp_path / "idx"
+    code, out = run("index", collection, "--index-dir", index_dir)
+    assert code == 0, out
+    code, out = run("search", "a red square", "-k", "18", "--index-dir", index_dir)
+    assert code == 0 and "\x1b" not in out and "\x07" not in out
+    assert "evil\\x1b[2J\\x1b]0;pwned\\x07.png" in out  # shown, escaped
+
+
+def test_a_query_of_invisible_characters_is_refused(tmp_path):
+    code, out = run("search", "\u200b\u200d \u2060", "--index-dir", tmp_path / "empty")
+    assert code == 2 and "no visible characters" in out

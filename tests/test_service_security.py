@@ -90,7 +90,8 @@ def valid_query(q: str) -> bool:
     import unicodedata
     text = q.strip()
     return bool(text) and len(q) <= 500 and not any(
-        unicodedata.category(ch) == "Cc" and ch not in "\t\n" for ch in text)
+        unicodedata.category(ch) == "Cc" and ch not in "\t\n" for ch in text) and any(
+        unicodedata.category(ch)[0] in "LNSP" for ch in text)
 
 
 @hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -228,6 +229,21 @@ def test_a_rebuild_may_name_only_an_allowed_model_with_weights(client, small_lim
         assert response.status_code == 400 and "without weights" in response.json()["detail"]
         assert other.get("/v1/index/jobs").json() == []  # no job was started
         assert other.get("/v1/stats").json()["model"] == "crossmodal-lite"
+
+
+def test_a_query_of_invisible_characters_gets_422(client):
+    response = client.get("/v1/images/search", params={"q": "\u200b\u200c\u200d\ufeff"})
+    assert response.status_code == 422 and "no visible characters" in response.json()["detail"]
+
+
+def test_head_is_answered_like_get_without_a_body(client):
+    assert client.head("/health").status_code == 200
+    camera = image_id(client, "camera.png")
+    for suffix in ("/file", "/thumbnail", ""):
+        got, head = client.get(f"/v1/images/{camera}{suffix}"), client.head(f"/v1/images/{camera}{suffix}")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == str(len(got.content))
+        assert head.headers["content-type"] == got.headers["content-type"]
 
 
 def test_only_allowed_host_names_are_answered(client):
