@@ -112,13 +112,13 @@ def test_bad_files_are_skipped_and_reported(settings, encoder, collection):
 
 def test_switching_model_re_embeds_everything_and_says_so(settings, encoder, collection):
     build(settings, encoder, collection)
-    other = Encoder("crossmodal-lite-copy", encoder.model, encoder.preprocess, encoder.tokenizer, encoder.device)
-    switched, _ = build(settings, other, collection, model="crossmodal-lite-copy")
+    other = Encoder("crossmodal-lite-copy:local", encoder.model, encoder.preprocess, encoder.tokenizer, encoder.device)
+    switched, _ = build(settings, other, collection, model="crossmodal-lite-copy:local")
     assert switched.model_changed and switched.previous_model == "crossmodal-lite"
     assert switched.n_embedded == 18 and switched.n_reused == 0
     with IndexBuilder(settings, encoder=other).store.session() as s:
         models = set(s.scalars(select(Embedding.model)))
-    assert models == {"crossmodal-lite-copy"}
+    assert models == {"crossmodal-lite-copy:local"}
 
 
 def test_publish_keeps_previous_build_until_switch_and_cleans_older(settings, encoder, collection):

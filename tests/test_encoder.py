@@ -76,7 +76,9 @@ def test_open_clip_local_checkpoint_loads(tmp_path):
 
 def test_unknown_model_and_missing_checkpoint_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot load model"):
-        load_encoder("no-such-arch", device="cpu")
+        load_encoder("no-such-arch:some-tag", device="cpu")
+    with pytest.raises(ValueError, match="architecture without weights"):
+        load_encoder("RN50", device="cpu")  # open_clip would build it with random weights
     with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
         load_encoder(f"ViT-B-32:{tmp_path}/missing.pt", device="cpu")
 
