@@ -23,14 +23,14 @@ import torch
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from indexer import faiss_index, pixels
-from indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
+from crossmodal.indexer import faiss_index, pixels
+from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
                                 hash_bytes, load_image, nfc, read_captions, scan)
-from indexer.encoder import Encoder, check_model_name, keep_freed_memory, load_encoder
-from indexer.hubness import Penalties, load_bank
-from indexer.prefetch import prefetched_batches, read_ahead
-from indexer.settings import Settings
-from indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings, save_embeddings,
+from crossmodal.indexer.encoder import Encoder, check_model_name, keep_freed_memory, load_encoder
+from crossmodal.indexer.hubness import Penalties, load_bank
+from crossmodal.indexer.prefetch import prefetched_batches, read_ahead
+from crossmodal.indexer.settings import Settings
+from crossmodal.indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings, save_embeddings,
                            utcnow, vectors_from_bytes)
 
 log = logging.getLogger(__name__)

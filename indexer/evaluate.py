@@ -52,7 +52,7 @@ def _first_hit(neighbours: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 def _top_ids(index, queries: np.ndarray, penalties) -> np.ndarray:
     """Ids of the top max(KS) per query, hubness-corrected as the search service does."""
-    from indexer import faiss_index, hubness
+    from crossmodal.indexer import faiss_index, hubness
 
     depth = max(KS)
     scores, ids = faiss_index.search(index, queries, max(depth, hubness.CANDIDATES) if penalties is not None else depth)
@@ -69,10 +69,10 @@ def evaluate_published(settings) -> dict:
     import faiss
     from sqlalchemy import select
 
-    from indexer import faiss_index
-    from indexer.collection import hash_bytes
-    from indexer.hubness import load_build_penalties
-    from indexer.store import CaptionRow, ImageRow, Store, load_embeddings, vectors_from_bytes
+    from crossmodal.indexer import faiss_index
+    from crossmodal.indexer.collection import hash_bytes
+    from crossmodal.indexer.hubness import load_build_penalties
+    from crossmodal.indexer.store import CaptionRow, ImageRow, Store, load_embeddings, vectors_from_bytes
 
     store = Store(settings.resolved_database_url())
     build = store.published_build()

@@ -31,7 +31,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexer.prefetch import read_ahead_in_background
+from crossmodal.indexer.prefetch import read_ahead_in_background
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -104,7 +104,7 @@ def corrected(ranked: list[tuple[int, float]], penalties: Penalties | None) -> l
 
 def load_build_penalties(build_dir: Path, enabled: bool = True) -> tuple[Penalties | None, Penalties | None]:
     """(image, caption) penalties of a build; None where switched off or the build has none."""
-    from indexer.faiss_index import CAPTIONS_FILE, IMAGES_FILE, PENALTY_FILES
+    from crossmodal.indexer.faiss_index import CAPTIONS_FILE, IMAGES_FILE, PENALTY_FILES
 
     if not enabled:
         return None, None
@@ -114,7 +114,7 @@ def load_build_penalties(build_dir: Path, enabled: bool = True) -> tuple[Penalti
 
 def load_bank(model_name: str) -> HubnessBank | None:
     """The bank shipped with a model, or None (open_clip models have none)."""
-    from indexer.default_model import DEFAULT_MODEL_NAME, MODEL_DIR
+    from crossmodal.indexer.default_model import DEFAULT_MODEL_NAME, MODEL_DIR
 
     path = MODEL_DIR / BANK_FILE_NAME
     return HubnessBank.load(path) if model_name == DEFAULT_MODEL_NAME and path.is_file() else None

@@ -57,7 +57,7 @@ def read_ahead_in_child_process(paths: Iterable[Path]) -> subprocess.Popen:
     beside a live connection let another process's SQLite believe it was alone, and delete
     the write-ahead log under the service (lost builds). A child's descriptors are its own.
     """
-    code = "import sys; from pathlib import Path; from indexer.prefetch import read_ahead; " \
+    code = "import sys; from pathlib import Path; from crossmodal.indexer.prefetch import read_ahead; " \
            "read_ahead(Path(p) for p in sys.argv[1:])"
     return subprocess.Popen([sys.executable, "-c", code, *map(str, paths)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)

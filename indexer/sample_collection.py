@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CAPTIONS = Path(__file__).resolve().parent.parent / "data" / "sample" / "captions.tsv"
+from crossmodal.indexer.settings import DATA_DIR
+
+CAPTIONS = DATA_DIR / "sample" / "captions.tsv"
 # file name -> scikit-image loader name
 IMAGES = {
     "astronaut.jpg": "astronaut", "camera.png": "camera", "cat.jpg": "chelsea", "coffee.jpg": "coffee",

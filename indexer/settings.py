@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+# Files shipped inside the package (crossmodal.data, the repository's data/ folder): the default
+# model and the sample captions. On disk in a wheel's install and in an editable one alike.
+DATA_DIR = Path(str(resources.files("crossmodal.data")))
 
 
 def _default_index_dir() -> Path:
@@ -74,19 +80,15 @@ class Settings(BaseSettings):
     # service download and run anything open_clip can load.
     allowed_models: list[str] = []
 
-    # Host names (the Host header) the service and the UI answer to; others get 400. A web page
+    # Host names (the Host header) the service and the UI answer to (the UI's own settings, where
+    # it listens and the service it calls, are in ui/settings.py); others get 400. A web page
     # whose name resolves to 127.0.0.1 (DNS rebinding) otherwise drives both from a browser.
     # Add the names you reach them by when they listen beyond localhost ("*" accepts any).
     allowed_hosts: list[str] = ["localhost", "127.0.0.1", "::1"]
 
-    # UI (Streamlit): where it listens, and the search service it talks to.
-    ui_host: str = "127.0.0.1"
-    ui_port: int = 8501
-    api_url: str = "http://127.0.0.1:8000"
-
-    def answered_hosts(self) -> list[str]:
-        """allowed_hosts, plus the addresses the service and the UI listen on (never a wildcard)."""
-        listening = [h for h in (self.host, self.ui_host) if h not in ("0.0.0.0", "::", "")]
+    def answered_hosts(self, *also_listening: str) -> list[str]:
+        """allowed_hosts, plus the addresses the service (and the UI beside it) listen on, never a wildcard."""
+        listening = [h for h in (self.host, *also_listening) if h not in ("0.0.0.0", "::", "")]
         return list(dict.fromkeys([*self.allowed_hosts, *listening]))
 
     def rebuild_models(self) -> list[str]:

@@ -20,7 +20,7 @@ from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, LargeBinary,
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from indexer.prefetch import read_ahead_in_child_process
+from crossmodal.indexer.prefetch import read_ahead_in_child_process
 
 
 def utcnow() -> datetime:

@@ -20,12 +20,12 @@ from PIL import Image, ImageOps
 from torch import nn
 from tqdm import tqdm
 
-from indexer.collection import decode_image, read_captions
-from indexer.default_model import HEADS_FILE, create_default_model, image_classifier, read_config
-from indexer.encoder import Encoder
-from indexer.evaluate import recall_at_k
-from indexer.hubness import BANK_FILE_NAME, HubnessBank
-from indexer.prefetch import prefetched_batches
+from crossmodal.indexer.collection import decode_image, read_captions
+from crossmodal.indexer.default_model import HEADS_FILE, create_default_model, image_classifier, read_config
+from crossmodal.indexer.encoder import Encoder
+from crossmodal.indexer.evaluate import recall_at_k
+from crossmodal.indexer.hubness import BANK_FILE_NAME, HubnessBank
+from crossmodal.indexer.prefetch import prefetched_batches
 
 log = logging.getLogger(__name__)
 VIEWS = ("center", "flip", "zoom", "zoomflip")  # cached augmented views of each training image

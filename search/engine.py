@@ -23,12 +23,12 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from indexer import faiss_index, hubness, pixels
-from indexer.collection import hash_bytes
-from indexer.encoder import Encoder, load_encoder
-from indexer.hubness import Penalties
-from indexer.settings import Settings
-from indexer.store import Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings
+from crossmodal.indexer import faiss_index, hubness, pixels
+from crossmodal.indexer.collection import hash_bytes
+from crossmodal.indexer.encoder import Encoder, load_encoder
+from crossmodal.indexer.hubness import Penalties
+from crossmodal.indexer.settings import Settings
+from crossmodal.indexer.store import Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings
 
 
 class NoIndex(RuntimeError):
@@ -102,8 +102,8 @@ class TextBatcher:
     about one batch instead of N passes (torch already uses every core for each pass).
     """
 
-    def __init__(self, encoder: Encoder, lock: threading.Lock, max_batch: int = 32):
-        self.encoder, self._lock, self.max_batch = encoder, lock, max_batch
+    def __init__(self, encoder: Encoder, max_batch: int = 32):
+        self.encoder, self.max_batch = encoder, max_batch
         self._queue: queue.SimpleQueue[tuple[str, Future] | None] = queue.SimpleQueue()
         threading.Thread(target=self._work, name=f"text-batcher-{encoder.name}", daemon=True).start()
 
@@ -129,8 +129,7 @@ class TextBatcher:
                     break
                 batch.append(item)
             try:
-                with self._lock:
-                    vectors = self.encoder.encode_texts([text for text, _ in batch])
+                vectors = self.encoder.encode_texts([text for text, _ in batch])
             except Exception as err:  # reported to every waiting query, the worker lives on
                 for _, future in batch:
                     future.set_exception(err)
@@ -144,7 +143,6 @@ class SearchEngine:
         self.settings = settings
         self.store = store or Store(settings.resolved_database_url())
         self._encoder = encoder
-        self._encoder_lock = threading.Lock()  # torch uses every core per pass: queueing beats oversubscribing
         self._batcher: TextBatcher | None = None
         self._batcher_lock = threading.Lock()
         self._snapshot: Snapshot | None = None
@@ -212,16 +210,14 @@ class SearchEngine:
                 if self._batcher is None or self._batcher.encoder is not encoder:
                     if self._batcher is not None:
                         self._batcher.close()  # the build's model changed
-                    self._batcher = TextBatcher(encoder, self._encoder_lock)
+                    self._batcher = TextBatcher(encoder)
                 batcher = self._batcher
         return batcher
 
     def image_vector(self, image: Image.Image) -> np.ndarray:
-        """Resizing runs outside the model lock: other queries wait for the model, never for a resize."""
+        """Resizing runs outside the model's lock: other queries wait for the model, never for a resize."""
         encoder = self.encoder
-        prepared = pixels.stack([encoder.prepare(image)])
-        with self._encoder_lock:
-            return encoder.encode_image_tensors(prepared)[0]
+        return encoder.encode_image_tensors(pixels.stack([encoder.prepare(image)]))[0]
 
     # -- searches ----------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Rebuild jobs for the service: one at a time, run by the indexer on a worker thread.
 
-The service never writes an index itself: a job calls `indexer.builder.IndexBuilder`,
+The service never writes an index itself: a job calls `crossmodal.indexer.builder.IndexBuilder`,
 which publishes a new build; the job then asks the engine to swap to it. Queries keep
 running on the old snapshot until that swap, which is a single reference assignment.
 """
@@ -11,11 +11,11 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from indexer.builder import BuildInProgress, IndexBuilder, Progress
-from indexer.encoder import check_model_name
-from indexer.settings import Settings
-from search.engine import SearchEngine
-from search.schemas import Job, JobProgress, SkippedItem
+from crossmodal.indexer.builder import BuildInProgress, IndexBuilder, Progress
+from crossmodal.indexer.encoder import check_model_name
+from crossmodal.indexer.settings import Settings
+from crossmodal.search.engine import SearchEngine
+from crossmodal.search.schemas import Job, JobProgress, SkippedItem
 
 
 class JobConflict(RuntimeError):

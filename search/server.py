@@ -17,7 +17,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from indexer.settings import Settings
+from crossmodal.indexer.settings import Settings
 
 
 class DeadlineH11Protocol(H11Protocol):

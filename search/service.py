@@ -27,12 +27,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from indexer.collection import BadImage, decode_reduced
-from indexer.settings import Settings, get_settings
-from search import schemas
-from search.engine import CaptionHit, ImageHit, NoIndex, NotFound, SearchEngine
-from search.jobs import JobConflict, JobManager
-from search.queries import InvalidQuery, clean_query
+from crossmodal.indexer.collection import BadImage, decode_reduced
+from crossmodal.indexer.settings import Settings, get_settings
+from crossmodal.search import schemas
+from crossmodal.search.engine import CaptionHit, ImageHit, NoIndex, NotFound, SearchEngine
+from crossmodal.search.jobs import JobConflict, JobManager
+from crossmodal.search.queries import InvalidQuery, clean_query
 
 UPLOAD_PATHS = ("/v1/images/search", "/v1/captions/search")
 JSON_BODY_LIMIT = 64 * 1024  # the only JSON body is a rebuild request

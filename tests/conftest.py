@@ -14,13 +14,13 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from indexer.builder import IndexBuilder
-from indexer.encoder import Encoder, load_encoder
-from indexer.sample_collection import write_sample_collection
-from indexer.settings import Settings
-from search.engine import SearchEngine
-from search.server import server_config
-from search.service import create_app
+from crossmodal.indexer.builder import IndexBuilder
+from crossmodal.indexer.encoder import Encoder, load_encoder
+from crossmodal.indexer.sample_collection import write_sample_collection
+from crossmodal.indexer.settings import Settings
+from crossmodal.search.engine import SearchEngine
+from crossmodal.search.server import server_config
+from crossmodal.search.service import create_app
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "flickr8k"
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.builder import IndexBuilder
-from indexer.sample_collection import write_sample_collection
-from indexer.settings import Settings
+from crossmodal.indexer.builder import IndexBuilder
+from crossmodal.indexer.sample_collection import write_sample_collection
+from crossmodal.indexer.settings import Settings
 from tests.conftest import solid_image
 
 GOOD_SAMPLE_IMAGES = 16
@@ -155,7 +155,7 @@ def test_unreadable_file_is_skipped(tmp_path):
     solid_image((1, 2, 3)).save(tmp_path / "readable.png")
     solid_image((3, 2, 1)).save(tmp_path / "secret.png")
     (tmp_path / "secret.png").chmod(0o000)
-    script = ("import json, sys; from pathlib import Path; from indexer.collection import scan\n"
+    script = ("import json, sys; from pathlib import Path; from crossmodal.indexer.collection import scan\n"
               "entries, skipped = scan(Path(sys.argv[1]))\n"
               "print(json.dumps([[e.path for e in entries], [[s.path, s.reason] for s in skipped]]))")
     command = [sys.executable, "-c", script, str(tmp_path)]
@@ -173,7 +173,7 @@ def test_unreadable_file_is_skipped(tmp_path):
 
 def test_file_removed_after_the_scan_is_skipped(tmp_path, monkeypatch, encoder):
     """Between the scan and the read (and the read-ahead before it), a file may go away."""
-    import indexer.builder as builder
+    import crossmodal.indexer.builder as builder
 
     for i, color in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
         solid_image(color).save(tmp_path / f"{i}.jpg")

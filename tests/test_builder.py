@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from indexer.builder import BuildInProgress, IndexBuilder, build_lock
-from indexer.encoder import Encoder
-from indexer.faiss_index import build_dir_for
-from indexer.store import Build, CaptionRow, Embedding, ImageRow, Store
-from search.engine import NoIndex, SearchEngine
+from crossmodal.indexer.builder import BuildInProgress, IndexBuilder, build_lock
+from crossmodal.indexer.encoder import Encoder
+from crossmodal.indexer.faiss_index import build_dir_for
+from crossmodal.indexer.store import Build, CaptionRow, Embedding, ImageRow, Store
+from crossmodal.search.engine import NoIndex, SearchEngine
 from tests.conftest import solid_image
 
 
@@ -230,7 +230,7 @@ def test_a_lossy_index_is_reranked_with_stored_vectors_to_exact_results(settings
     """IVF-PQ only proposes candidates; the order and scores users see are those of exact search."""
     from PIL import Image
 
-    from indexer.settings import Settings
+    from crossmodal.indexer.settings import Settings
 
     build(settings, encoder, collection)
     lossy = Settings(index_dir=tmp_path / "lossy", device="cpu", index_factory="IVF2,PQ64x4")
@@ -267,9 +267,9 @@ def test_a_lossy_index_is_reranked_with_stored_vectors_to_exact_results(settings
 def test_check_accepts_a_lossy_index_and_catches_a_swapped_one(settings, encoder, collection, tmp_path):
     import shutil
 
-    from indexer.check import check_index
-    from indexer.faiss_index import EXACT_FILES, IMAGES_FILE
-    from indexer.settings import Settings
+    from crossmodal.indexer.check import check_index
+    from crossmodal.indexer.faiss_index import EXACT_FILES, IMAGES_FILE
+    from crossmodal.indexer.settings import Settings
 
     lossy = Settings(index_dir=tmp_path / "lossy", device="cpu", index_factory="IVF2,PQ64x4")
     report, _ = build(lossy, encoder, collection)

@@ -5,7 +5,7 @@ import json
 
 from typer.testing import CliRunner
 
-from indexer.cli import app
+from crossmodal.cli import app
 
 runner = CliRunner()
 

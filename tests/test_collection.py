@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import collection
-from indexer.collection import BadImage, FileEntry, decode_image, decode_pixels, load_image, read_captions, scan
+from crossmodal.indexer import collection
+from crossmodal.indexer.collection import BadImage, FileEntry, decode_image, decode_pixels, load_image, read_captions, scan
 from tests.conftest import solid_image
 
 

@@ -11,8 +11,8 @@ import time
 
 import httpx
 
-from search.engine import SearchEngine
-from search.service import create_app
+from crossmodal.search.engine import SearchEngine
+from crossmodal.search.service import create_app
 from tests.conftest import serving
 
 IDLE_SOCKETS = 300

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from indexer.builder import IndexBuilder
-from indexer.check import check_index
-from indexer.cli import app
-from indexer.faiss_index import build_dir_for
-from indexer.store import Build, Embedding, Store
-from search.engine import SearchEngine
+from crossmodal.indexer.builder import IndexBuilder
+from crossmodal.indexer.check import check_index
+from crossmodal.cli import app
+from crossmodal.indexer.faiss_index import build_dir_for
+from crossmodal.indexer.store import Build, Embedding, Store
+from crossmodal.search.engine import SearchEngine
 from tests.conftest import solid_image
 
 
@@ -35,7 +35,7 @@ def newest_build(store: Store) -> int:
 
 def run_and_kill(settings, collection, when: Callable[[], bool], timeout: float = 240) -> bool:
     """Start `crossmodal index`, SIGKILL it once `when()` holds; False if it finished first."""
-    process = subprocess.Popen([sys.executable, "-m", "indexer.cli", "index", str(collection), "--index-dir",
+    process = subprocess.Popen([sys.executable, "-m", "crossmodal.cli", "index", str(collection), "--index-dir",
                                 str(settings.index_dir), "--device", "cpu", "--json"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout

@@ -8,8 +8,8 @@ import open_clip
 import pytest
 import torch
 
-from indexer.encoder import ModelSpec, load_encoder, pick_device
-from indexer.pixels import stack
+from crossmodal.indexer.encoder import ModelSpec, load_encoder, pick_device
+from crossmodal.indexer.pixels import stack
 from tests.conftest import solid_image
 
 
@@ -28,7 +28,7 @@ def test_default_model_loads_offline_and_embeds_into_one_normalised_space(encode
 def test_right_caption_ranks_first_on_real_photos(encoder, sample_source):
     """Among all 22 sample captions, these photos' best caption is one of their own (raw cosine)."""
     from PIL import Image
-    from indexer.collection import read_captions
+    from crossmodal.indexer.collection import read_captions
     captions = read_captions(sample_source / "captions.tsv").rows
     names = ["camera.png", "cat.jpg", "coffee.jpg", "horse.png", "moon.png"]
     images = encoder.encode_images([Image.open(sample_source / n) for n in names])
@@ -131,7 +131,7 @@ def test_transforms_that_cannot_run_on_tensors_still_run(encoder, sample_source)
     ToTensor + Normalize at its end runs whole."""
     from torchvision import transforms as T
 
-    from indexer.encoder import Encoder
+    from crossmodal.indexer.encoder import Encoder
     photos = _sample_photos(sample_source)
     custom = T.Compose([T.Lambda(lambda im: im.rotate(90)), *encoder.preprocess.transforms])
     bare = T.Compose([*encoder.preprocess.transforms[:-1]])  # no Normalize

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexer.evaluate import recall_at_k
+from crossmodal.indexer.evaluate import recall_at_k
 
 
 def test_recall_counts_hits_both_ways():

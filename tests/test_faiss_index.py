@@ -5,7 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer import faiss_index
+from crossmodal.indexer import faiss_index
 
 
 def unit_vectors(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from indexer.builder import IndexBuilder
-from indexer.evaluate import evaluate_published
+from crossmodal.indexer.builder import IndexBuilder
+from crossmodal.indexer.evaluate import evaluate_published
 from tests.conftest import flickr8k_split
 
 # Measured with the committed crossmodal-lite (hubness-corrected, as served): T->I R@1 26.8, R@10 70.3,

@@ -10,11 +10,11 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
 
-from indexer.builder import IndexBuilder
-from indexer.sample_collection import write_sample_collection
-from indexer.settings import Settings
-from search.engine import SearchEngine
-from search.service import create_app
+from crossmodal.indexer.builder import IndexBuilder
+from crossmodal.indexer.sample_collection import write_sample_collection
+from crossmodal.indexer.settings import Settings
+from crossmodal.search.engine import SearchEngine
+from crossmodal.search.service import create_app
 from tests.conftest import serving
 
 EXAMPLES_PER_OPERATION = 30

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from indexer import faiss_index
-from indexer.hubness import HubnessBank, Penalties, corrected, load_bank
-from indexer.store import ImageRow, Store, load_embeddings, vectors_from_bytes
-from search.engine import SearchEngine
+from crossmodal.indexer import faiss_index
+from crossmodal.indexer.hubness import HubnessBank, Penalties, corrected, load_bank
+from crossmodal.indexer.store import ImageRow, Store, load_embeddings, vectors_from_bytes
+from crossmodal.search.engine import SearchEngine
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -82,7 +82,7 @@ def test_correction_can_be_switched_off_at_search_time(indexed, encoder):
 
 
 def test_check_reports_missing_or_mismatched_penalties(indexed):
-    from indexer.check import check_index
+    from crossmodal.indexer.check import check_index
 
     assert check_index(indexed).ok
     path = faiss_index.build_dir_for(indexed.index_dir, 1) / faiss_index.PENALTY_FILES[faiss_index.IMAGES_FILE]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from indexer.prefetch import prefetched_batches
+from crossmodal.indexer.prefetch import prefetched_batches
 
 
 def load(x: int) -> int:

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from search.engine import SearchEngine
-from search.service import create_app
+from crossmodal.search.engine import SearchEngine
+from crossmodal.search.service import create_app
 from tests.conftest import solid_image
 
 

@@ -19,14 +19,14 @@ from tests.conftest import free_port, solid_image, wait_until_answers
 
 
 def cli(settings, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "indexer.cli", *args, "--index-dir", str(settings.index_dir)],
+    return subprocess.run([sys.executable, "-m", "crossmodal.cli", *args, "--index-dir", str(settings.index_dir)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "CROSSMODAL_DEVICE": "cpu"})
 
 
 @contextmanager
 def service(settings):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "indexer.cli", "serve", "--index-dir", str(settings.index_dir),
+    process = subprocess.Popen([sys.executable, "-m", "crossmodal.cli", "serve", "--index-dir", str(settings.index_dir),
                                 "--port", str(port)], env={**os.environ, "CROSSMODAL_DEVICE": "cpu"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

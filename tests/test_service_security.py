@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 from sqlalchemy import update
 
-from indexer.store import ImageRow
-from search.engine import SearchEngine
-from search.service import create_app
+from crossmodal.indexer.store import ImageRow
+from crossmodal.search.engine import SearchEngine
+from crossmodal.search.service import create_app
 from tests.conftest import serving
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
-from indexer.store import Store
+from crossmodal.indexer.store import Store
 
 
 def test_prefetch_starts_for_a_sqlite_file_and_skips_what_it_cannot_or_should_not_read(tmp_path):

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import torch
 
-from indexer.hubness import BANK_FILE_NAME, HubnessBank
-from indexer.train import VIEWS, TrainConfig, feature_cache_file, run_training
+from crossmodal.indexer.hubness import BANK_FILE_NAME, HubnessBank
+from crossmodal.indexer.train import VIEWS, TrainConfig, feature_cache_file, run_training
 
 
 def _split(root, sample_source, names):

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from indexer.settings import get_settings
-from search.engine import SearchEngine
-from search.service import create_app
+from crossmodal.ui.settings import get_ui_settings
+from crossmodal.search.engine import SearchEngine
+from crossmodal.search.service import create_app
 from tests.conftest import free_port, serving, solid_image
 
 APP = Path(__file__).resolve().parents[1] / "ui" / "app.py"
@@ -25,11 +25,11 @@ def app_for(monkeypatch):
     """An AppTest of the real app file, configured (as `crossmodal ui` does) through CROSSMODAL_API_URL."""
     def make(api_url: str) -> AppTest:
         monkeypatch.setenv("CROSSMODAL_API_URL", api_url)
-        get_settings.cache_clear()
+        get_ui_settings.cache_clear()
         return AppTest.from_file(str(APP), default_timeout=60)
 
     yield make
-    get_settings.cache_clear()
+    get_ui_settings.cache_clear()
 
 
 def shown(markdown: str) -> str:
@@ -172,7 +172,7 @@ def test_rebuilds_from_the_ui_need_the_token_its_user_types(app_for, indexed, en
 
 
 def test_every_markdown_character_of_data_is_escaped_and_nothing_is_lost():
-    from ui.app import plain
+    from crossmodal.ui.app import plain
 
     hostile = "![x](http://127.0.0.1:9/pixel.png) $x^2$ :red[alarm] **bold** <b>tag</b> `tick`"
     escaped = plain(hostile)
@@ -189,14 +189,17 @@ def test_service_down_or_without_index_is_explained(app_for, settings):
     assert not at.exception and "not reachable" in texts(at.error)
 
 
+FORBIDDEN_IN_THE_UI = ("torch", "open_clip", "faiss", "crossmodal.indexer", "crossmodal.search.engine")
+
+
 def test_the_ui_never_loads_the_model_or_an_index(tmp_path):
-    """The UI process imports neither torch, open_clip nor faiss: it only speaks HTTP."""
+    """The UI process imports neither torch, open_clip, faiss nor the indexer: it only speaks HTTP."""
     script = (
         "import json, sys\n"
         "from streamlit.testing.v1 import AppTest\n"
         f"at = AppTest.from_file({str(APP)!r}, default_timeout=60).run()\n"
         "assert not at.exception, at.exception\n"
-        "print(json.dumps([m for m in ('torch', 'open_clip', 'faiss', 'search.engine') if m in sys.modules]))\n"
+        f"print(json.dumps([m for m in {FORBIDDEN_IN_THE_UI!r} if m in sys.modules]))\n"
     )
     env = {"CROSSMODAL_API_URL": f"http://127.0.0.1:{free_port()}", "PATH": "/usr/bin:/bin",
            "HOME": str(tmp_path)}

@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 
@@ -56,10 +57,12 @@ def collection(collection):
 
 @pytest.fixture
 def ui_url(live_server, indexed):
-    from ui.launch import start_ui
+    from crossmodal.launch import start_ui
+    from crossmodal.ui.settings import UISettings
 
     port = free_port()
-    process = start_ui(live_server, "127.0.0.1", port, indexed.max_upload_bytes, indexed.answered_hosts())
+    process = start_ui(UISettings(ui_host="127.0.0.1", ui_port=port, api_url=live_server), indexed.max_upload_bytes,
+                       indexed.answered_hosts())
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_answers(f"{url}/_stcore/health", timeout=90)
@@ -120,7 +123,9 @@ def test_three_flows_in_a_real_browser(browser, ui_url, collection):
     page.close()
 
 
-def test_captions_are_shown_as_text_not_rendered_as_markdown(browser, ui_url):
+def test_captions_are_shown_as_text_not_rendered_as_markdown(browser, ui_url, live_server):
+    results = httpx.get(f"{live_server}/v1/images/search", params={"q": "a black horse silhouette", "k": 18}).json()
+    horse = next(r["id"] for r in results["results"] if r["path"] == "horse.png")
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(60_000)
     requested: list[str] = []
@@ -131,10 +136,10 @@ def test_captions_are_shown_as_text_not_rendered_as_markdown(browser, ui_url):
     query.fill("a black horse silhouette")
     query.press("Enter")
     page.get_by_text("images for").wait_for()
-    page.locator("[class*=st-key-text-open] button").first.click()
+    page.locator(f".st-key-text-open-{horse} button").click()
     page.get_by_role("button", name="Describe it (captions)").wait_for()  # the opened result's panel
-    page.get_by_text(HOSTILE_CAPTION).wait_for()  # shown literally, every character of it
     shot(page, "hostile-caption")
+    expect(page.get_by_text(HOSTILE_CAPTION)).to_be_visible()  # shown literally, every character of it
     assert not [url for url in requested if "pixel.png" in url]
     assert page.locator("img[src*='pixel.png'], .katex, strong:has-text('bold')").count() == 0
     page.close()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.builder import IndexBuilder
+from crossmodal.indexer.builder import IndexBuilder
 from tests.conftest import free_port, wait_until_answers
 
 MEMORY_BUDGET = 300 * 2**20
@@ -66,7 +66,7 @@ def reset_peak(pid: int) -> int:
 def service(settings, encoder, collection):
     IndexBuilder(settings, encoder=encoder).build(collection)
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "indexer.cli", "serve", "--index-dir", str(settings.index_dir),
+    process = subprocess.Popen([sys.executable, "-m", "crossmodal.cli", "serve", "--index-dir", str(settings.index_dir),
                                 "--port", str(port)], env={**os.environ, "CROSSMODAL_DEVICE": "cpu"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -11,9 +11,9 @@ from datetime import datetime
 
 import streamlit as st
 
-from indexer.settings import get_settings
-from search import schemas
-from ui.client import RebuildRunning, Rejected, SearchClient, ServiceDown, ServiceError, ServiceNotReady, Upload
+from crossmodal.search import schemas
+from crossmodal.ui.client import RebuildRunning, Rejected, SearchClient, ServiceDown, ServiceError, ServiceNotReady, Upload
+from crossmodal.ui.settings import get_ui_settings
 
 VIEWS = ("Text → images", "Image → captions", "Index")
 PAGE_SIZES = (8, 12, 24, 48)
@@ -30,8 +30,7 @@ def _client(api_url: str) -> SearchClient:
 
 
 def client() -> SearchClient:
-    settings = get_settings()
-    return _client(settings.api_url)
+    return _client(get_ui_settings().api_url)
 
 
 @st.cache_data(ttl=3600, max_entries=4096, show_spinner=False)
@@ -179,16 +178,22 @@ def text_results(api: SearchClient, query: str, page_size: int) -> None:
         return
     st.caption(f"{len(hits)} images for “{plain(query)}” · {state['took_ms']:.0f} ms")
     image_grid(hits, "text")
-    if not state["exhausted"] and len(hits) <= get_settings().max_offset:
+    if not state["exhausted"]:
         st.button("More results", key="more", on_click=_more_text, args=(api,))
 
 
 def _more_text(api: SearchClient) -> None:
     state = st.session_state.text_results
-    response = guarded(api.images_by_text, state["query"], state["page_size"], len(state["hits"]))
-    if response is not None:
-        state["hits"] = state["hits"] + response.results
-        state["exhausted"] = len(response.results) < state["page_size"]
+    try:
+        response = api.images_by_text(state["query"], state["page_size"], len(state["hits"]))
+    except Rejected:  # paged past the service's limit (CROSSMODAL_MAX_OFFSET): the end of the list
+        state["exhausted"] = True
+        return
+    except ServiceError as err:
+        st.error(plain(str(err)))
+        return
+    state["hits"] = state["hits"] + response.results
+    state["exhausted"] = len(response.results) < state["page_size"]
 
 
 def similar_results(api: SearchClient, image_id: int, page_size: int) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import httpx
 from pydantic import TypeAdapter
 
-from search import schemas
+from crossmodal.search import schemas
 
 
 class ServiceError(Exception):

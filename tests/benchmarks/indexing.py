@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from indexer.builder import IndexBuilder, Progress  # noqa: E402
-from indexer.collection import decode_image  # noqa: E402
-from indexer.encoder import Encoder, load_encoder  # noqa: E402
-from indexer.pixels import stack  # noqa: E402
-from indexer.settings import Settings  # noqa: E402
+from crossmodal.indexer.builder import IndexBuilder, Progress  # noqa: E402
+from crossmodal.indexer.collection import decode_image  # noqa: E402
+from crossmodal.indexer.encoder import Encoder, load_encoder  # noqa: E402
+from crossmodal.indexer.pixels import stack  # noqa: E402
+from crossmodal.indexer.settings import Settings  # noqa: E402
 from tests.benchmarks.results_file import FLICKR8K, record  # noqa: E402
 
 SPLITS = ("train", "dev")

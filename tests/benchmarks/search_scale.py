@@ -26,15 +26,15 @@ from sqlalchemy import insert, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from indexer import faiss_index  # noqa: E402
-from indexer.settings import Settings  # noqa: E402
-from indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings, utcnow,  # noqa: E402
+from crossmodal.indexer import faiss_index  # noqa: E402
+from crossmodal.indexer.settings import Settings  # noqa: E402
+from crossmodal.indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings, utcnow,  # noqa: E402
                            vector_to_bytes, vectors_from_bytes)
-from search.engine import SearchEngine  # noqa: E402
+from crossmodal.search.engine import SearchEngine  # noqa: E402
 from tests.benchmarks.http_latency import run as run_clients  # noqa: E402
 from tests.benchmarks.results_file import record  # noqa: E402
-from indexer.collection import hash_bytes  # noqa: E402
-from indexer.hubness import Penalties, load_bank  # noqa: E402
+from crossmodal.indexer.collection import hash_bytes  # noqa: E402
+from crossmodal.indexer.hubness import Penalties, load_bank  # noqa: E402
 
 RECALL_QUERIES = 1000
 
@@ -160,7 +160,7 @@ class _NoEncoder:
 def serve(index_dir: Path, port: int, probe: str) -> tuple[subprocess.Popen, float]:
     """Start `crossmodal serve`; seconds until it answered its first query (the cold start)."""
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "indexer.cli", "serve", "--index-dir", str(index_dir),
+    process = subprocess.Popen([sys.executable, "-m", "crossmodal.cli", "serve", "--index-dir", str(index_dir),
                                 "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1/images/search"
     while time.perf_counter() - start < 600:

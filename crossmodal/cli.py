@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from tqdm import tqdm
 
-from indexer.settings import Settings, get_settings
+from crossmodal.indexer.settings import Settings, get_settings
 
 app = typer.Typer(help="Cross-modal (text <-> image) search: index a folder of images, then search it.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -81,7 +81,7 @@ def index(
     json_out: JsonOut = False,
 ) -> None:
     """Build or update the index of COLLECTION (only new or changed files are embedded)."""
-    from indexer.builder import BuildInProgress, IndexBuilder
+    from crossmodal.indexer.builder import BuildInProgress, IndexBuilder
 
     settings = _settings(index_dir=index_dir, model=model, index_factory=index_type, device=device)
     bars = _ProgressBars(enabled=not json_out)
@@ -123,9 +123,9 @@ def search(
     json_out: JsonOut = False,
 ) -> None:
     """Search the published index with TEXT or --image FILE."""
-    from indexer.collection import BadImage, decode_reduced
-    from search.engine import NoIndex, SearchEngine
-    from search.queries import InvalidQuery, clean_query
+    from crossmodal.indexer.collection import BadImage, decode_reduced
+    from crossmodal.search.engine import NoIndex, SearchEngine
+    from crossmodal.search.queries import InvalidQuery, clean_query
 
     if (text is None) == (image is None):
         _fail("give either a TEXT query or --image FILE", code=2)
@@ -169,7 +169,7 @@ def search(
 @app.command("eval")
 def evaluate(index_dir: IndexDir = None, json_out: JsonOut = False) -> None:
     """Recall@1/5/10 of the indexed, captioned collection (Flickr 1k protocol, both directions)."""
-    from indexer.evaluate import evaluate_published, format_table
+    from crossmodal.indexer.evaluate import evaluate_published, format_table
 
     settings = _settings(index_dir=index_dir)
     try:
@@ -186,7 +186,7 @@ def evaluate(index_dir: IndexDir = None, json_out: JsonOut = False) -> None:
 @app.command()
 def check(index_dir: IndexDir = None, json_out: JsonOut = False) -> None:
     """Verify that the published index, the stored embeddings and the database agree (exit 1 if not)."""
-    from indexer.check import check_index
+    from crossmodal.indexer.check import check_index
 
     report = check_index(_settings(index_dir=index_dir))
     if json_out:
@@ -214,9 +214,9 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
 ) -> None:
     """Train the heads of the offline default model (crossmodal-lite) on Flickr8k."""
-    from indexer.encoder import _quiet_model_loading, pick_device
-    from indexer.evaluate import format_table
-    from indexer.train import TrainConfig, run_training
+    from crossmodal.indexer.encoder import _quiet_model_loading, pick_device
+    from crossmodal.indexer.evaluate import format_table
+    from crossmodal.indexer.train import TrainConfig, run_training
 
     if not (data / "train").is_dir() or not (data / "dev").is_dir():
         _fail(f"{data} must contain train/ and dev/ splits")
@@ -241,9 +241,9 @@ def serve(
     """Start the search service (FastAPI on uvicorn); API docs at /docs."""
     import uvicorn
 
-    from indexer.encoder import _quiet_model_loading
-    from search.server import raise_open_file_limit, server_config
-    from search.service import create_app
+    from crossmodal.indexer.encoder import _quiet_model_loading
+    from crossmodal.search.server import raise_open_file_limit, server_config
+    from crossmodal.search.service import create_app
 
     settings = _settings(index_dir=index_dir, host=host, port=port)
     _quiet_model_loading()
@@ -264,18 +264,25 @@ def ui(
     port: Annotated[Optional[int], typer.Option(help="UI port [env CROSSMODAL_UI_PORT].")] = None,
 ) -> None:
     """Start the web UI (Streamlit); it talks to a running search service over HTTP."""
-    from ui.launch import check_port_free, run_until_interrupted, start_ui
+    from crossmodal.launch import check_port_free, run_until_interrupted, start_ui
 
-    settings = _settings(api_url=api, ui_host=host, ui_port=port)
+    settings = _settings()
+    ui_settings = _ui_settings(api_url=api, ui_host=host, ui_port=port)
     try:
-        check_port_free(settings.ui_host, settings.ui_port)
+        check_port_free(ui_settings.ui_host, ui_settings.ui_port)
     except RuntimeError as err:
         _fail(str(err))
-    _echo(f"UI: http://{settings.ui_host}:{settings.ui_port}  (search service: {settings.api_url})")
-    _warn_if_exposed(settings.ui_host, "the UI", "everyone who reaches it can search your photos; rebuilds "
+    _echo(f"UI: http://{ui_settings.ui_host}:{ui_settings.ui_port}  (search service: {ui_settings.api_url})")
+    _warn_if_exposed(ui_settings.ui_host, "the UI", "everyone who reaches it can search your photos; rebuilds "
                      "need the admin token typed into its form when the service has one")
-    raise typer.Exit(run_until_interrupted([start_ui(settings.api_url, settings.ui_host, settings.ui_port,
-                                                     settings.max_upload_bytes, settings.answered_hosts())]))
+    raise typer.Exit(run_until_interrupted([start_ui(ui_settings, settings.max_upload_bytes,
+                                                     settings.answered_hosts(ui_settings.ui_host))]))
+
+
+def _ui_settings(**overrides):
+    from crossmodal.ui.settings import get_ui_settings
+
+    return get_ui_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -290,18 +297,19 @@ def _warn_if_exposed(host: str, what: str, consequence: str) -> None:
 @app.command()
 def up(index_dir: IndexDir = None) -> None:
     """Start the search service and the UI together (Ctrl-C stops both)."""
-    from ui.launch import check_port_free, run_until_interrupted, start_service, start_ui, wait_for
+    from crossmodal.launch import check_port_free, run_until_interrupted, start_service, start_ui, wait_for
 
     settings = _settings(index_dir=index_dir)
     api = f"http://{settings.host}:{settings.port}"
+    ui_settings = _ui_settings(api_url=api)
     try:
         check_port_free(settings.host, settings.port)
-        check_port_free(settings.ui_host, settings.ui_port)
+        check_port_free(ui_settings.ui_host, ui_settings.ui_port)
     except RuntimeError as err:
         _fail(str(err))
     service = start_service(settings.host, settings.port, index_dir)
-    interface = start_ui(api, settings.ui_host, settings.ui_port, settings.max_upload_bytes, settings.answered_hosts())
-    url = f"http://{settings.ui_host}:{settings.ui_port}"
+    interface = start_ui(ui_settings, settings.max_upload_bytes, settings.answered_hosts(ui_settings.ui_host))
+    url = f"http://{ui_settings.ui_host}:{ui_settings.ui_port}"
     try:
         wait_for(f"{url}/_stcore/health", interface, timeout=60)
     except (RuntimeError, TimeoutError) as err:
@@ -316,7 +324,7 @@ def up(index_dir: IndexDir = None) -> None:
 @app.command("demo-data")
 def demo_data(dest: Annotated[Path, typer.Argument(help="Folder to write the sample collection to.")]) -> None:
     """Write the sample collection (scikit-image's photos with our captions) to DEST."""
-    from indexer.sample_collection import write_sample_collection
+    from crossmodal.indexer.sample_collection import write_sample_collection
 
     _echo(f"sample collection written to {write_sample_collection(dest)}")
 

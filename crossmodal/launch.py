@@ -16,7 +16,10 @@ from pathlib import Path
 
 import httpx
 
-APP_FILE = Path(__file__).resolve().parent / "app.py"
+import crossmodal.ui
+from crossmodal.ui.settings import UISettings
+
+APP_FILE = Path(crossmodal.ui.__file__).resolve().parent / "app.py"
 
 
 def streamlit_command(host: str, port: int, max_upload_bytes: int, allowed_hosts: list[str]) -> list[str]:
@@ -30,13 +33,13 @@ def streamlit_command(host: str, port: int, max_upload_bytes: int, allowed_hosts
             "--client.toolbarMode", "minimal", *hosts]
 
 
-def start_ui(api_url: str, host: str, port: int, max_upload_bytes: int, allowed_hosts: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "CROSSMODAL_API_URL": api_url}
-    return subprocess.Popen(streamlit_command(host, port, max_upload_bytes, allowed_hosts), env=env)
+def start_ui(ui: UISettings, max_upload_bytes: int, allowed_hosts: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "CROSSMODAL_API_URL": ui.api_url}
+    return subprocess.Popen(streamlit_command(ui.ui_host, ui.ui_port, max_upload_bytes, allowed_hosts), env=env)
 
 
 def start_service(host: str, port: int, index_dir: Path | None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "indexer.cli", "serve", "--host", host, "--port", str(port)]
+    command = [sys.executable, "-m", "crossmodal.cli", "serve", "--host", host, "--port", str(port)]
     if index_dir is not None:
         command += ["--index-dir", str(index_dir)]
     return subprocess.Popen(command)

@@ -1,0 +1,1 @@
+"""`crossmodal.data`: files shipped inside the package (the default model, the sample captions)."""
