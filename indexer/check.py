@@ -99,9 +99,6 @@ def _check_contents(store: Store, build: Build, manifest: faiss_index.Manifest, 
     for kind, file_name, rows, stored, index_type in (
             ("image", faiss_index.IMAGES_FILE, images, image_vectors, manifest.image_index_type),
             ("caption", faiss_index.CAPTIONS_FILE, captions, text_vectors, manifest.caption_index_type)):
-        missing = [i for i, key in rows.items() if key not in stored]
-        if missing:
-            report.problems.append(f"{len(missing)} {kind} rows have no stored embedding (e.g. id {missing[0]})")
         _check_faiss_file(build_dir / file_name, kind, rows, stored, manifest, index_type, pending, report)
     _check_files_on_disk(Path(build.collection_root), paths, report)
 
@@ -157,6 +154,12 @@ def _check_faiss_file(path: Path, kind: str, rows: dict[int, str], stored: dict[
     if faiss_index.is_lossy(index_type):
         _check_exact_vectors(path, ids, rows, stored, manifest, report)
     in_index, in_db = set(ids.tolist()), set(rows)
+    # Only served rows must have their vectors: an interrupted build writes caption rows when its
+    # captions phase starts and their vectors as it goes, and the next build completes them.
+    missing = sorted(i for i in in_index & in_db if rows[i] not in stored)
+    if missing:
+        report.problems.append(f"{len(missing)} {kind} rows in {path.name} have no stored embedding "
+                               f"(e.g. id {missing[0]})")
     if in_index - in_db:
         report.problems.append(f"{path.name}: {len(in_index - in_db)} ids are not {kind} rows in the database "
                                f"(e.g. {min(in_index - in_db)})")

@@ -18,7 +18,7 @@ from crossmodal.indexer.builder import IndexBuilder
 from crossmodal.indexer.check import check_index
 from crossmodal.cli import app
 from crossmodal.indexer.faiss_index import build_dir_for
-from crossmodal.indexer.store import Build, Embedding, Store
+from crossmodal.indexer.store import Build, CaptionRow, Embedding, Store
 from crossmodal.search.engine import SearchEngine
 from tests.conftest import solid_image
 
@@ -91,3 +91,49 @@ def test_sigkill_at_any_point_leaves_the_published_index_servable_and_the_next_r
     assert final.n_embedded <= 4 * 24 - embedded_by_killed_runs  # committed work was reused, not redone
     code = CliRunner().invoke(app, ["check", "--index-dir", str(settings.index_dir)])
     assert code.exit_code == 0 and "ok: build" in code.output and "interrupted" not in code.output
+
+
+def text_embeddings(store: Store) -> int:
+    with store.session() as s:
+        return s.scalar(select(func.count()).select_from(Embedding).where(Embedding.kind == "text"))
+
+
+def caption_rows(store: Store) -> int:
+    with store.session() as s:
+        return s.scalar(select(func.count()).select_from(CaptionRow))
+
+
+def many_captions(collection, round_no: int, n: int = 3000) -> None:
+    """Enough new captions that the captions phase takes seconds (texts are embedded 1,024 at a time)."""
+    names = sorted(p.name for p in collection.glob("*.*") if p.suffix != ".tsv")
+    with open(collection / "captions.tsv", "a") as captions:
+        for i in range(n):
+            captions.write(f"{names[i % len(names)]}\tround {round_no}, caption {i}: a photo of thing {i * 7919 % 997}\n")
+
+
+def test_check_passes_after_a_kill_in_any_phase_and_the_resume_passes_too(settings, encoder, collection):
+    """Images, captions and indexing phases, killed at two points each: `check` accepts the
+    published build every time (an interrupted build's rows are warnings, not problems)."""
+    IndexBuilder(settings, encoder=encoder).build(collection)
+    store = Store(settings.resolved_database_url())
+    published_captions = store.published_build().n_captions
+    phases = {
+        "images, early": lambda s: image_embeddings(store) >= s["images"] + 4,
+        "images, late": lambda s: image_embeddings(store) >= s["images"] + 40,
+        "captions, rows written": lambda s: caption_rows(store) > published_captions + 100,
+        "captions, some embedded": lambda s: text_embeddings(store) >= s["texts"] + 1024,
+        "indexing": lambda s: newest_build(store) > s["build"]
+        and build_dir_for(settings.index_dir, newest_build(store)).exists(),
+    }
+    for round_no, (phase, when) in enumerate(phases.items()):
+        add_images(collection, 10 + round_no, 48)
+        many_captions(collection, round_no)
+        start = {"images": image_embeddings(store), "texts": text_embeddings(store), "build": newest_build(store)}
+        assert run_and_kill(settings, collection, lambda: when(start)), f"finished before the kill point: {phase}"
+        report = check_index(settings)
+        assert report.ok, (phase, report.problems)
+        published_captions = store.published_build().n_captions
+    final = IndexBuilder(settings, encoder=encoder).build(collection)
+    report = check_index(settings)
+    assert report.ok and not report.problems, report.problems
+    assert final.n_captions == caption_rows(store) and final.n_images == 18 + 5 * 48
