@@ -289,3 +289,17 @@ def test_check_accepts_a_lossy_index_and_catches_a_swapped_one(settings, encoder
                     build_dir_for(lossy.index_dir, third.build_id) / IMAGES_FILE)
     problems = check_index(lossy).problems
     assert any("rows are missing from images.faiss" in p or "ids are not image rows" in p for p in problems), problems
+
+
+def test_check_reports_a_served_row_whose_stored_vector_is_gone(indexed):
+    from sqlalchemy import delete
+
+    from crossmodal.indexer.check import check_index
+
+    store = Store(indexed.resolved_database_url())
+    with store.session() as s, s.begin():
+        key = s.scalars(select(Embedding.key).where(Embedding.kind == "text")).first()
+        s.execute(delete(Embedding).where(Embedding.kind == "text", Embedding.key == key))
+    report = check_index(indexed)
+    assert not report.ok
+    assert any("caption rows in captions.faiss have no stored embedding" in p for p in report.problems), report.problems
