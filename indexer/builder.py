@@ -25,13 +25,13 @@ from sqlalchemy.orm import Session
 
 from crossmodal.indexer import faiss_index, pixels
 from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
-                                hash_bytes, load_image, nfc, read_captions, scan)
+                                load_image, nfc, read_captions, scan)
 from crossmodal.indexer.encoder import Encoder, check_model_name, keep_freed_memory, load_encoder
 from crossmodal.indexer.hubness import Penalties, load_bank
 from crossmodal.indexer.prefetch import prefetched_batches, read_ahead
 from crossmodal.indexer.settings import Settings
-from crossmodal.indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings, save_embeddings,
-                           utcnow, vectors_from_bytes)
+from crossmodal.indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, caption_key, load_embeddings,
+                                      save_embeddings, utcnow, vectors_from_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ class IndexBuilder:
             if image_id is None:
                 report.captions_for_unknown_images += 1
             else:
-                wanted[(image_id, text)] = hash_bytes(text.encode())
+                wanted[(image_id, text)] = caption_key(text)
         return wanted
 
     @staticmethod

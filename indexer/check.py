@@ -15,10 +15,10 @@ import numpy as np
 from sqlalchemy import select
 
 from crossmodal.indexer import faiss_index
-from crossmodal.indexer.collection import hash_bytes
 from crossmodal.indexer.hubness import Penalties
 from crossmodal.indexer.settings import Settings
-from crossmodal.indexer.store import Build, CaptionRow, ImageRow, Store, load_embeddings, vectors_from_bytes
+from crossmodal.indexer.store import (Build, CaptionRow, ImageRow, Store, caption_key, load_embeddings,
+                                      vectors_from_bytes)
 
 VECTOR_SAMPLE = 20_000  # vectors compared per index: enough to catch a mismatch, quick at 1M
 EXACT_TOLERANCE = 1e-5
@@ -91,7 +91,7 @@ def _check_contents(store: Store, build: Build, manifest: faiss_index.Manifest, 
     build_dir = faiss_index.build_dir_for(index_dir, build.id)
     with store.session() as s:
         images = {i: h for i, h in s.execute(select(ImageRow.id, ImageRow.content_hash))}
-        captions = {i: hash_bytes(t.encode()) for i, t in s.execute(select(CaptionRow.id, CaptionRow.text))}
+        captions = {i: caption_key(t) for i, t in s.execute(select(CaptionRow.id, CaptionRow.text))}
         image_vectors = load_embeddings(s, manifest.model, "image", list(set(images.values())))
         text_vectors = load_embeddings(s, manifest.model, "text", list(set(captions.values())))
         paths = dict(s.execute(select(ImageRow.id, ImageRow.path)).all())

@@ -50,18 +50,26 @@ def _first_hit(neighbours: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return np.where(hits.any(1), hits.argmax(1), neighbours.shape[1])
 
 
-def _top_ids(index, queries: np.ndarray, penalties) -> np.ndarray:
-    """Ids of the top max(KS) per query, hubness-corrected as the search service does."""
-    from crossmodal.indexer import faiss_index, hubness
+def _top_ids(index, index_type: str, queries: np.ndarray, exact, penalties) -> np.ndarray:
+    """Ids of the top max(KS) per query, ranked exactly as the search service ranks them."""
+    from crossmodal.indexer.ranking import ranked
 
     depth = max(KS)
-    scores, ids = faiss_index.search(index, queries, max(depth, hubness.CANDIDATES) if penalties is not None else depth)
     top = []
-    for row_scores, row_ids in zip(scores, ids):
-        found = [(int(i), float(sc)) for sc, i in zip(row_scores, row_ids) if i >= 0]
-        best = [i for i, _ in hubness.corrected(found, penalties)[:depth]]
+    for row in ranked(index, index_type, queries, depth, exact, penalties):
+        best = [i for i, _ in row]
         top.append(best + [-1] * (depth - len(best)))
-    return np.array(top)
+    return np.array(top).reshape(len(queries), depth)
+
+
+def _exact_lookup(build_dir, index_file: str, store, model: str, kind: str):
+    """A lossy index's exact vectors, as the engine reads them: the build's files, else the database."""
+    from functools import partial
+
+    from crossmodal.indexer import faiss_index
+
+    files = faiss_index.ExactVectors.open(build_dir, index_file)
+    return files.get if files is not None else partial(store.vectors_by_id, model, kind)
 
 
 def evaluate_published(settings) -> dict:
@@ -70,9 +78,8 @@ def evaluate_published(settings) -> dict:
     from sqlalchemy import select
 
     from crossmodal.indexer import faiss_index
-    from crossmodal.indexer.collection import hash_bytes
     from crossmodal.indexer.hubness import load_build_penalties
-    from crossmodal.indexer.store import CaptionRow, ImageRow, Store, load_embeddings, vectors_from_bytes
+    from crossmodal.indexer.store import CaptionRow, ImageRow, Store, caption_key, load_embeddings, vectors_from_bytes
 
     store = Store(settings.resolved_database_url())
     build = store.published_build()
@@ -90,19 +97,22 @@ def evaluate_published(settings) -> dict:
         rows = [r for r in rows if r[0] in caption_ids and r[1] in image_ids]
         if not rows:
             raise ValueError("the published collection has no captions: eval needs a captioned collection")
-        text_keys = [hash_bytes(r[2].encode()) for r in rows]
+        text_keys = [caption_key(r[2]) for r in rows]
         query_images = sorted({(r[1], r[3]) for r in rows})
         text_blobs = load_embeddings(s, manifest.model, "text", list(set(text_keys)))
         image_blobs = load_embeddings(s, manifest.model, "image", list({h for _, h in query_images}))
     text_vectors = vectors_from_bytes([text_blobs[k] for k in text_keys], manifest.dim)
     image_vectors = vectors_from_bytes([image_blobs[h] for _, h in query_images], manifest.dim)
     image_penalties, caption_penalties = load_build_penalties(build_dir, settings.hubness_correction)
-    t2i = _top_ids(images, text_vectors, image_penalties)
+    t2i = _top_ids(images, manifest.image_index_type, text_vectors,
+                   _exact_lookup(build_dir, faiss_index.IMAGES_FILE, store, manifest.model, "image"), image_penalties)
     t2i_ranks = _first_hit(t2i, [{r[1]} for r in rows])
     captions_of: dict[int, set[int]] = {}
     for caption_id, image_id, _, _ in rows:
         captions_of.setdefault(image_id, set()).add(caption_id)
-    i2t = _top_ids(captions, image_vectors, caption_penalties)
+    i2t = _top_ids(captions, manifest.caption_index_type, image_vectors,
+                   _exact_lookup(build_dir, faiss_index.CAPTIONS_FILE, store, manifest.model, "caption"),
+                   caption_penalties)
     i2t_ranks = _first_hit(i2t, [captions_of[i] for i, _ in query_images])
     return {"model": manifest.model, "build_id": build.id, "n_images": len(query_images), "n_captions": len(rows),
             "recall": recall_from_ranks(t2i_ranks, i2t_ranks)}

@@ -20,6 +20,7 @@ from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, LargeBinary,
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
+from crossmodal.indexer.collection import hash_bytes
 from crossmodal.indexer.prefetch import read_ahead_in_child_process
 
 
@@ -158,8 +159,32 @@ class Store:
         with self.session() as s:
             return s.scalars(select(Build).order_by(Build.id.desc())).first()
 
+    def vectors_by_id(self, model: str, kind: str, ids: list[int]) -> dict[int, np.ndarray]:
+        """The stored vectors of image (kind "image") or caption ("caption") rows, by row id.
+
+        Rows name their vectors by content: an image by its file hash, a caption by its text's
+        hash. Two queries, the embeddings found by primary key (as one join, SQLite scanned
+        them: 1.3 s at 100k).
+        """
+        with self.engine.connect() as connection:
+            if kind == "image":
+                keys = dict(connection.execute(
+                    select(ImageRow.id, ImageRow.content_hash).where(ImageRow.id.in_(ids))).all())
+            else:
+                keys = {i: caption_key(text) for i, text in
+                        connection.execute(select(CaptionRow.id, CaptionRow.text).where(CaptionRow.id.in_(ids))).all()}
+            blobs = dict(connection.execute(select(Embedding.key, Embedding.vector).where(
+                Embedding.model == model, Embedding.kind == ("image" if kind == "image" else "text"),
+                Embedding.key.in_(set(keys.values())))).all())
+        return {i: np.frombuffer(blobs[key], dtype=np.float32) for i, key in keys.items() if key in blobs}
+
     def close(self) -> None:
         self.engine.dispose()
+
+
+def caption_key(text: str) -> str:
+    """The content key a caption's vector is stored under (the hash of its text)."""
+    return hash_bytes(text.encode())
 
 
 def vector_to_bytes(vector: np.ndarray) -> bytes:

@@ -14,6 +14,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,12 +24,11 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from crossmodal.indexer import faiss_index, hubness, pixels
-from crossmodal.indexer.collection import hash_bytes
+from crossmodal.indexer import faiss_index, hubness, pixels, ranking
 from crossmodal.indexer.encoder import Encoder, load_encoder
 from crossmodal.indexer.hubness import Penalties
 from crossmodal.indexer.settings import Settings
-from crossmodal.indexer.store import Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings
+from crossmodal.indexer.store import Build, CaptionRow, ImageRow, Store
 
 
 class NoIndex(RuntimeError):
@@ -226,9 +226,9 @@ class SearchEngine:
         """`from_text`: the vector is a text's, so the images' hubness penalties apply."""
         snapshot = self.snapshot
         extra = 1 if exclude is not None else 0
-        exact = snapshot.image_vectors.get if snapshot.image_vectors else self._stored_image_vectors
-        ranked = self._ranked(snapshot.images, snapshot.manifest.image_index_type, vector, k + offset + extra,
-                              exact, snapshot.image_penalties if from_text else None)
+        ranked = ranking.ranked(snapshot.images, snapshot.manifest.image_index_type, vector[None, :],
+                                k + offset + extra, self._exact("image", snapshot),
+                                snapshot.image_penalties if from_text else None)[0]
         page = [(i, s) for i, s in ranked if i != exclude][offset:offset + k]
         rows = self._hit_rows([i for i, _ in page])
         return [ImageHit(i, s, *rows[i]) for i, s in page if i in rows]
@@ -237,9 +237,8 @@ class SearchEngine:
                            from_image: bool = False) -> list[CaptionHit]:
         """`from_image`: the vector is an image's, so the captions' hubness penalties apply."""
         snapshot = self.snapshot
-        exact = snapshot.caption_vectors.get if snapshot.caption_vectors else self._stored_caption_vectors
-        ranked = self._ranked(snapshot.captions, snapshot.manifest.caption_index_type, vector, k + offset,
-                              exact, snapshot.caption_penalties if from_image else None)
+        ranked = ranking.ranked(snapshot.captions, snapshot.manifest.caption_index_type, vector[None, :], k + offset,
+                                self._exact("caption", snapshot), snapshot.caption_penalties if from_image else None)[0]
         page = ranked[offset:offset + k]
         query = (select(CaptionRow.id, CaptionRow.text, CaptionRow.image_id, ImageRow.path)
                  .join(ImageRow, CaptionRow.image_id == ImageRow.id).where(CaptionRow.id.in_([i for i, _ in page])))
@@ -247,43 +246,12 @@ class SearchEngine:
             rows = {row[0]: row[1:] for row in connection.execute(query)}
         return [CaptionHit(i, score, *rows[i]) for i, score in page if i in rows]
 
-    def _ranked(self, index: faiss.Index, index_type: str, vector: np.ndarray, depth: int,
-                stored_vectors, penalties: Penalties | None = None) -> list[tuple[int, float]]:
-        """The top `depth` (id, score). A lossy index only proposes candidates: their exact
-        vectors (the build's ExactVectors; the database for older builds) decide the order
-        and give the scores. With hubness penalties, the candidates' scores are corrected
-        before they are ordered."""
-        rerank = faiss_index.rerank_depth(index_type)
-        candidates = max(depth, rerank, hubness.CANDIDATES if penalties is not None else 0)
-        scores, ids = faiss_index.search(index, vector[None, :], candidates)
-        found = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-        if rerank and found:
-            exact = stored_vectors([i for i, _ in found])
-            found = sorted(((i, float(exact[i] @ vector) if i in exact else s) for i, s in found),
-                           key=lambda item: -item[1])
-        return hubness.corrected(found, penalties)[:depth]
-
-    def _stored_image_vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
-        """One query, the embeddings found by primary key (as a join, SQLite scanned them: 1.3 s at 100k)."""
-        hashes = select(ImageRow.content_hash).where(ImageRow.id.in_(ids)).scalar_subquery()
-        with self.store.engine.connect() as connection:
-            blobs = dict(connection.execute(
-                select(Embedding.key, Embedding.vector).where(Embedding.model == self.snapshot.manifest.model,
-                                                              Embedding.kind == "image", Embedding.key.in_(hashes))
-            ).all())
-            rows = connection.execute(select(ImageRow.id, ImageRow.content_hash).where(ImageRow.id.in_(ids)))
-            return {i: np.frombuffer(blobs[key], dtype=np.float32) for i, key in rows if key in blobs}
-
-    def _stored_caption_vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
-        with self.store.session() as s:
-            texts = s.execute(select(CaptionRow.id, CaptionRow.text).where(CaptionRow.id.in_(ids)))
-            keys = {i: hash_bytes(text.encode()) for i, text in texts}
-        return self._stored_vectors("text", keys)
-
-    def _stored_vectors(self, kind: str, keys: dict[int, str]) -> dict[int, np.ndarray]:
-        with self.store.session() as s:
-            blobs = load_embeddings(s, self.snapshot.manifest.model, kind, list(set(keys.values())))
-        return {i: np.frombuffer(blobs[key], dtype=np.float32) for i, key in keys.items() if key in blobs}
+    def _exact(self, kind: str, snapshot: Snapshot) -> ranking.ExactLookup:
+        """A lossy index's exact vectors: the build's files, or the database for builds made before them."""
+        files = snapshot.image_vectors if kind == "image" else snapshot.caption_vectors
+        if files is not None:
+            return files.get
+        return partial(self.store.vectors_by_id, snapshot.manifest.model, kind)
 
     def images_by_text(self, text: str, k: int = 10, offset: int = 0) -> list[ImageHit]:
         return self.images_by_vector(self.text_vector(text), k, offset, from_text=True)
@@ -303,7 +271,7 @@ class SearchEngine:
             self.snapshot.images.reconstruct(int(image_id))  # in the served index, not only in the database
         except (RuntimeError, OverflowError) as err:
             raise NotFound(f"image {image_id} is not in the index") from err
-        stored = self._stored_image_vectors([int(image_id)])
+        stored = self.store.vectors_by_id(self.snapshot.manifest.model, "image", [int(image_id)])
         if int(image_id) not in stored:
             raise NotFound(f"image {image_id} has no stored embedding")
         return stored[int(image_id)]

@@ -77,7 +77,7 @@ def test_correction_can_be_switched_off_at_search_time(indexed, encoder):
     assert engine.snapshot.image_penalties is None and engine.snapshot.caption_penalties is None
     hits = engine.images_by_text("a cat", k=5)
     query = encoder.encode_texts(["a cat"])[0]
-    stored = engine._stored_image_vectors([h.id for h in hits])
+    stored = engine.store.vectors_by_id(engine.snapshot.manifest.model, "image", [h.id for h in hits])
     np.testing.assert_allclose([h.score for h in hits], [stored[h.id] @ query for h in hits], atol=1e-5)
 
 
