@@ -15,7 +15,7 @@ def clean_query(text: str, max_chars: int) -> str:
     """The query without surrounding whitespace; refuses empty, over-long, control-character
     and invisible-only queries (zero-width spaces and joiners look empty and match at random)."""
     if len(text) > max_chars:
-        raise InvalidQuery(f"the query is longer than {max_chars} characters")
+        raise InvalidQuery(f"the query must be at most {max_chars} characters long")
     text = text.strip()
     if not text:
         raise InvalidQuery("the query is empty")

@@ -1,0 +1,98 @@
+"""The searches: text or an uploaded image in, ranked images or captions out.
+
+Uploads are decoded on the service's decode threads in bounded memory (see
+collection.decode_reduced); the app includes this router with the upload body limit.
+"""
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, HTTPException, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image
+
+from crossmodal.indexer.collection import BadImage, decode_reduced
+from crossmodal.search import schemas
+from crossmodal.search.dependencies import EngineDep, ImageId, PageDep, Service, ServiceDep, TextQuery
+from crossmodal.search.engine import CaptionHit, ImageHit
+
+router = APIRouter(tags=["search"])
+Upload = Annotated[UploadFile, File(description="An image file (JPEG, PNG, WebP, GIF, BMP or TIFF).")]
+
+
+@router.get("/v1/images/search", response_model=schemas.ImageSearchResponse)
+def images_by_text(engine: EngineDep, q: TextQuery, page: PageDep):
+    """Text to images."""
+    start = time.perf_counter()
+    return images_response(engine.images_by_text(q, page.k, page.offset), start)
+
+
+@router.post("/v1/images/search", response_model=schemas.ImageSearchResponse)
+async def images_by_image(service: ServiceDep, engine: EngineDep, file: Upload, page: PageDep):
+    """Image to images."""
+    start = time.perf_counter()
+    image = await uploaded_image(file, service)
+    return images_response(await run_in_threadpool(engine.images_by_image, image, page.k, page.offset), start)
+
+
+@router.get("/v1/images/{image_id}/similar", response_model=schemas.ImageSearchResponse)
+def similar_images(engine: EngineDep, image_id: ImageId, page: PageDep):
+    """Indexed image to images (itself excluded)."""
+    start = time.perf_counter()
+    return images_response(engine.similar_images(image_id, page.k, page.offset), start)
+
+
+@router.get("/v1/captions/search", response_model=schemas.CaptionSearchResponse)
+def captions_by_text(engine: EngineDep, q: TextQuery, page: PageDep):
+    """Text to captions."""
+    start = time.perf_counter()
+    return captions_response(engine.captions_by_text(q, page.k, page.offset), start)
+
+
+@router.post("/v1/captions/search", response_model=schemas.CaptionSearchResponse)
+async def captions_by_image(service: ServiceDep, engine: EngineDep, file: Upload, page: PageDep):
+    """Image to captions."""
+    start = time.perf_counter()
+    image = await uploaded_image(file, service)
+    return captions_response(await run_in_threadpool(engine.captions_by_image, image, page.k, page.offset), start)
+
+
+@router.get("/v1/images/{image_id}/captions", response_model=schemas.CaptionSearchResponse)
+def captions_for_image(engine: EngineDep, image_id: ImageId, page: PageDep):
+    """Indexed image to captions (from the whole collection, its own included)."""
+    start = time.perf_counter()
+    return captions_response(engine.captions_for_image(image_id, page.k, page.offset), start)
+
+
+async def uploaded_image(file: UploadFile, service: Service) -> Image.Image:
+    settings = service.settings
+    data = await file.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise HTTPException(413, f"upload larger than the limit of {settings.max_upload_bytes} bytes")
+    try:
+        return await service.decode(decode_reduced, data, settings.max_image_pixels, settings.max_upload_pixels)
+    except BadImage as err:
+        status = 413 if "too many pixels" in str(err) or "too large" in str(err) else 415
+        raise HTTPException(status, f"not a usable image: {err}") from err
+    except Exception as err:  # a decoder's own failure on odd input is the upload's fault, never a 500
+        raise HTTPException(415, f"not a usable image: {type(err).__name__}") from err
+
+
+def image_result(hit: ImageHit) -> schemas.ImageResult:
+    return schemas.ImageResult(**hit.__dict__, url=f"/v1/images/{hit.id}/file",
+                               thumbnail_url=f"/v1/images/{hit.id}/thumbnail")
+
+
+def caption_result(hit: CaptionHit) -> schemas.CaptionResult:
+    return schemas.CaptionResult(**hit.__dict__, thumbnail_url=f"/v1/images/{hit.image_id}/thumbnail")
+
+
+def images_response(hits: list[ImageHit], start: float) -> schemas.ImageSearchResponse:
+    return schemas.ImageSearchResponse(results=[image_result(h) for h in hits],
+                                       took_ms=(time.perf_counter() - start) * 1000)
+
+
+def captions_response(hits: list[CaptionHit], start: float) -> schemas.CaptionSearchResponse:
+    return schemas.CaptionSearchResponse(results=[caption_result(h) for h in hits],
+                                         took_ms=(time.perf_counter() - start) * 1000)

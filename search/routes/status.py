@@ -1,0 +1,31 @@
+"""Liveness, readiness and what is served."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from crossmodal.search import schemas
+from crossmodal.search.dependencies import EngineDep, ServiceDep
+
+router = APIRouter(tags=["service"])
+
+
+@router.get("/health", response_model=schemas.Health)
+def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=schemas.Ready)
+def ready(service: ServiceDep, response: Response):
+    is_ready, reason = service.ready
+    response.status_code = 200 if is_ready else 503
+    return {"ready": is_ready, "reason": reason}
+
+
+@router.get("/v1/stats", response_model=schemas.Stats)
+def stats(engine: EngineDep):
+    snapshot = engine.snapshot
+    build, manifest = snapshot.build, snapshot.manifest
+    return schemas.Stats(images=manifest.n_images, captions=manifest.n_captions, model=manifest.model,
+                         dim=manifest.dim, image_index_type=manifest.image_index_type,
+                         caption_index_type=manifest.caption_index_type, build_id=build.id,
+                         built_at=build.finished_at, collection_root=str(snapshot.collection_root))
