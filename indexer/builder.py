@@ -151,7 +151,8 @@ class IndexBuilder:
         start = time.perf_counter()
         previous = self.store.published_build()
         captions_file = self._captions_source(root, captions_file, previous)
-        parsed = read_captions(captions_file, self.settings.max_captions_bytes) if captions_file else None  # a bad file fails before any work
+        # A bad captions file fails here, before any work.
+        parsed = read_captions(captions_file, self.settings.max_captions_bytes) if captions_file else None
         build_id = self._start_build(root, captions_file, model)
         report = BuildReport(build_id, model, previous.model if previous else None,
                              model_changed=bool(previous and previous.model != model))
@@ -364,8 +365,9 @@ class IndexBuilder:
             blobs = load_embeddings(s, model, kind, list(set(rows.values())))
         return ids, vectors_from_bytes([blobs[rows[i]] for i in ids], dim)
 
-    def _write_and_publish(self, build_id: int, encoder: "_LazyEncoder", images: dict[int, str], captions: dict[int, str],
-                           report: BuildReport, progress: ProgressCallback | None, start: float) -> None:
+    def _write_and_publish(self, build_id: int, encoder: "_LazyEncoder", images: dict[int, str],
+                           captions: dict[int, str], report: BuildReport, progress: ProgressCallback | None,
+                           start: float) -> None:
         _Meter("indexing", 2, progress)
         settings = self.settings
         build_dir = faiss_index.build_dir_for(settings.index_dir, build_id)

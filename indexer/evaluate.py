@@ -62,33 +62,22 @@ def _top_ids(index, index_type: str, queries: np.ndarray, exact, penalties) -> n
     return np.array(top).reshape(len(queries), depth)
 
 
-def _exact_lookup(build_dir, index_file: str, store, model: str, kind: str):
-    """A lossy index's exact vectors, as the engine reads them: the build's files, else the database."""
-    from functools import partial
-
-    from crossmodal.indexer import faiss_index
-
-    files = faiss_index.ExactVectors.open(build_dir, index_file)
-    return files.get if files is not None else partial(store.vectors_by_id, model, kind)
-
-
 def evaluate_published(settings) -> dict:
     """Recall of the published build, measured through its own FAISS indexes (what users get)."""
     import faiss
     from sqlalchemy import select
 
     from crossmodal.indexer import faiss_index
-    from crossmodal.indexer.hubness import load_build_penalties
+    from crossmodal.indexer.ranking import exact_lookup
     from crossmodal.indexer.store import CaptionRow, ImageRow, Store, caption_key, load_embeddings, vectors_from_bytes
 
     store = Store(settings.resolved_database_url())
     build = store.published_build()
     if build is None:
         raise RuntimeError(f"no published index in {settings.index_dir}: run `crossmodal index FOLDER` first")
-    build_dir = faiss_index.build_dir_for(settings.index_dir, build.id)
-    manifest = faiss_index.Manifest.read(build_dir)
-    images = faiss_index.read_index(build_dir / faiss_index.IMAGES_FILE, manifest.search_params)
-    captions = faiss_index.read_index(build_dir / faiss_index.CAPTIONS_FILE, manifest.search_params)
+    opened = faiss_index.open_build(settings.index_dir, build.id, settings.use_gpu_faiss,
+                                    settings.hubness_correction)
+    manifest, images, captions = opened.manifest, opened.images, opened.captions
     image_ids = set(faiss.vector_to_array(images.id_map).tolist())
     caption_ids = set(faiss.vector_to_array(captions.id_map).tolist())
     with store.session() as s:
@@ -103,16 +92,14 @@ def evaluate_published(settings) -> dict:
         image_blobs = load_embeddings(s, manifest.model, "image", list({h for _, h in query_images}))
     text_vectors = vectors_from_bytes([text_blobs[k] for k in text_keys], manifest.dim)
     image_vectors = vectors_from_bytes([image_blobs[h] for _, h in query_images], manifest.dim)
-    image_penalties, caption_penalties = load_build_penalties(build_dir, settings.hubness_correction)
     t2i = _top_ids(images, manifest.image_index_type, text_vectors,
-                   _exact_lookup(build_dir, faiss_index.IMAGES_FILE, store, manifest.model, "image"), image_penalties)
+                   exact_lookup(opened.image_vectors, store, manifest.model, "image"), opened.image_penalties)
     t2i_ranks = _first_hit(t2i, [{r[1]} for r in rows])
     captions_of: dict[int, set[int]] = {}
     for caption_id, image_id, _, _ in rows:
         captions_of.setdefault(image_id, set()).add(caption_id)
     i2t = _top_ids(captions, manifest.caption_index_type, image_vectors,
-                   _exact_lookup(build_dir, faiss_index.CAPTIONS_FILE, store, manifest.model, "caption"),
-                   caption_penalties)
+                   exact_lookup(opened.caption_vectors, store, manifest.model, "caption"), opened.caption_penalties)
     i2t_ranks = _first_hit(i2t, [captions_of[i] for i, _ in query_images])
     return {"model": manifest.model, "build_id": build.id, "n_images": len(query_images), "n_captions": len(rows),
             "recall": recall_from_ranks(t2i_ranks, i2t_ranks)}

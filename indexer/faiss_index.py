@@ -27,11 +27,15 @@ import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
 from crossmodal.indexer.prefetch import read_ahead_in_background
+
+if TYPE_CHECKING:
+    from crossmodal.indexer.hubness import Penalties
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -243,6 +247,33 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
         return index.search(queries, k)
     finally:
         faiss.omp_set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class OpenedBuild:
+    """Everything search needs from a published build directory, opened once."""
+
+    build_dir: Path
+    manifest: Manifest
+    images: faiss.Index
+    captions: faiss.Index
+    image_penalties: "Penalties | None"  # hubness correction of text -> image search
+    caption_penalties: "Penalties | None"  # ... and of image -> caption search
+    image_vectors: ExactVectors | None  # a lossy index's re-rank vectors
+    caption_vectors: ExactVectors | None
+
+
+def open_build(index_dir: Path, build_id: int, use_gpu: bool = True, hubness_correction: bool = True) -> OpenedBuild:
+    """Open a published build: the one place the engine and `crossmodal eval` do it (so they rank alike)."""
+    from crossmodal.indexer.hubness import load_build_penalties
+
+    build_dir = build_dir_for(index_dir, build_id)
+    manifest = Manifest.read(build_dir)
+    images, captions = (read_index(build_dir / name, manifest.search_params, use_gpu)
+                        for name in (IMAGES_FILE, CAPTIONS_FILE))
+    image_penalties, caption_penalties = load_build_penalties(build_dir, hubness_correction)
+    return OpenedBuild(build_dir, manifest, images, captions, image_penalties, caption_penalties,
+                       ExactVectors.open(build_dir, IMAGES_FILE), ExactVectors.open(build_dir, CAPTIONS_FILE))
 
 
 def remove_unpublished(index_dir: Path, keep: set[int]) -> None:

@@ -7,14 +7,21 @@ subtracted; the best `depth` remain. `eval` therefore measures what users get, o
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import faiss
 import numpy as np
 
 from crossmodal.indexer import faiss_index, hubness
 from crossmodal.indexer.hubness import Penalties
+from crossmodal.indexer.store import Store
 
 ExactLookup = Callable[[list[int]], dict[int, np.ndarray]]  # ids -> their exact vectors (absent: unknown)
+
+
+def exact_lookup(files: faiss_index.ExactVectors | None, store: Store, model: str, kind: str) -> ExactLookup:
+    """A lossy index's exact vectors: the build's files, or the database for builds made before them."""
+    return files.get if files is not None else partial(store.vectors_by_id, model, kind)
 
 
 def ranked(index: faiss.Index, index_type: str, queries: np.ndarray, depth: int, exact: ExactLookup | None,

@@ -14,7 +14,6 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,7 +23,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from crossmodal.indexer import faiss_index, hubness, pixels, ranking
+from crossmodal.indexer import faiss_index, pixels, ranking
 from crossmodal.indexer.encoder import Encoder, load_encoder
 from crossmodal.indexer.hubness import Penalties
 from crossmodal.indexer.settings import Settings
@@ -174,16 +173,12 @@ class SearchEngine:
         build = self.store.published_build()
         if build is None or (self._snapshot is not None and self._snapshot.build.id == build.id):
             return False
-        build_dir = faiss_index.build_dir_for(self.settings.index_dir, build.id)
-        manifest = faiss_index.Manifest.read(build_dir)
-        use_gpu = self.settings.use_gpu_faiss
-        images, captions = (faiss_index.read_index(build_dir / name, manifest.search_params, use_gpu)
-                            for name in (faiss_index.IMAGES_FILE, faiss_index.CAPTIONS_FILE))
-        image_penalties, caption_penalties = hubness.load_build_penalties(build_dir, self.settings.hubness_correction)
-        image_vectors, caption_vectors = (faiss_index.ExactVectors.open(build_dir, name)
-                                          for name in (faiss_index.IMAGES_FILE, faiss_index.CAPTIONS_FILE))
-        snapshot = Snapshot(build, manifest, images, captions, Path(build.collection_root),
-                            image_penalties, caption_penalties, image_vectors, caption_vectors)
+        opened = faiss_index.open_build(self.settings.index_dir, build.id, self.settings.use_gpu_faiss,
+                                        self.settings.hubness_correction)
+        manifest = opened.manifest
+        snapshot = Snapshot(build, manifest, opened.images, opened.captions, Path(build.collection_root),
+                            opened.image_penalties, opened.caption_penalties, opened.image_vectors,
+                            opened.caption_vectors)
         if self._encoder is not None and self._encoder.name != manifest.model:
             self._encoder = None  # the new build was made with another model
         self._snapshot = snapshot
@@ -226,9 +221,9 @@ class SearchEngine:
         """`from_text`: the vector is a text's, so the images' hubness penalties apply."""
         snapshot = self.snapshot
         extra = 1 if exclude is not None else 0
+        exact = ranking.exact_lookup(snapshot.image_vectors, self.store, snapshot.manifest.model, "image")
         ranked = ranking.ranked(snapshot.images, snapshot.manifest.image_index_type, vector[None, :],
-                                k + offset + extra, self._exact("image", snapshot),
-                                snapshot.image_penalties if from_text else None)[0]
+                                k + offset + extra, exact, snapshot.image_penalties if from_text else None)[0]
         page = [(i, s) for i, s in ranked if i != exclude][offset:offset + k]
         rows = self._hit_rows([i for i, _ in page])
         return [ImageHit(i, s, *rows[i]) for i, s in page if i in rows]
@@ -237,21 +232,15 @@ class SearchEngine:
                            from_image: bool = False) -> list[CaptionHit]:
         """`from_image`: the vector is an image's, so the captions' hubness penalties apply."""
         snapshot = self.snapshot
+        exact = ranking.exact_lookup(snapshot.caption_vectors, self.store, snapshot.manifest.model, "caption")
         ranked = ranking.ranked(snapshot.captions, snapshot.manifest.caption_index_type, vector[None, :], k + offset,
-                                self._exact("caption", snapshot), snapshot.caption_penalties if from_image else None)[0]
+                                exact, snapshot.caption_penalties if from_image else None)[0]
         page = ranked[offset:offset + k]
         query = (select(CaptionRow.id, CaptionRow.text, CaptionRow.image_id, ImageRow.path)
                  .join(ImageRow, CaptionRow.image_id == ImageRow.id).where(CaptionRow.id.in_([i for i, _ in page])))
         with self.store.engine.connect() as connection:
             rows = {row[0]: row[1:] for row in connection.execute(query)}
         return [CaptionHit(i, score, *rows[i]) for i, score in page if i in rows]
-
-    def _exact(self, kind: str, snapshot: Snapshot) -> ranking.ExactLookup:
-        """A lossy index's exact vectors: the build's files, or the database for builds made before them."""
-        files = snapshot.image_vectors if kind == "image" else snapshot.caption_vectors
-        if files is not None:
-            return files.get
-        return partial(self.store.vectors_by_id, snapshot.manifest.model, kind)
 
     def images_by_text(self, text: str, k: int = 10, offset: int = 0) -> list[ImageHit]:
         return self.images_by_vector(self.text_vector(text), k, offset, from_text=True)

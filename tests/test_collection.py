@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from crossmodal.indexer import collection
-from crossmodal.indexer.collection import BadImage, FileEntry, decode_image, decode_pixels, load_image, read_captions, scan
+from crossmodal.indexer.collection import (BadImage, FileEntry, decode_image, decode_pixels, load_image, read_captions,
+                                           scan)
 from tests.conftest import solid_image
 
 

@@ -108,7 +108,8 @@ def many_captions(collection, round_no: int, n: int = 3000) -> None:
     names = sorted(p.name for p in collection.glob("*.*") if p.suffix != ".tsv")
     with open(collection / "captions.tsv", "a") as captions:
         for i in range(n):
-            captions.write(f"{names[i % len(names)]}\tround {round_no}, caption {i}: a photo of thing {i * 7919 % 997}\n")
+            thing = i * 7919 % 997
+            captions.write(f"{names[i % len(names)]}\tround {round_no}, caption {i}: a photo of thing {thing}\n")
 
 
 def test_check_passes_after_a_kill_in_any_phase_and_the_resume_passes_too(settings, encoder, collection):

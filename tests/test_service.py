@@ -88,7 +88,8 @@ def test_image_detail_file_and_cached_thumbnail(client, collection):
 @pytest.mark.parametrize("params, fragment", [
     ({"q": ""}, "empty"), ({"q": "   "}, "empty"), ({"q": "x" * 501}, "at most 500"),
     ({"q": "a\x00b"}, "control characters"), ({"q": "cat", "k": 0}, "greater than or equal to 1"),
-    ({"q": "cat", "k": 101}, "k must be at most 100"), ({"q": "cat", "offset": 1001}, "offset must be at most 1000"), ({"q": "cat", "offset": -1}, "greater than"),
+    ({"q": "cat", "k": 101}, "k must be at most 100"),
+    ({"q": "cat", "offset": 1001}, "offset must be at most 1000"), ({"q": "cat", "offset": -1}, "greater than"),
     ({"q": "cat", "k": "many"}, "valid integer"), ({}, "Field required"),
 ])
 def test_bad_query_parameters_are_422_with_reason(client, params, fragment):

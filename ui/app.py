@@ -12,7 +12,8 @@ from datetime import datetime
 import streamlit as st
 
 from crossmodal.search import schemas
-from crossmodal.ui.client import RebuildRunning, Rejected, SearchClient, ServiceDown, ServiceError, ServiceNotReady, Upload
+from crossmodal.ui.client import (RebuildRunning, Rejected, SearchClient, ServiceDown, ServiceError, ServiceNotReady,
+                                  Upload)
 from crossmodal.ui.settings import get_ui_settings
 
 VIEWS = ("Text → images", "Image → captions", "Index")
