@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from crossmodal.indexer import faiss_index, pixels
@@ -30,8 +29,9 @@ from crossmodal.indexer.encoder import Encoder, check_model_name, keep_freed_mem
 from crossmodal.indexer.hubness import Penalties, load_bank
 from crossmodal.indexer.prefetch import prefetched_batches, read_ahead
 from crossmodal.indexer.settings import Settings
-from crossmodal.indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, caption_key, load_embeddings,
-                                      save_embeddings, utcnow, vectors_from_bytes)
+from crossmodal.indexer.store import (Build, Store, caption_key, caption_row_ids, image_ids_by_path, image_row_ids,
+                                      load_embeddings, publish_build, save_embeddings, set_build_report,
+                                      vectors_from_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -187,29 +187,19 @@ class IndexBuilder:
         return found
 
     def _start_build(self, root: Path, captions_file: Path | None, model: str) -> int:
-        with self.store.session() as s, s.begin():
-            # Builds left 'building' by a killed process are over; their embeddings are reused.
-            s.execute(update(Build).where(Build.status == "building").values(status="failed"))
-            build = Build(model=model, collection_root=str(root),
-                          captions_file=str(captions_file) if captions_file else None)
-            s.add(build)
-            s.flush()
-            return build.id
+        return self.store.start_build(str(root), str(captions_file) if captions_file else None, model)
 
     def _fail(self, build_id: int, err: BaseException) -> None:
-        with contextlib.suppress(Exception), self.store.session() as s, s.begin():
-            s.execute(update(Build).where(Build.id == build_id).values(
-                status="failed", finished_at=utcnow(), report={"error": f"{type(err).__name__}: {err}"}))
+        with contextlib.suppress(Exception):
+            self.store.fail_build(build_id, f"{type(err).__name__}: {err}")
 
     # -- images ----------------------------------------------------------------------------
 
     def _index_images(self, entries: list[FileEntry], lazy: "_LazyEncoder", build_id: int, report: BuildReport,
                       progress: ProgressCallback | None) -> dict[int, str]:
         """Returns {image row id: content hash} of every image in the new build."""
+        known = self.store.image_rows_by_path()
         with self.store.session() as s:
-            known = defaultdict(list)
-            for row in s.scalars(select(ImageRow)):
-                known[row.path].append(row)
             unchanged = {}
             for entry in entries:
                 row = next((r for r in known.get(entry.path, ())
@@ -270,27 +260,11 @@ class IndexBuilder:
 
     @staticmethod
     def _image_rows(s: Session, items: list[LoadedImage], build_id: int) -> dict[int, str]:
-        """{row id: content hash} of these files (a changed file gets a new row): one query, one
-        bulk insert of plain rows. With the vectors' single insert, database work in a build went
-        from 0.13 ms a photo (ORM objects, vectors per model batch) to 0.05 ms."""
-        existing = {(path, content_hash): row_id for row_id, path, content_hash in s.execute(
-            select(ImageRow.id, ImageRow.path, ImageRow.content_hash).where(
-                ImageRow.path.in_({item.entry.path for item in items})))}
-        touched, new = {}, {}
-        for item in items:
-            key = (item.entry.path, item.content_hash)
-            if key in existing:
-                touched[existing[key]] = {"id": existing[key], "bytes": item.entry.bytes, "mtime": item.entry.mtime}
-            else:
-                new[key] = {"path": item.entry.path, "content_hash": item.content_hash, "build_id": build_id,
-                            "bytes": item.entry.bytes, "width": item.width, "height": item.height,
-                            "mtime": item.entry.mtime}
-        if touched:
-            s.execute(update(ImageRow), list(touched.values()))
-        if new:
-            ids = s.scalars(insert(ImageRow).returning(ImageRow.id, sort_by_parameter_order=True), list(new.values()))
-            existing.update(zip(new, ids))
-        return {existing[(item.entry.path, item.content_hash)]: item.content_hash for item in items}
+        """{row id: content hash} of these files (store.image_row_ids)."""
+        ids = image_row_ids(s, [{"path": item.entry.path, "content_hash": item.content_hash, "build_id": build_id,
+                                 "bytes": item.entry.bytes, "width": item.width, "height": item.height,
+                                 "mtime": item.entry.mtime} for item in items])
+        return {row_id: item.content_hash for row_id, item in zip(ids, items)}
 
     # -- captions --------------------------------------------------------------------------
 
@@ -321,7 +295,7 @@ class IndexBuilder:
         """{(image row id, caption): text hash} of the captions whose image is in the build; an
         image is named by its path in the collection, or by its file name where that is unique."""
         ids = set(images)
-        paths = {nfc(p): i for p, i in s.execute(select(ImageRow.path, ImageRow.id)) if i in ids}
+        paths = {nfc(p): i for p, i in image_ids_by_path(s).items() if i in ids}
         by_name = defaultdict(list)
         for path, image_id in paths.items():
             by_name[path.rsplit("/", 1)[-1]].append(image_id)
@@ -336,15 +310,9 @@ class IndexBuilder:
 
     @staticmethod
     def _caption_rows(s: Session, wanted: dict[tuple[int, str], str]) -> dict[int, str]:
-        """{caption row id: text hash}: rows that exist are kept, the others bulk-inserted."""
-        existing = {(image_id, text): row_id for row_id, image_id, text in s.execute(
-            select(CaptionRow.id, CaptionRow.image_id, CaptionRow.text))}
-        new = [key for key in wanted if key not in existing]
-        if new:
-            ids = s.scalars(insert(CaptionRow).returning(CaptionRow.id, sort_by_parameter_order=True),
-                            [{"image_id": image_id, "text": text} for image_id, text in new])
-            existing.update(zip(new, ids))
-        return {existing[key]: text_hash for key, text_hash in wanted.items()}
+        """{caption row id: text hash} (store.caption_row_ids)."""
+        ids = caption_row_ids(s, list(wanted))
+        return {ids[key]: text_hash for key, text_hash in wanted.items()}
 
     def _embed_texts(self, todo: dict[str, str], lazy: "_LazyEncoder", meter: _Meter) -> None:
         """Embed {text hash: text}, committing each 1,024 (a resumable step)."""
@@ -401,43 +369,18 @@ class IndexBuilder:
         _Meter("done", 0, progress)
 
     def _previous_published(self, build_id: int) -> list[int]:
-        with self.store.session() as s:
-            prev = s.scalars(select(Build.id).where(Build.status == "superseded", Build.id < build_id)
-                             .order_by(Build.id.desc()).limit(1)).all()
-        return list(prev)
+        return self.store.previous_published(build_id)
 
     def _publish(self, build_id: int, encoder: "_LazyEncoder", images: dict[int, str], captions: dict[int, str],
                  report: BuildReport) -> None:
         """The atomic switch: one transaction makes the new build current and drops stale rows."""
         with self.store.session() as s, s.begin():
-            live_images = set(images)
-            stale_images = [i for i in s.scalars(select(ImageRow.id)) if i not in live_images]
-            stale_captions = [i for i in s.scalars(select(CaptionRow.id)) if i not in captions]
-            for chunk in _chunks(stale_captions):
-                s.execute(delete(CaptionRow).where(CaptionRow.id.in_(chunk)))
-            for chunk in _chunks(stale_images):
-                s.execute(delete(CaptionRow).where(CaptionRow.image_id.in_(chunk)))
-                s.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
-            report.n_removed = len(stale_images)
-            self._drop_unused_embeddings(s, encoder.name, set(images.values()), set(captions.values()))
-            s.execute(update(Build).where(Build.status == "published").values(status="superseded"))
-            s.execute(update(Build).where(Build.id == build_id).values(
-                status="published", dim=encoder.dim, image_index_type=report.image_index_type,
-                caption_index_type=report.caption_index_type, n_images=report.n_images,
-                n_captions=report.n_captions, n_embedded=report.n_embedded, n_reused=report.n_reused,
-                n_skipped=len(report.skipped), report=report.to_dict(), finished_at=utcnow(),
-                seconds=report.seconds))
-
-    @staticmethod
-    def _drop_unused_embeddings(s: Session, model: str, image_keys: set[str], text_keys: set[str]) -> None:
-        """Keep the stored vectors the published build uses; other models' vectors go."""
-        s.execute(delete(Embedding).where(Embedding.model != model))
-        for kind, keep in (("image", image_keys), ("text", text_keys)):
-            unused = [k for k in s.scalars(select(Embedding.key).where(Embedding.model == model,
-                                                                        Embedding.kind == kind)) if k not in keep]
-            for chunk in _chunks(unused):
-                s.execute(delete(Embedding).where(Embedding.model == model, Embedding.kind == kind,
-                                                  Embedding.key.in_(chunk)))
+            report.n_removed = publish_build(s, build_id, images, captions, encoder.name, {
+                "dim": encoder.dim, "image_index_type": report.image_index_type,
+                "caption_index_type": report.caption_index_type, "n_images": report.n_images,
+                "n_captions": report.n_captions, "n_embedded": report.n_embedded, "n_reused": report.n_reused,
+                "n_skipped": len(report.skipped), "seconds": report.seconds})
+            set_build_report(s, build_id, report.to_dict())  # with n_removed, known only now
 
 
 class _LazyEncoder:
@@ -452,8 +395,3 @@ class _LazyEncoder:
     @property
     def dim(self) -> int:
         return self._dim or self.get().dim
-
-
-def _chunks(items: list, size: int = 900) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]

@@ -12,13 +12,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from sqlalchemy import select
 
 from crossmodal.indexer import faiss_index
 from crossmodal.indexer.hubness import Penalties
 from crossmodal.indexer.settings import Settings
-from crossmodal.indexer.store import (Build, CaptionRow, ImageRow, Store, caption_key, load_embeddings,
-                                      vectors_from_bytes)
+from crossmodal.indexer.store import (Build, Store, vectors_from_bytes)
 
 VECTOR_SAMPLE = 20_000  # vectors compared per index: enough to catch a mismatch, quick at 1M
 EXACT_TOLERANCE = 1e-5
@@ -58,8 +56,7 @@ def check_index(settings: Settings) -> CheckReport:
 
 def _check_other_builds(store: Store, index_dir: Path, published: int, report: CheckReport) -> bool:
     """Warn of interrupted builds; True when one newer than the published build left pending rows."""
-    with store.session() as s:
-        statuses = dict(s.execute(select(Build.id, Build.status)).all())
+    statuses = store.build_statuses()
     for build_id, status in sorted(statuses.items()):
         if status == "building":
             report.warnings.append(f"build {build_id} was interrupted; the next `crossmodal index` reuses its work")
@@ -89,12 +86,10 @@ def _check_manifest(build: Build, index_dir: Path, report: CheckReport) -> faiss
 def _check_contents(store: Store, build: Build, manifest: faiss_index.Manifest, index_dir: Path, pending: bool,
                     report: CheckReport) -> None:
     build_dir = faiss_index.build_dir_for(index_dir, build.id)
-    with store.session() as s:
-        images = {i: h for i, h in s.execute(select(ImageRow.id, ImageRow.content_hash))}
-        captions = {i: caption_key(t) for i, t in s.execute(select(CaptionRow.id, CaptionRow.text))}
-        image_vectors = load_embeddings(s, manifest.model, "image", list(set(images.values())))
-        text_vectors = load_embeddings(s, manifest.model, "text", list(set(captions.values())))
-        paths = dict(s.execute(select(ImageRow.id, ImageRow.path)).all())
+    images, captions = store.image_keys(), store.caption_keys()
+    image_vectors = store.embeddings(manifest.model, "image", list(set(images.values())))
+    text_vectors = store.embeddings(manifest.model, "text", list(set(captions.values())))
+    paths = store.image_paths()
     report.counts = {"images": len(images), "captions": len(captions)}
     for kind, file_name, rows, stored, index_type in (
             ("image", faiss_index.IMAGES_FILE, images, image_vectors, manifest.image_index_type),

@@ -65,11 +65,10 @@ def _top_ids(index, index_type: str, queries: np.ndarray, exact, penalties) -> n
 def evaluate_published(settings) -> dict:
     """Recall of the published build, measured through its own FAISS indexes (what users get)."""
     import faiss
-    from sqlalchemy import select
 
     from crossmodal.indexer import faiss_index
     from crossmodal.indexer.ranking import exact_lookup
-    from crossmodal.indexer.store import CaptionRow, ImageRow, Store, caption_key, load_embeddings, vectors_from_bytes
+    from crossmodal.indexer.store import Store, caption_key, vectors_from_bytes
 
     store = Store(settings.resolved_database_url())
     build = store.published_build()
@@ -80,16 +79,13 @@ def evaluate_published(settings) -> dict:
     manifest, images, captions = opened.manifest, opened.images, opened.captions
     image_ids = set(faiss.vector_to_array(images.id_map).tolist())
     caption_ids = set(faiss.vector_to_array(captions.id_map).tolist())
-    with store.session() as s:
-        rows = s.execute(select(CaptionRow.id, CaptionRow.image_id, CaptionRow.text, ImageRow.content_hash)
-                         .join(ImageRow, CaptionRow.image_id == ImageRow.id)).all()
-        rows = [r for r in rows if r[0] in caption_ids and r[1] in image_ids]
-        if not rows:
-            raise ValueError("the published collection has no captions: eval needs a captioned collection")
-        text_keys = [caption_key(r[2]) for r in rows]
-        query_images = sorted({(r[1], r[3]) for r in rows})
-        text_blobs = load_embeddings(s, manifest.model, "text", list(set(text_keys)))
-        image_blobs = load_embeddings(s, manifest.model, "image", list({h for _, h in query_images}))
+    rows = [r for r in store.captioned_images() if r[0] in caption_ids and r[1] in image_ids]
+    if not rows:
+        raise ValueError("the published collection has no captions: eval needs a captioned collection")
+    text_keys = [caption_key(r[2]) for r in rows]
+    query_images = sorted({(r[1], r[3]) for r in rows})
+    text_blobs = store.embeddings(manifest.model, "text", list(set(text_keys)))
+    image_blobs = store.embeddings(manifest.model, "image", list({h for _, h in query_images}))
     text_vectors = vectors_from_bytes([text_blobs[k] for k in text_keys], manifest.dim)
     image_vectors = vectors_from_bytes([image_blobs[h] for _, h in query_images], manifest.dim)
     t2i = _top_ids(images, manifest.image_index_type, text_vectors,

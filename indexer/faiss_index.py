@@ -108,6 +108,13 @@ def default_search_params(index_type: str) -> dict[str, int]:
     return {}
 
 
+def find_sorted(sorted_ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, found) of `wanted` ids in `sorted_ids` (non-empty): one binary search each.
+    The lookup of per-id arrays stored sorted by id (exact vectors, hubness penalties)."""
+    pos = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
+    return pos, sorted_ids[pos] == wanted
+
+
 @dataclass(frozen=True)
 class ExactVectors:
     """The full vectors of a lossy index, memory-mapped from the build directory, for re-ranking.
@@ -146,8 +153,7 @@ class ExactVectors:
         wanted = np.asarray(ids, dtype=np.int64)
         if not len(self.ids) or not len(wanted):
             return {}
-        pos = np.minimum(np.searchsorted(self.ids, wanted), len(self.ids) - 1)
-        found = self.ids[pos] == wanted
+        pos, found = find_sorted(self.ids, wanted)
         rows = self.vectors[pos[found]]  # one gather: a copy, so nothing refers to the mapping
         return dict(zip(wanted[found].tolist(), rows))
 

@@ -78,8 +78,10 @@ class Penalties:
         ids = np.asarray(ids, dtype=np.int64)
         if not len(self.ids):
             return np.zeros(len(ids), dtype=np.float32)
-        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-        return np.where(self.ids[pos] == ids, self.values[pos], 0.0).astype(np.float32)
+        from crossmodal.indexer.faiss_index import find_sorted
+
+        pos, found = find_sorted(self.ids, ids)
+        return np.where(found, self.values[pos], 0.0).astype(np.float32)
 
     def save(self, path: Path) -> None:
         with path.open("wb") as f:  # np.savez would append .npz to a name without it
