@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -107,6 +110,22 @@ def serving(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextlib.contextmanager
+def service_process(index_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`crossmodal serve` as an operator starts it, in its own process; yields its base URL and the process."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "crossmodal.cli", "serve", "--index-dir", str(index_dir),
+                                "--port", str(port)], env={**os.environ, "CROSSMODAL_DEVICE": "cpu"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_answers(f"{base}/ready", timeout=120)
+        yield base, process
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 @pytest.fixture

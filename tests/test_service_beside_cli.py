@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import httpx
 
-from tests.conftest import free_port, solid_image, wait_until_answers
+from tests.conftest import service_process, solid_image
 
 
 def cli(settings, *args: str) -> subprocess.CompletedProcess:
@@ -25,17 +25,8 @@ def cli(settings, *args: str) -> subprocess.CompletedProcess:
 
 @contextmanager
 def service(settings):
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "crossmodal.cli", "serve", "--index-dir", str(settings.index_dir),
-                                "--port", str(port)], env={**os.environ, "CROSSMODAL_DEVICE": "cpu"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_until_answers(f"{base}/ready", timeout=120)
+    with service_process(settings.index_dir) as (base, _):
         yield base
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 def rebuild(base: str, collection) -> int:

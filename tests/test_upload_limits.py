@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,7 +18,7 @@ import pytest
 from PIL import Image
 
 from crossmodal.indexer.builder import IndexBuilder
-from tests.conftest import free_port, wait_until_answers
+from tests.conftest import service_process
 
 MEMORY_BUDGET = 300 * 2**20
 LATENCY_BUDGET = 1.0
@@ -65,17 +63,8 @@ def reset_peak(pid: int) -> int:
 @pytest.fixture
 def service(settings, encoder, collection):
     IndexBuilder(settings, encoder=encoder).build(collection)
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "crossmodal.cli", "serve", "--index-dir", str(settings.index_dir),
-                                "--port", str(port)], env={**os.environ, "CROSSMODAL_DEVICE": "cpu"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_until_answers(f"{base}/ready", timeout=120)
+    with service_process(settings.index_dir) as (base, process):
         yield base, process.pid, collection
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 def upload(http: httpx.Client, data: bytes) -> httpx.Response:
