@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from crossmodal.indexer.builder import IndexBuilder, Progress  # noqa: E402
 from crossmodal.indexer.collection import decode_image  # noqa: E402
-from crossmodal.indexer.encoder import Encoder, load_encoder  # noqa: E402
+from crossmodal.indexer.encoder import Encoder, keep_freed_memory, load_encoder  # noqa: E402
 from crossmodal.indexer.pixels import stack  # noqa: E402
 from crossmodal.indexer.settings import Settings  # noqa: E402
 from tests.benchmarks.results_file import FLICKR8K, record  # noqa: E402
@@ -125,6 +125,7 @@ def main() -> None:
     settings = Settings(index_dir=index_dir, device=args.device)
 
     start = time.perf_counter()
+    keep_freed_memory()  # as IndexBuilder does when it loads the model for `crossmodal index`
     encoder = load_encoder(settings.model, settings.device)
     load_seconds = time.perf_counter() - start
     print(f"{len(images)} photos; model {encoder.name} on {encoder.device} loaded in {load_seconds:.1f} s")
