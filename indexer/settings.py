@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     thumbnail_size: int = 256
     cors_origins: list[str] = ["http://localhost:8501", "http://127.0.0.1:8501"]  # the UI's default origin
     # When set, rebuild endpoints need `Authorization: Bearer <token>`; set it whenever the
-    # service listens beyond localhost. The UI sends it from the same variable.
+    # service listens beyond localhost. The UI holds none: its users type it into the rebuild form.
     admin_token: str = ""
     # Models a rebuild request may name, besides `model`: a request can otherwise make the
     # service download and run anything open_clip can load.
