@@ -99,7 +99,7 @@ def index(
                     fg=typer.colors.YELLOW)
     _echo(f"build {report.build_id} published to {settings.index_dir}")
     _echo(f"  images:   {report.n_images} ({report.n_embedded} embedded, {report.n_reused} reused, "
-               f"{report.n_removed} removed), index {report.image_index_type}")
+          f"{report.n_removed} removed), index {report.image_index_type}")
     _echo(f"  captions: {report.n_captions}, index {report.caption_index_type}")
     _echo(f"  time:     {report.seconds:.1f} s ({report.images_per_second:.1f} images/s)")
     if report.captions_for_unknown_images:
@@ -227,8 +227,8 @@ def train(
     _echo(f"zero-shot label-bridged baseline:\n{format_table(report['label_bridged_baseline'])}")
     for run in report["runs"]:
         _echo(f"seed {run['seed']} ({run['seconds']:.0f} s), without hubness correction:\n"
-                   f"{format_table(run['dev_without_hubness'])}\n"
-                   f"with hubness correction {run['hubness']}:\n{format_table(run['dev'])}")
+              f"{format_table(run['dev_without_hubness'])}\n"
+              f"with hubness correction {run['hubness']}:\n{format_table(run['dev'])}")
     _echo(f"saved {', '.join(report['saved'])} ({report['saved_bytes']} bytes)")
 
 

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 from stat import S_ISREG
 
 import numpy as np
@@ -129,19 +130,34 @@ def _entry(path: Path, root: Path) -> FileEntry | SkippedFile:
     return FileEntry(rel, path, stat.st_size, stat.st_mtime)
 
 
-def read_regular_file(path: Path, max_bytes: int) -> bytes:
-    """A file's bytes, opened so that nothing but a regular file is ever read or waited on.
+class NotRegularFile(OSError):
+    """A FIFO, device or socket where a file was expected."""
+
+
+def open_regular_file(path: Path) -> BinaryIO:
+    """Open for reading so that nothing but a regular file is ever read or waited on.
 
     O_NONBLOCK makes opening a FIFO (or a device) return at once; it is then refused. A
-    file swapped for one after the scan is refused the same way.
+    file swapped for one after a check is refused the same way. Every reader of a user's
+    files opens them here: images, caption files, and files the service serves.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not S_ISREG(info.st_mode):
-            raise BadImage("not a regular file")
-        if info.st_size > max_bytes:
-            raise BadImage(f"file too large: {info.st_size} bytes exceeds the limit of {max_bytes}")
+    handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb")
+    if not S_ISREG(os.fstat(handle.fileno()).st_mode):
+        handle.close()
+        raise NotRegularFile(f"not a regular file: {path}")
+    return handle
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """A regular file's bytes (open_regular_file), refused when larger than `max_bytes`."""
+    try:
+        handle = open_regular_file(path)
+    except NotRegularFile as err:
+        raise BadImage("not a regular file") from err
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > max_bytes:
+            raise BadImage(f"file too large: {size} bytes exceeds the limit of {max_bytes}")
         return handle.read(max_bytes + 1)
 
 
@@ -362,13 +378,14 @@ def read_captions(path: Path, max_bytes: int = 512 * 2**20) -> Captions:
     suffix = path.suffix.lower()
     if suffix not in CAPTION_SUFFIXES:
         raise ValueError(f"captions file must be .tsv, .csv or .jsonl: {path}")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as raw:
-        info = os.fstat(fd)
-        if not S_ISREG(info.st_mode):
-            raise ValueError(f"captions file is not a regular file: {path}")
-        if info.st_size > max_bytes:
-            raise ValueError(f"captions file is {info.st_size} bytes, over the limit of {max_bytes}: {path}")
+    try:
+        raw = open_regular_file(path)
+    except NotRegularFile as err:
+        raise ValueError(f"captions file is not a regular file: {path}") from err
+    with raw:
+        size = os.fstat(raw.fileno()).st_size
+        if size > max_bytes:
+            raise ValueError(f"captions file is {size} bytes, over the limit of {max_bytes}: {path}")
         text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
         reader = {".jsonl": _read_jsonl, ".tsv": _read_tsv, ".csv": _read_csv}[suffix]
         return reader(text, path.name)

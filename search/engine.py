@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import stat
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from crossmodal.indexer import faiss_index, pixels, ranking
+from crossmodal.indexer.collection import open_regular_file
 from crossmodal.indexer.encoder import Encoder, load_encoder
 from crossmodal.indexer.hubness import Penalties
 from crossmodal.indexer.settings import Settings
@@ -286,11 +286,10 @@ class SearchEngine:
         row = self.image(image_id)
         root = self.snapshot.collection_root.resolve()
         try:
-            fd = os.open(root / row.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+            handle = open_regular_file(root / row.path)  # NotRegularFile is an OSError
         except OSError as err:
             raise NotFound(f"file of image {image_id} is not available") from err
-        handle = os.fdopen(fd, "rb")
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or root not in _opened_path(fd, root / row.path).parents:
+        if root not in _opened_path(handle.fileno(), root / row.path).parents:
             handle.close()
             raise NotFound(f"file of image {image_id} is not available")
         return handle

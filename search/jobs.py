@@ -31,10 +31,10 @@ class JobManager:
         self._thread: threading.Thread | None = None
 
     def start(self, collection: Path, captions: Path | None, model: str | None) -> Job:
-        if model is not None and model not in self.settings.rebuild_models():
-            raise ValueError(f"model {model!r} is not allowed here; this service rebuilds with "
-                             f"{', '.join(self.settings.rebuild_models())} (CROSSMODAL_ALLOWED_MODELS)")
         if model is not None:
+            if model not in self.settings.rebuild_models():
+                raise ValueError(f"model {model!r} is not allowed here; this service rebuilds with "
+                                 f"{', '.join(self.settings.rebuild_models())} (CROSSMODAL_ALLOWED_MODELS)")
             check_model_name(model)
         if not collection.is_dir():
             raise FileNotFoundError(f"collection folder not found: {collection}")

@@ -78,17 +78,29 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"ui-{name}.png"), full_page=True)
 
 
-def test_three_flows_in_a_real_browser(browser, ui_url, collection):
+def open_ui(browser, url: str, on_request=None):
+    """A desktop-sized page on the UI, once the service is ready; `on_request` sees every request it makes."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(60_000)
-    page.goto(ui_url)
+    if on_request is not None:
+        page.on("request", on_request)
+    page.goto(url)
     page.get_by_text("Service ready").wait_for()
+    return page
+
+
+def search_text(page, text: str) -> None:
+    query = page.get_by_label("Query")
+    query.fill(text)
+    query.press("Enter")
+    page.get_by_text(f"images for “{text}”").wait_for()
+
+
+def test_three_flows_in_a_real_browser(browser, ui_url, collection):
+    page = open_ui(browser, ui_url)
 
     # Text -> images: type a query, see thumbnails (real <img> elements that loaded), open one large.
-    query = page.get_by_label("Query")
-    query.fill("a man with a camera")
-    query.press("Enter")
-    page.get_by_text("images for “a man with a camera”").wait_for()
+    search_text(page, "a man with a camera")
     results = page.locator(THUMBNAILS)
     results.nth(11).wait_for()
     assert results.count() == 12
@@ -126,16 +138,9 @@ def test_three_flows_in_a_real_browser(browser, ui_url, collection):
 def test_captions_are_shown_as_text_not_rendered_as_markdown(browser, ui_url, live_server):
     results = httpx.get(f"{live_server}/v1/images/search", params={"q": "a black horse silhouette", "k": 18}).json()
     horse = next(r["id"] for r in results["results"] if r["path"] == "horse.png")
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(60_000)
     requested: list[str] = []
-    page.on("request", lambda request: requested.append(request.url))
-    page.goto(ui_url)
-    page.get_by_text("Service ready").wait_for()
-    query = page.get_by_label("Query")
-    query.fill("a black horse silhouette")
-    query.press("Enter")
-    page.get_by_text("images for").wait_for()
+    page = open_ui(browser, ui_url, on_request=lambda request: requested.append(request.url))
+    search_text(page, "a black horse silhouette")
     page.locator(f".st-key-text-open-{horse} button").click()
     page.get_by_role("button", name="Describe it (captions)").wait_for()  # the opened result's panel
     shot(page, "hostile-caption")
