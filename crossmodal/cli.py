@@ -81,7 +81,8 @@ def index(
     json_out: JsonOut = False,
 ) -> None:
     """Build or update the index of COLLECTION (only new or changed files are embedded)."""
-    from crossmodal.indexer.builder import BuildInProgress, IndexBuilder
+    from crossmodal.indexer.builder import IndexBuilder
+    from crossmodal.indexer.store import BuildInProgress
 
     settings = _settings(index_dir=index_dir, model=model, index_factory=index_type, device=device)
     bars = _ProgressBars(enabled=not json_out)
@@ -321,6 +322,20 @@ def up(index_dir: IndexDir = None) -> None:
     raise typer.Exit(run_until_interrupted([service, interface]))
 
 
+@app.command()
+def migrate(index_dir: IndexDir = None) -> None:
+    """Bring the metadata database's schema up to date (every command does this on its own when needed)."""
+    from crossmodal.indexer.store import SCHEMA_REVISION, create_db_engine, migrate_schema, schema_revision
+
+    url = _settings(index_dir=index_dir).resolved_database_url()
+    engine = create_db_engine(url, migrate=False)
+    before = schema_revision(engine)
+    migrate_schema(engine)
+    engine.dispose()
+    _echo(f"schema at revision {SCHEMA_REVISION}" + ("" if before == SCHEMA_REVISION
+                                                      else f" (upgraded from {before or 'none or 0001'})"))
+
+
 @app.command("demo-data")
 def demo_data(dest: Annotated[Path, typer.Argument(help="Folder to write the sample collection to.")]) -> None:
     """Write the sample collection (scikit-image's photos with our captions) to DEST."""
@@ -329,5 +344,16 @@ def demo_data(dest: Annotated[Path, typer.Argument(help="Folder to write the sam
     _echo(f"sample collection written to {write_sample_collection(dest)}")
 
 
+def main() -> None:
+    """The `crossmodal` command: Typer's app, with a database it cannot open reported as one line."""
+    from crossmodal.indexer.store import SchemaError
+
+    try:
+        app()
+    except SchemaError as err:
+        typer.secho(f"error: {shown(str(err))}", fg=typer.colors.RED, err=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

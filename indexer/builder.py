@@ -9,12 +9,11 @@ database transaction (see faiss_index.py for the layout).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,9 +28,9 @@ from crossmodal.indexer.encoder import Encoder, check_model_name, keep_freed_mem
 from crossmodal.indexer.hubness import Penalties, load_bank
 from crossmodal.indexer.prefetch import prefetched_batches, read_ahead
 from crossmodal.indexer.settings import Settings
-from crossmodal.indexer.store import (Build, Store, caption_key, caption_row_ids, image_ids_by_path, image_row_ids,
-                                      load_embeddings, publish_build, save_embeddings, set_build_report,
-                                      vectors_from_bytes)
+from crossmodal.indexer.store import (Build, Store, caption_key, caption_row_ids,
+                                      image_ids_by_path, image_row_ids, load_embeddings, publish_build,
+                                      save_embeddings, set_build_report, vectors_from_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +45,6 @@ def decode_threads(configured: int, encoder: Encoder) -> int:
     if configured >= 0:
         return configured
     return min(8, max(2, (os.cpu_count() or 2) - 2)) if encoder.device.type == "cuda" else 0
-
-
-class BuildInProgress(RuntimeError):
-    """Another build holds this index directory."""
 
 
 @dataclass
@@ -115,18 +110,6 @@ class _Meter:
         self.callback(Progress(self.phase, self.done, self.total, rate, eta))
 
 
-@contextlib.contextmanager
-def build_lock(index_dir: Path) -> Iterator[None]:
-    """One build per index directory, across processes; released automatically if we die."""
-    index_dir.mkdir(parents=True, exist_ok=True)
-    with open(index_dir / ".build.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            raise BuildInProgress(f"another build is running on {index_dir}") from err
-        yield
-
-
 class IndexBuilder:
     def __init__(self, settings: Settings, store: Store | None = None, encoder: Encoder | None = None):
         self.settings = settings
@@ -143,7 +126,7 @@ class IndexBuilder:
               progress: ProgressCallback | None = None) -> BuildReport:
         """Index `collection`; returns the report of the published build."""
         check_model_name(model or self.settings.model)
-        with build_lock(self.settings.index_dir):
+        with self.store.build_lock(self.settings.index_dir):
             return self._build(collection.resolve(), captions_file, model or self.settings.model, progress)
 
     def _build(self, root: Path, captions_file: Path | None, model: str,

@@ -68,7 +68,7 @@ def evaluate_published(settings) -> dict:
 
     from crossmodal.indexer import faiss_index
     from crossmodal.indexer.ranking import exact_lookup
-    from crossmodal.indexer.store import Store, caption_key, vectors_from_bytes
+    from crossmodal.indexer.store import Store, vectors_from_bytes
 
     store = Store(settings.resolved_database_url())
     build = store.published_build()
@@ -82,7 +82,7 @@ def evaluate_published(settings) -> dict:
     rows = [r for r in store.captioned_images() if r[0] in caption_ids and r[1] in image_ids]
     if not rows:
         raise ValueError("the published collection has no captions: eval needs a captioned collection")
-    text_keys = [caption_key(r[2]) for r in rows]
+    text_keys = [r[2] for r in rows]
     query_images = sorted({(r[1], r[3]) for r in rows})
     text_blobs = store.embeddings(manifest.model, "text", list(set(text_keys)))
     image_blobs = store.embeddings(manifest.model, "image", list({h for _, h in query_images}))

@@ -1,5 +1,7 @@
 """The metadata database: the one place the schema is defined (SQLAlchemy 2.0).
 
+The schema has a revision; `migrations/` holds the Alembic steps from each to the next, and
+every process that opens the database brings it to `SCHEMA_REVISION` first (`migrate`).
 FAISS ids are the primary keys of `images` and `captions`. Rows are immutable once
 written: a changed file gets a new row, and rows that the newly published build no
 longer holds are deleted in the same transaction that publishes it, so a reader of the
@@ -8,8 +10,10 @@ previous build never sees a row change under it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,12 +21,25 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
-                        UniqueConstraint, create_engine, delete, event, insert, select, update)
+                        UniqueConstraint, create_engine, delete, event, insert, inspect, select, text, update)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload, sessionmaker
 
 from crossmodal.indexer.collection import hash_bytes
 from crossmodal.indexer.prefetch import read_ahead_in_child_process
+
+
+# The newest revision in migrations/versions (a test holds the two equal). Checked with one
+# query at open; Alembic itself is imported only when an upgrade is due (it costs 0.3-0.6 s).
+SCHEMA_REVISION = "0002"
+
+
+class BuildInProgress(RuntimeError):
+    """Another build holds the build lock of this index."""
+
+
+class SchemaError(RuntimeError):
+    """The database's schema cannot be brought to this version's."""
 
 
 def utcnow() -> datetime:
@@ -77,6 +94,7 @@ class CaptionRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     text: Mapped[str] = mapped_column(Text)
+    key: Mapped[str] = mapped_column(String(64), index=True)  # its vector's key: caption_key(text)
     image: Mapped[ImageRow] = relationship(back_populates="captions")
 
 
@@ -88,6 +106,23 @@ class Embedding(Base):
     kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # image|text
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class JobRow(Base):
+    """A rebuild started through the API; in the database so that every replica can report it."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|done|failed
+    collection: Mapped[str] = mapped_column(Text)
+    captions: Mapped[str | None] = mapped_column(Text, nullable=True)
+    model: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -107,18 +142,94 @@ def _available_memory() -> int:
     return 0
 
 
-def create_db_engine(url: str) -> Engine:
-    """An engine for any SQLAlchemy URL; SQLite gets WAL and foreign keys."""
+def _sqlite_file(url: str) -> Path | None:
+    database = make_url(url).database if url.startswith("sqlite") else None
+    return Path(database) if database and database != ":memory:" else None
+
+
+def create_db_engine(url: str, migrate: bool = True) -> Engine:
+    """An engine for any SQLAlchemy URL, its schema at SCHEMA_REVISION; SQLite gets WAL and foreign keys."""
     if url.startswith("sqlite"):
-        database = make_url(url).database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        if database := _sqlite_file(url):
+            database.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+    if migrate:
+        migrate_schema(engine)
     return engine
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The database's schema revision; None for an empty database and for one made before
+    migrations existed (wave 1, revision 0001 without the stamp)."""
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def migrate_schema(engine: Engine) -> None:
+    """Create or upgrade the schema in place, one process at a time; a no-op (one query) at head."""
+    if schema_revision(engine) == SCHEMA_REVISION:
+        return
+    with _migration_lock(engine), engine.begin() as connection:
+        current = connection.execute(text("SELECT version_num FROM alembic_version")).scalar() \
+            if inspect(connection).has_table("alembic_version") else None
+        if current == SCHEMA_REVISION:
+            return  # another process upgraded it while we waited
+        _run_alembic(connection, current)
+
+
+def _run_alembic(connection, current: str | None) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    config.attributes["connection"] = connection
+    known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+    if current is not None and current not in known:
+        raise SchemaError(f"the database is at schema revision {current}, which this crossmodal does not know "
+                          f"(it knows up to {SCHEMA_REVISION}): it was written by a newer crossmodal; "
+                          "upgrade this one (pip install -U crossmodal)")
+    if current is None and inspect(connection).has_table("builds"):
+        command.stamp(config, "0001")  # made before migrations existed: wave 1's schema
+    try:
+        command.upgrade(config, "head")
+    except Exception as err:
+        raise SchemaError(f"upgrading the database schema from revision {current or '0001'} to "
+                          f"{SCHEMA_REVISION} failed ({type(err).__name__}: {err}); nothing was changed where the "
+                          "database supports transactional DDL (PostgreSQL). Fix the cause, then run "
+                          "`crossmodal migrate`") from err
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """PostgreSQL: an advisory lock; SQLite: a lock file beside the database (never the database
+    file itself, whose POSIX locks any open and close in this process would drop)."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _lock_key("migrate")})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _lock_key("migrate")})
+        return
+    database = _sqlite_file(str(engine.url))
+    if database is None:
+        yield
+        return
+    with open(database.with_name(database.name + ".migrate.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _lock_key(name: str) -> int:
+    """A stable 32-bit advisory-lock key per purpose (PostgreSQL takes a bigint)."""
+    return zlib.crc32(f"crossmodal:{name}".encode())
 
 
 class Store:
@@ -155,6 +266,31 @@ class Store:
 
         read_ahead_in_child_process(files)
         return True
+
+    @contextlib.contextmanager
+    def build_lock(self, index_dir: Path) -> Iterator[None]:
+        """One build at a time, released automatically when its holder dies: on PostgreSQL an
+        advisory lock (across every machine sharing the database), on SQLite a lock file in the
+        index directory (across the processes of one machine)."""
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.connect() as connection:
+                held = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": _lock_key("build")})
+                if not held.scalar():
+                    raise BuildInProgress("another build is running on this database")
+                connection.commit()  # the lock is the session's; no transaction stays open meanwhile
+                try:
+                    yield
+                finally:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _lock_key("build")})
+                    connection.commit()
+            return
+        index_dir.mkdir(parents=True, exist_ok=True)
+        with open(index_dir / ".build.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as err:
+                raise BuildInProgress(f"another build is running on {index_dir}") from err
+            yield
 
     def published_build(self) -> Build | None:
         with self.session() as s:
@@ -207,7 +343,7 @@ class Store:
     def caption_keys(self) -> dict[int, str]:
         """{caption row id: caption key} of every caption row."""
         with self.session() as s:
-            return {i: caption_key(text) for i, text in s.execute(select(CaptionRow.id, CaptionRow.text))}
+            return dict(s.execute(select(CaptionRow.id, CaptionRow.key)).all())
 
     def image_paths(self) -> dict[int, str]:
         with self.session() as s:
@@ -218,10 +354,10 @@ class Store:
             return load_embeddings(s, model, kind, keys)
 
     def captioned_images(self) -> list[tuple[int, int, str, str]]:
-        """(caption id, image id, caption text, image content hash) of every caption."""
+        """(caption id, image id, caption key, image content hash) of every caption."""
         with self.session() as s:
             return [tuple(row) for row in s.execute(
-                select(CaptionRow.id, CaptionRow.image_id, CaptionRow.text, ImageRow.content_hash)
+                select(CaptionRow.id, CaptionRow.image_id, CaptionRow.key, ImageRow.content_hash)
                 .join(ImageRow, CaptionRow.image_id == ImageRow.id))]
 
     def image_hits(self, ids: list[int]) -> dict[int, tuple[str, int, int, list[str]]]:
@@ -254,21 +390,48 @@ class Store:
     def vectors_by_id(self, model: str, kind: str, ids: list[int]) -> dict[int, np.ndarray]:
         """The stored vectors of image (kind "image") or caption ("caption") rows, by row id.
 
-        Rows name their vectors by content: an image by its file hash, a caption by its text's
-        hash. Two queries, the embeddings found by primary key (as one join, SQLite scanned
+        Rows name their vectors by content: an image by its file hash, a caption by its key (its
+        text's hash). Two queries, the embeddings found by primary key (as one join, SQLite scanned
         them: 1.3 s at 100k).
         """
         with self.engine.connect() as connection:
-            if kind == "image":
-                keys = dict(connection.execute(
-                    select(ImageRow.id, ImageRow.content_hash).where(ImageRow.id.in_(ids))).all())
-            else:
-                keys = {i: caption_key(text) for i, text in
-                        connection.execute(select(CaptionRow.id, CaptionRow.text).where(CaptionRow.id.in_(ids))).all()}
+            table = ImageRow if kind == "image" else CaptionRow
+            key = ImageRow.content_hash if kind == "image" else CaptionRow.key
+            keys = dict(connection.execute(select(table.id, key).where(table.id.in_(ids))).all())
             blobs = dict(connection.execute(select(Embedding.key, Embedding.vector).where(
                 Embedding.model == model, Embedding.kind == ("image" if kind == "image" else "text"),
                 Embedding.key.in_(set(keys.values())))).all())
         return {i: np.frombuffer(blobs[key], dtype=np.float32) for i, key in keys.items() if key in blobs}
+
+    # -- rebuild jobs ------------------------------------------------------------------------------
+
+    def add_job(self, job: JobRow, stale_before: datetime) -> bool:
+        """Insert `job` unless another is queued or running (and heard from since `stale_before`).
+
+        Jobs whose service went silent before `stale_before` are marked failed first: a
+        service killed mid-rebuild never finishes its job itself.
+        """
+        with self.session() as s, s.begin():
+            s.execute(update(JobRow).where(JobRow.state.in_(("queued", "running")), JobRow.updated_at < stale_before)
+                      .values(state="failed", finished_at=utcnow(),
+                              error="the service running this rebuild stopped before it finished"))
+            if s.scalars(select(JobRow.id).where(JobRow.state.in_(("queued", "running")))).first():
+                return False
+            s.add(job)
+        return True
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        with self.session() as s, s.begin():
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(updated_at=utcnow(), **fields))
+
+    def job(self, job_id: str) -> JobRow | None:
+        with self.session() as s:
+            return s.get(JobRow, job_id)
+
+    def jobs(self, limit: int = 100) -> list[JobRow]:
+        """The newest jobs first."""
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).order_by(JobRow.created_at.desc()).limit(limit)))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -341,7 +504,7 @@ def caption_row_ids(s: Session, wanted: list[tuple[int, str]]) -> dict[tuple[int
     new = [key for key in wanted if key not in existing]
     if new:
         ids = s.scalars(insert(CaptionRow).returning(CaptionRow.id, sort_by_parameter_order=True),
-                        [{"image_id": image_id, "text": text} for image_id, text in new])
+                        [{"image_id": image_id, "text": text, "key": caption_key(text)} for image_id, text in new])
         existing.update(zip(new, ids))
     return {key: existing[key] for key in wanted}
 

@@ -3,19 +3,30 @@
 The service never writes an index itself: a job calls `crossmodal.indexer.builder.IndexBuilder`,
 which publishes a new build; the job then asks the engine to swap to it. Queries keep
 running on the old snapshot until that swap, which is a single reference assignment.
+
+Jobs and their progress live in the database (`store.JobRow`), so that every replica
+sharing it answers for a job that any of them runs. The running service writes a heartbeat
+every few seconds; a job silent for longer than `STALE_SECONDS` belonged to a service that
+died, and is reported failed.
 """
 from __future__ import annotations
 
 import threading
+import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from crossmodal.indexer.builder import BuildInProgress, IndexBuilder, Progress
+from crossmodal.indexer.builder import IndexBuilder, Progress
 from crossmodal.indexer.encoder import check_model_name
 from crossmodal.indexer.settings import Settings
+from crossmodal.indexer.store import JobRow, Store
 from crossmodal.search.engine import SearchEngine
 from crossmodal.search.schemas import Job, JobProgress, SkippedItem
+
+HEARTBEAT_SECONDS = 5.0
+STALE_SECONDS = 60.0
+PROGRESS_EVERY_SECONDS = 0.5  # progress rows written at most this often (a build reports every batch)
 
 
 class JobConflict(RuntimeError):
@@ -26,8 +37,7 @@ class JobManager:
     def __init__(self, settings: Settings, engine: SearchEngine):
         self.settings = settings
         self.engine = engine
-        self._jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()
+        self.store: Store = engine.store
         self._thread: threading.Thread | None = None
 
     def start(self, collection: Path, captions: Path | None, model: str | None) -> Job:
@@ -40,53 +50,79 @@ class JobManager:
             raise FileNotFoundError(f"collection folder not found: {collection}")
         if captions is not None and not captions.is_file():
             raise FileNotFoundError(f"captions file not found: {captions}")
-        with self._lock:
-            if any(job.state in ("queued", "running") for job in self._jobs.values()):
-                raise JobConflict("a rebuild is already running; wait for it to finish")
-            job = Job(id=uuid.uuid4().hex[:12], state="queued", collection=str(collection),
-                      captions=str(captions) if captions else None, created_at=datetime.now(timezone.utc))
-            self._jobs[job.id] = job
-            self._thread = threading.Thread(target=self._run, args=(job.id, collection, captions, model),
-                                            name=f"rebuild-{job.id}", daemon=True)
-            self._thread.start()
-        return job
+        row = JobRow(id=uuid.uuid4().hex[:12], state="queued", collection=str(collection),
+                     captions=str(captions) if captions else None, model=model)
+        stale_before = datetime.now(timezone.utc) - timedelta(seconds=STALE_SECONDS)
+        if not self.store.add_job(row, stale_before):
+            raise JobConflict("a rebuild is already running; wait for it to finish")
+        self._thread = threading.Thread(target=self._run, args=(row.id, collection, captions, model),
+                                        name=f"rebuild-{row.id}", daemon=True)
+        self._thread.start()
+        return self.get(row.id)
 
     def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            job = self._jobs.get(job_id)
-            return job.model_copy(deep=True) if job else None
+        row = self.store.job(job_id)
+        return _job(row) if row else None
 
     def all(self) -> list[Job]:
-        with self._lock:
-            return [job.model_copy(deep=True) for job in reversed(self._jobs.values())]
+        return [_job(row) for row in self.store.jobs()]
 
     def wait(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _update(self, job_id: str, **fields) -> None:
-        with self._lock:
-            job = self._jobs[job_id]
-            self._jobs[job_id] = job.model_copy(update=fields)
-
     def _run(self, job_id: str, collection: Path, captions: Path | None, model: str | None) -> None:
-        self._update(job_id, state="running")
+        self.store.update_job(job_id, state="running")
+        done = threading.Event()
+        heartbeat = threading.Thread(target=self._beat, args=(job_id, done), name=f"heartbeat-{job_id}", daemon=True)
+        heartbeat.start()
+        last_write = [0.0, ""]
 
         def on_progress(p: Progress) -> None:
-            self._update(job_id, progress=JobProgress(phase=p.phase, done=p.done, total=p.total, rate=p.rate,
-                                                      eta_seconds=p.eta_seconds))
+            now = time.monotonic()
+            if p.phase == last_write[1] and now - last_write[0] < PROGRESS_EVERY_SECONDS and p.done < p.total:
+                return
+            last_write[:] = [now, p.phase]
+            self.store.update_job(job_id, progress=JobProgress(
+                phase=p.phase, done=p.done, total=p.total, rate=p.rate, eta_seconds=p.eta_seconds).model_dump())
 
         # Reuse the service's loaded model when the build uses the same one.
         encoder = self.engine.encoder if self.engine.has_index else None
         try:
-            report = IndexBuilder(self.settings, store=self.engine.store,
+            report = IndexBuilder(self.settings, store=self.store,
                                   encoder=encoder).build(collection, captions, model=model, progress=on_progress)
-        except (BuildInProgress, Exception) as err:  # reported on the job, never raised into the server
-            self._update(job_id, state="failed", error=f"{type(err).__name__}: {err}",
-                         finished_at=datetime.now(timezone.utc))
+        except Exception as err:  # reported on the job, never raised into the server
+            done.set()
+            self.store.update_job(job_id, state="failed", error=f"{type(err).__name__}: {err}",
+                                  finished_at=datetime.now(timezone.utc))
             return
+        done.set()
         self.engine.reload()
-        self._update(job_id, state="done", finished_at=datetime.now(timezone.utc), build_id=report.build_id,
-                     images=report.n_images, captions_indexed=report.n_captions,
-                     skipped=[SkippedItem(path=s.path, reason=s.reason) for s in report.skipped],
-                     bad_caption_rows=[SkippedItem(path=s.path, reason=s.reason) for s in report.bad_caption_rows])
+        self.store.update_job(job_id, state="done", finished_at=datetime.now(timezone.utc), result={
+            "build_id": report.build_id, "images": report.n_images, "captions_indexed": report.n_captions,
+            "skipped": [{"path": s.path, "reason": s.reason} for s in report.skipped],
+            "bad_caption_rows": [{"path": s.path, "reason": s.reason} for s in report.bad_caption_rows]})
+
+    def _beat(self, job_id: str, done: threading.Event) -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            self.store.update_job(job_id)
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every moment stored is UTC."""
+    return moment.replace(tzinfo=timezone.utc) if moment and moment.tzinfo is None else moment
+
+
+def _job(row: JobRow) -> Job:
+    result = row.result or {}
+    state, error = row.state, row.error
+    if state in ("queued", "running") and datetime.now(timezone.utc) - _utc(row.updated_at) > timedelta(
+            seconds=STALE_SECONDS):
+        state, error = "failed", "the service running this rebuild stopped before it finished"
+    return Job(id=row.id, state=state, collection=row.collection, captions=row.captions,
+               created_at=_utc(row.created_at), finished_at=_utc(row.finished_at), error=error,
+               progress=JobProgress(**row.progress) if row.progress else None,
+               build_id=result.get("build_id"), images=result.get("images"),
+               captions_indexed=result.get("captions_indexed"),
+               skipped=[SkippedItem(**s) for s in result.get("skipped", [])],
+               bad_caption_rows=[SkippedItem(**s) for s in result.get("bad_caption_rows", [])])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from crossmodal.indexer.settings import Settings
 from crossmodal.search.engine import SearchEngine
 from crossmodal.search.server import server_config
 from crossmodal.search.service import create_app
+from tests.postgres_server import INSTALL_HINT, PostgresServer, find_bindir
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "flickr8k"
 
@@ -52,10 +54,49 @@ def collection(tmp_path, sample_source) -> Path:
     return root
 
 
+def pytest_generate_tests(metafunc) -> None:
+    """A module that sets `DATABASES = BOTH_DATABASES` runs each test once per database; others use SQLite."""
+    if "database" in metafunc.fixturenames:
+        metafunc.parametrize("database", getattr(metafunc.module, "DATABASES", ["sqlite"]), indirect=True)
+
+
+BOTH_DATABASES = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session; skipped where none is installed, except under CI=true."""
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is not installed: {INSTALL_HINT}")
+        pytest.skip(f"PostgreSQL is not installed: {INSTALL_HINT}")
+    server = PostgresServer(bindir, free_port()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def settings(tmp_path) -> Settings:
+def database(request, tmp_path) -> Iterator[str]:
+    """The metadata database URL: a SQLite file in the index dir, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'index' / 'metadata.db'}"
+        return
+    server = request.getfixturevalue("postgres")
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    url = server.create_database(name)
+    try:
+        yield url
+    finally:
+        server.drop_database(name)
+
+
+@pytest.fixture
+def settings(tmp_path, database) -> Settings:
     # FastAPI's TestClient sends `Host: testserver`.
-    return Settings(index_dir=tmp_path / "index", device="cpu",
+    return Settings(index_dir=tmp_path / "index", database_url=database, device="cpu",
                     allowed_hosts=[*Settings().allowed_hosts, "testserver"])
 
 

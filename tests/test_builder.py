@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from crossmodal.indexer.builder import BuildInProgress, IndexBuilder, build_lock
+from crossmodal.indexer.builder import IndexBuilder
 from crossmodal.indexer.encoder import Encoder
 from crossmodal.indexer.faiss_index import build_dir_for
-from crossmodal.indexer.store import Build, CaptionRow, Embedding, ImageRow, Store
+from crossmodal.indexer.store import Build, BuildInProgress, CaptionRow, Embedding, ImageRow, Store
 from crossmodal.search.engine import NoIndex, SearchEngine
-from tests.conftest import solid_image
+from tests.conftest import BOTH_DATABASES, solid_image
+
+DATABASES = BOTH_DATABASES  # each test runs on SQLite and on a real PostgreSQL server
 
 
 def build(settings, encoder, collection, **kwargs):
@@ -173,10 +175,13 @@ def test_captions_file_without_its_columns_fails_before_any_work(settings, encod
 
 
 def test_second_concurrent_build_is_refused(settings):
-    with build_lock(settings.index_dir):
+    first, second = Store(settings.resolved_database_url()), Store(settings.resolved_database_url())
+    with first.build_lock(settings.index_dir):
         with pytest.raises(BuildInProgress):
-            with build_lock(settings.index_dir):
+            with second.build_lock(settings.index_dir):
                 pass
+    with second.build_lock(settings.index_dir):  # released with its holder
+        pass
 
 
 def test_search_before_any_build_is_a_clear_error(settings, encoder):

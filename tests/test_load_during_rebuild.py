@@ -10,7 +10,9 @@ import time
 
 import httpx
 
-from tests.conftest import solid_image
+from tests.conftest import BOTH_DATABASES, solid_image
+
+DATABASES = BOTH_DATABASES  # each test runs on SQLite and on a real PostgreSQL server
 
 CLIENTS = 8
 WORDS = ("dog", "cat", "man", "woman", "child", "horse", "cup", "rocket", "clock", "wall", "road", "moon")

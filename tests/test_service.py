@@ -11,7 +11,9 @@ from fastapi.testclient import TestClient
 
 from crossmodal.search.engine import SearchEngine
 from crossmodal.search.service import create_app
-from tests.conftest import solid_image
+from tests.conftest import BOTH_DATABASES, solid_image
+
+DATABASES = BOTH_DATABASES  # each test runs on SQLite and on a real PostgreSQL server
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""Alembic migrations of the metadata database (SQLite and PostgreSQL); `store.migrate` runs them."""
