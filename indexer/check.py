@@ -49,9 +49,20 @@ def check_index(settings: Settings) -> CheckReport:
         manifest = _check_manifest(build, settings.index_dir, report)
         if manifest is not None:
             _check_contents(store, build, manifest, settings.index_dir, pending, report)
+        if not report.problems:
+            _check_opens(settings, build.id, report)
     finally:
         store.close()
     return report
+
+
+def _check_opens(settings: Settings, build_id: int, report: CheckReport) -> None:
+    """The build opens as `crossmodal serve` and `eval` open it (faiss_index.open_build). The checks
+    before read each file on its own, so that every fault is named rather than the first."""
+    try:
+        faiss_index.open_build(settings.index_dir, build_id, settings.use_gpu_faiss, settings.hubness_correction)
+    except Exception as err:  # whatever the service would fail on, reported as a problem
+        report.problems.append(f"build {build_id} does not open as the service opens it: {type(err).__name__}: {err}")
 
 
 def _check_other_builds(store: Store, index_dir: Path, published: int, report: CheckReport) -> bool:
