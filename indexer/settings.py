@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     # Uploads and thumbnails decoded at once; more wait their turn (each may take ~100 MB briefly).
     max_concurrent_decodes: int = 2
     max_query_chars: int = 500
+    # Seconds between looks for a build published elsewhere (by `crossmodal index`, or by another
+    # replica sharing the database and index directory), which is then swapped in; 0 = never.
+    reload_interval: float = 2.0
     max_k: int = 100
     max_offset: int = 1000
     thumbnail_size: int = 256

@@ -6,7 +6,9 @@ check, a text query and a page of results; the routers in `search/routes/` only 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
@@ -18,17 +20,20 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from crossmodal.indexer.settings import Settings
 from crossmodal.search.engine import SearchEngine
 from crossmodal.search.jobs import JobManager
+from crossmodal.search.metrics import Metrics
 from crossmodal.search.queries import InvalidQuery, clean_query
 
 
 class Service:
-    """What the endpoints share: settings, the engine (once loaded) and the job manager."""
+    """What the endpoints share: settings, the engine (once loaded), the job manager, the metrics."""
 
     def __init__(self, settings: Settings, engine: "SearchEngine | None" = None):
         self.settings = settings
         self.engine = engine
         self.jobs: JobManager | None = None
         self.load_error: str | None = None
+        self.metrics = Metrics()
+        self._closing = threading.Event()
         # Decoding an upload or a thumbnail takes memory and both cores for a moment: it runs on
         # its own few threads (never the request pool, never under the model lock), the rest
         # queue. Few threads also means few malloc arenas holding on to freed pixel buffers.
@@ -41,12 +46,26 @@ class Service:
     def load(self) -> None:
         try:
             self.engine = self.engine or SearchEngine(self.settings)
+            self.engine.attach_metrics(self.metrics)
             if self.engine.has_index:
                 self.engine.encoder  # the model loads now, not on the first query
         except Exception as err:  # reported by /ready, the service stays up
             self.load_error = f"{type(err).__name__}: {err}"
             raise
-        self.jobs = JobManager(self.settings, self.engine)
+        self.jobs = JobManager(self.settings, self.engine, self.metrics)
+        if self.settings.reload_interval > 0:
+            threading.Thread(target=self._follow_published_builds, name="build-follower", daemon=True).start()
+
+    def close(self) -> None:
+        self._closing.set()
+
+    def _follow_published_builds(self) -> None:
+        """Swap in builds published elsewhere: by the CLI, or by another replica on the same database."""
+        while not self._closing.wait(self.settings.reload_interval):
+            try:
+                self.engine.reload()
+            except Exception:  # a build not yet readable here (a shared disk catching up): next time
+                logging.getLogger(__name__).exception("could not load the newly published build; retrying")
 
     @property
     def ready(self) -> tuple[bool, str | None]:

@@ -10,6 +10,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from crossmodal.indexer.encoder import Encoder, load_encoder
 from crossmodal.indexer.hubness import Penalties
 from crossmodal.indexer.settings import Settings
 from crossmodal.indexer.store import Build, ImageRow, Store
+from crossmodal.search.metrics import Metrics
 
 
 class NoIndex(RuntimeError):
@@ -99,14 +101,14 @@ class TextBatcher:
     about one batch instead of N passes (torch already uses every core for each pass).
     """
 
-    def __init__(self, encoder: Encoder, max_batch: int = 32):
-        self.encoder, self.max_batch = encoder, max_batch
-        self._queue: queue.SimpleQueue[tuple[str, Future] | None] = queue.SimpleQueue()
+    def __init__(self, encoder: Encoder, max_batch: int = 32, metrics: Metrics | None = None):
+        self.encoder, self.max_batch, self.metrics = encoder, max_batch, metrics
+        self._queue: queue.SimpleQueue[tuple[str, Future, float] | None] = queue.SimpleQueue()
         threading.Thread(target=self._work, name=f"text-batcher-{encoder.name}", daemon=True).start()
 
     def encode(self, text: str) -> np.ndarray:
         future: Future = Future()
-        self._queue.put((text, future))
+        self._queue.put((text, future, time.perf_counter()))
         return future.result()
 
     def close(self) -> None:
@@ -125,23 +127,31 @@ class TextBatcher:
                     self._queue.put(None)  # finish this batch, then stop
                     break
                 batch.append(item)
+            if self.metrics is not None:
+                now = time.perf_counter()
+                self.metrics.text_batch.observe(len(batch))
+                for _, _, queued in batch:
+                    self.metrics.text_wait.observe(now - queued)
             try:
-                vectors = self.encoder.encode_texts([text for text, _ in batch])
+                vectors = self.encoder.encode_texts([text for text, _, _ in batch])
             except Exception as err:  # reported to every waiting query, the worker lives on
-                for _, future in batch:
+                for _, future, _ in batch:
                     future.set_exception(err)
                 continue
-            for (_, future), vector in zip(batch, vectors):
+            for (_, future, _), vector in zip(batch, vectors):
                 future.set_result(vector)
 
 
 class SearchEngine:
-    def __init__(self, settings: Settings, encoder: Encoder | None = None, store: Store | None = None):
+    def __init__(self, settings: Settings, encoder: Encoder | None = None, store: Store | None = None,
+                 metrics: Metrics | None = None):
         self.settings = settings
         self.store = store or Store(settings.resolved_database_url())
+        self.metrics = metrics  # set by the service; None for the CLI
         self._encoder = encoder
         self._batcher: TextBatcher | None = None
         self._batcher_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
         self._snapshot: Snapshot | None = None
         self.text_cache = TextCache()
         self.reload()
@@ -167,7 +177,15 @@ class SearchEngine:
         return self._encoder
 
     def reload(self) -> bool:
-        """Load the newest published build if it is not the one in use; True when swapped."""
+        """Load the newest published build if it is not the one in use; True when swapped.
+
+        Called after a rebuild job and, by the service, every `reload_interval` seconds for builds
+        published elsewhere (the CLI, another replica): one cheap query when nothing changed.
+        """
+        with self._reload_lock:
+            return self._reload()
+
+    def _reload(self) -> bool:
         build = self.store.published_build()
         if build is None or (self._snapshot is not None and self._snapshot.build.id == build.id):
             return False
@@ -179,11 +197,29 @@ class SearchEngine:
                             opened.caption_vectors)
         if self._encoder is not None and self._encoder.name != manifest.model:
             self._encoder = None  # the new build was made with another model
+        swapped = self._snapshot is not None
         self._snapshot = snapshot
         self.encoder  # load (or keep) the build's encoder before queries arrive
         self.text_cache = TextCache()
         logging.getLogger(__name__).info("serving build %d (%s)", build.id, manifest.model)
+        self._report_served()
+        if swapped and self.metrics is not None:
+            self.metrics.swaps.inc()
         return True
+
+    def attach_metrics(self, metrics: Metrics) -> None:
+        """The service's metrics, for an engine made before the service (tests, the CLI's `serve`)."""
+        self.metrics = metrics
+        if self._batcher is not None:
+            self._batcher.metrics = metrics
+        self._report_served()
+
+    def _report_served(self) -> None:
+        snapshot = self._snapshot
+        if self.metrics is not None and snapshot is not None:
+            self.metrics.served_build.set(snapshot.build.id)
+            self.metrics.index_vectors.labels("images").set(snapshot.images.ntotal)
+            self.metrics.index_vectors.labels("captions").set(snapshot.captions.ntotal)
 
     # -- query vectors -----------------------------------------------------------------------
 
@@ -203,7 +239,7 @@ class SearchEngine:
                 if self._batcher is None or self._batcher.encoder is not encoder:
                     if self._batcher is not None:
                         self._batcher.close()  # the build's model changed
-                    self._batcher = TextBatcher(encoder)
+                    self._batcher = TextBatcher(encoder, metrics=self.metrics)
                 batcher = self._batcher
         return batcher
 
@@ -220,8 +256,10 @@ class SearchEngine:
         snapshot = self.snapshot
         extra = 1 if exclude is not None else 0
         exact = ranking.exact_lookup(snapshot.image_vectors, self.store, snapshot.manifest.model, "image")
+        timings: dict[str, float] = {}
         ranked = ranking.ranked(snapshot.images, snapshot.manifest.image_index_type, vector[None, :],
-                                k + offset + extra, exact, snapshot.image_penalties if from_text else None)[0]
+                                k + offset + extra, exact, snapshot.image_penalties if from_text else None, timings)[0]
+        self._observe(timings)
         page = [(i, s) for i, s in ranked if i != exclude][offset:offset + k]
         rows = self.store.image_hits([i for i, _ in page])
         return [ImageHit(i, s, *rows[i]) for i, s in page if i in rows]
@@ -231,11 +269,18 @@ class SearchEngine:
         """`from_image`: the vector is an image's, so the captions' hubness penalties apply."""
         snapshot = self.snapshot
         exact = ranking.exact_lookup(snapshot.caption_vectors, self.store, snapshot.manifest.model, "caption")
+        timings: dict[str, float] = {}
         ranked = ranking.ranked(snapshot.captions, snapshot.manifest.caption_index_type, vector[None, :], k + offset,
-                                exact, snapshot.caption_penalties if from_image else None)[0]
+                                exact, snapshot.caption_penalties if from_image else None, timings)[0]
+        self._observe(timings)
         page = ranked[offset:offset + k]
         rows = self.store.caption_hits([i for i, _ in page])
         return [CaptionHit(i, score, *rows[i]) for i, score in page if i in rows]
+
+    def _observe(self, timings: dict[str, float]) -> None:
+        if self.metrics is not None:
+            for stage, seconds in timings.items():
+                self.metrics.search_stage.labels(stage).observe(seconds)
 
     def images_by_text(self, text: str, k: int = 10, offset: int = 0) -> list[ImageHit]:
         return self.images_by_vector(self.text_vector(text), k, offset, from_text=True)

@@ -22,6 +22,7 @@ from crossmodal.indexer.encoder import check_model_name
 from crossmodal.indexer.settings import Settings
 from crossmodal.indexer.store import JobRow, Store
 from crossmodal.search.engine import SearchEngine
+from crossmodal.search.metrics import Metrics
 from crossmodal.search.schemas import Job, JobProgress, SkippedItem
 
 HEARTBEAT_SECONDS = 5.0
@@ -34,10 +35,11 @@ class JobConflict(RuntimeError):
 
 
 class JobManager:
-    def __init__(self, settings: Settings, engine: SearchEngine):
+    def __init__(self, settings: Settings, engine: SearchEngine, metrics: Metrics | None = None):
         self.settings = settings
         self.engine = engine
         self.store: Store = engine.store
+        self.metrics = metrics
         self._thread: threading.Thread | None = None
 
     def start(self, collection: Path, captions: Path | None, model: str | None) -> Job:
@@ -79,6 +81,9 @@ class JobManager:
         last_write = [0.0, ""]
 
         def on_progress(p: Progress) -> None:
+            if self.metrics is not None:
+                self.metrics.rebuild_done.labels(p.phase).set(p.done)
+                self.metrics.rebuild_total.labels(p.phase).set(p.total)
             now = time.monotonic()
             if p.phase == last_write[1] and now - last_write[0] < PROGRESS_EVERY_SECONDS and p.done < p.total:
                 return
@@ -88,20 +93,28 @@ class JobManager:
 
         # Reuse the service's loaded model when the build uses the same one.
         encoder = self.engine.encoder if self.engine.has_index else None
+        started = time.perf_counter()
         try:
             report = IndexBuilder(self.settings, store=self.store,
                                   encoder=encoder).build(collection, captions, model=model, progress=on_progress)
         except Exception as err:  # reported on the job, never raised into the server
             done.set()
+            self._finished("failed", started)
             self.store.update_job(job_id, state="failed", error=f"{type(err).__name__}: {err}",
                                   finished_at=datetime.now(timezone.utc))
             return
         done.set()
+        self._finished("done", started)
         self.engine.reload()
         self.store.update_job(job_id, state="done", finished_at=datetime.now(timezone.utc), result={
             "build_id": report.build_id, "images": report.n_images, "captions_indexed": report.n_captions,
             "skipped": [{"path": s.path, "reason": s.reason} for s in report.skipped],
             "bad_caption_rows": [{"path": s.path, "reason": s.reason} for s in report.bad_caption_rows]})
+
+    def _finished(self, outcome: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.rebuilds.labels(outcome).inc()
+            self.metrics.rebuild_seconds.observe(time.perf_counter() - started)
 
     def _beat(self, job_id: str, done: threading.Event) -> None:
         while not done.wait(HEARTBEAT_SECONDS):

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from crossmodal.indexer.settings import Settings, get_settings
 from crossmodal.search.dependencies import Service
 from crossmodal.search.engine import NoIndex, NotFound, SearchEngine
+from crossmodal.search.metrics import RequestMetrics
 from crossmodal.search.routes import images, index_jobs, searches, status
 
 UPLOAD_PATHS = ("/v1/images/search", "/v1/captions/search")
@@ -36,12 +37,14 @@ def create_app(settings: Settings | None = None, engine: SearchEngine | None = N
     async def lifespan(app: FastAPI):
         await run_in_threadpool(service.load)
         yield
+        service.close()
 
     # Bodies are counted as they stream in (FastAPI's per-route max_body_size): an oversized
     # upload is refused at the limit, whatever Content-Length claims, and never read to its end.
     app = FastAPI(title="crossmodal search", version="0.1.0", lifespan=lifespan,
                   description="Text-to-image, image-to-text and image-to-image search over an indexed collection.")
     app.state.service = service
+    app.add_middleware(RequestMetrics, metrics=service.metrics)  # added first: right around the routes
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                        allow_headers=["*"])
     _add_body_limits(app, settings)

@@ -154,12 +154,13 @@ def serving(app) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def service_process(index_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`crossmodal serve` as an operator starts it, in its own process; yields its base URL and the process."""
+def service_process(index_dir: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`crossmodal serve` as an operator starts it, in its own process; yields its base URL and the process.
+    `settings` become CROSSMODAL_ environment variables (database_url="postgresql+psycopg://...")."""
     port = free_port()
+    env = {**os.environ, "CROSSMODAL_DEVICE": "cpu", **{f"CROSSMODAL_{k.upper()}": v for k, v in settings.items()}}
     process = subprocess.Popen([sys.executable, "-m", "crossmodal.cli", "serve", "--index-dir", str(index_dir),
-                                "--port", str(port)], env={**os.environ, "CROSSMODAL_DEVICE": "cpu"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_until_answers(f"{base}/ready", timeout=120)

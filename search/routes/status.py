@@ -1,7 +1,9 @@
-"""Liveness, readiness and what is served."""
+"""Liveness, readiness, what is served, and the metrics."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from crossmodal.search import schemas
 from crossmodal.search.dependencies import EngineDep, ServiceDep
@@ -29,3 +31,9 @@ def stats(engine: EngineDep):
                          dim=manifest.dim, image_index_type=manifest.image_index_type,
                          caption_index_type=manifest.caption_index_type, build_id=build.id,
                          built_at=build.finished_at, collection_root=str(snapshot.collection_root))
+
+
+@router.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
+def metrics(service: ServiceDep):
+    """Prometheus metrics: no token needed, no paths or query text in them (see search/metrics.py)."""
+    return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
