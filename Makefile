@@ -13,6 +13,11 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+# The tests add their tools and Ray (the distributed-embedding tests start a Ray cluster).
+$(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
@@ -27,7 +32,7 @@ demo: install
 	$(BIN)/crossmodal search --image $(DEMO_DIR)/collection/horse.png -k 3
 	$(BIN)/crossmodal up
 
-test: install
+test: $(BIN)/.installed-test
 	$(BIN)/python -m pytest
 
 clean:

@@ -78,13 +78,16 @@ def index(
     model: Model = None,
     index_type: Annotated[Optional[str], typer.Option(help="Force a FAISS index-factory string, e.g. HNSW32.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="auto|ADDRESS", help="Embed new images on a Ray cluster: 'auto' (the running one, else "
+                                            "a local one) or the head's address [env CROSSMODAL_RAY_ADDRESS].")] = None,
     json_out: JsonOut = False,
 ) -> None:
     """Build or update the index of COLLECTION (only new or changed files are embedded)."""
     from crossmodal.indexer.builder import IndexBuilder
     from crossmodal.indexer.store import BuildInProgress
 
-    settings = _settings(index_dir=index_dir, model=model, index_factory=index_type, device=device)
+    settings = _settings(index_dir=index_dir, model=model, index_factory=index_type, device=device, ray_address=ray)
     bars = _ProgressBars(enabled=not json_out)
     try:
         report = IndexBuilder(settings).build(collection, captions, progress=bars)

@@ -14,6 +14,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,13 +24,13 @@ from sqlalchemy.orm import Session
 
 from crossmodal.indexer import faiss_index, pixels
 from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
-                                load_image, nfc, read_captions, scan)
+                                           hash_bytes, load_image, nfc, read_captions, read_regular_file, scan)
 from crossmodal.indexer.encoder import Encoder, check_model_name, keep_freed_memory, load_encoder
 from crossmodal.indexer.hubness import Penalties, load_bank
 from crossmodal.indexer.prefetch import prefetched_batches, read_ahead
 from crossmodal.indexer.settings import Settings
-from crossmodal.indexer.store import (Build, Store, caption_key, caption_row_ids,
-                                      image_ids_by_path, image_row_ids, load_embeddings, publish_build,
+from crossmodal.indexer.store import (Build, Store, caption_key, caption_row_ids, image_ids_by_path,
+                                      image_row_ids, image_sizes, load_embeddings, publish_build,
                                       save_embeddings, set_build_report, vectors_from_bytes)
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,10 @@ class IndexBuilder:
         if not todo:
             report.n_images = len(live)
             return live
+        if self.settings.ray_address:
+            self._embed_images_on_ray(todo, lazy, build_id, report, meter, live)
+            report.n_images = len(live)
+            return live
         encoder = lazy.get()
         limits = (self.settings.max_file_bytes, self.settings.max_image_pixels)
         for batch in prefetched_batches(todo, lambda e: self._load(e, encoder, *limits), TRANSACTION_IMAGES,
@@ -239,15 +244,85 @@ class IndexBuilder:
                 save_embeddings(s, encoder.name, "image", keys, np.concatenate(vectors))  # one insert
             report.n_embedded += len(new)
             report.n_reused += sum(1 for item, _ in loaded if item.content_hash in have)
-            return self._image_rows(s, [item for item, _ in loaded], build_id)
+            return self._image_rows(s, [(item.entry, item.content_hash, item.width, item.height)
+                                        for item, _ in loaded], build_id)
 
     @staticmethod
-    def _image_rows(s: Session, items: list[LoadedImage], build_id: int) -> dict[int, str]:
-        """{row id: content hash} of these files (store.image_row_ids)."""
-        ids = image_row_ids(s, [{"path": item.entry.path, "content_hash": item.content_hash, "build_id": build_id,
-                                 "bytes": item.entry.bytes, "width": item.width, "height": item.height,
-                                 "mtime": item.entry.mtime} for item in items])
-        return {row_id: item.content_hash for row_id, item in zip(ids, items)}
+    def _image_rows(s: Session, items: list[tuple[FileEntry, str, int, int]], build_id: int) -> dict[int, str]:
+        """{row id: content hash} of these (file, content hash, width, height) (store.image_row_ids)."""
+        ids = image_row_ids(s, [{"path": entry.path, "content_hash": key, "build_id": build_id, "bytes": entry.bytes,
+                                 "width": width, "height": height, "mtime": entry.mtime}
+                                for entry, key, width, height in items])
+        return {row_id: key for row_id, (_, key, _, _) in zip(ids, items)}
+
+    # -- images on a Ray cluster ---------------------------------------------------------------
+
+    def _embed_images_on_ray(self, todo: list[FileEntry], lazy: "_LazyEncoder", build_id: int,
+                             report: BuildReport, meter: "_Meter", live: dict[int, str]) -> None:
+        """`--ray`: the files are hashed here, and what is new by content goes to the cluster
+        (ray_embedding); files whose content is known only get their rows."""
+        from crossmodal.indexer import ray_embedding
+
+        ray_embedding.connect(self.settings.ray_address)
+        hashed = self._hash_files(todo, report)
+        meter.advance(len(todo) - len(hashed))
+        with self.store.session() as s:
+            keys = list({key for _, key in hashed})
+            have = set(load_embeddings(s, lazy.name, "image", keys))
+            sizes = image_sizes(s, [key for key in keys if key in have])
+        known = [(entry, key, *sizes[key]) for entry, key in hashed if key in sizes]
+        for start in range(0, len(known), TRANSACTION_IMAGES):
+            with self.store.session() as s, s.begin():
+                live.update(self._image_rows(s, known[start:start + TRANSACTION_IMAGES], build_id))
+            report.n_reused += len(known[start:start + TRANSACTION_IMAGES])
+            meter.advance(len(known[start:start + TRANSACTION_IMAGES]))
+        new = {str(entry.abs_path): (entry, key) for entry, key in hashed if key not in sizes}
+        preparer = lazy.get().preparer
+        for batch in ray_embedding.embed_on_ray([(path, key) for path, (_, key) in new.items()], lazy.name, preparer,
+                                                self.settings.max_file_bytes, self.settings.max_image_pixels,
+                                                self.settings.ray_encoder_threads):
+            live.update(self._store_embedded(batch, new, lazy.name, build_id, report))
+            meter.advance(len(batch))
+
+    def _hash_files(self, entries: list[FileEntry], report: BuildReport) -> list[tuple[FileEntry, str]]:
+        """(file, content hash) of each readable file, read on a few threads (I/O, and hashing frees the GIL)."""
+        def content_hash(entry: FileEntry) -> str | SkippedFile:
+            if entry.bytes > self.settings.max_file_bytes:
+                return SkippedFile(entry.path, f"file too large: {entry.bytes} bytes exceeds the limit of "
+                                               f"{self.settings.max_file_bytes}")
+            try:
+                return hash_bytes(read_regular_file(entry.abs_path, self.settings.max_file_bytes))
+            except OSError as err:
+                return SkippedFile(entry.path, f"unreadable: {err.strerror or err}")
+
+        hashed = []
+        with ThreadPoolExecutor(8, thread_name_prefix="hash") as pool:
+            for entry, result in zip(entries, pool.map(content_hash, entries)):
+                if isinstance(result, SkippedFile):
+                    report.skipped.append(result)
+                else:
+                    hashed.append((entry, result))
+        return hashed
+
+    def _store_embedded(self, batch: list, new: dict[str, tuple[FileEntry, str]], model: str, build_id: int,
+                        report: BuildReport) -> dict[int, str]:
+        """Write one batch back from the cluster: vectors not stored yet, and rows (a resumable step)."""
+        done = []
+        for item in batch:
+            entry = new[item.path][0]
+            if item.vector is None:
+                report.skipped.append(SkippedFile(entry.path, item.error))
+            else:
+                done.append((entry, item.key, item.width, item.height, item.vector))
+        if not done:
+            return {}
+        with self.store.session() as s, s.begin():
+            have = set(load_embeddings(s, model, "image", list({key for _, key, *_ in done})))
+            vectors = {key: vector for _, key, _, _, vector in done if key not in have}
+            if vectors:
+                save_embeddings(s, model, "image", list(vectors), np.stack(list(vectors.values())))
+            report.n_embedded += len(vectors)
+            return self._image_rows(s, [(entry, key, w, h) for entry, key, w, h, _ in done], build_id)
 
     # -- captions --------------------------------------------------------------------------
 

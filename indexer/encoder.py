@@ -95,6 +95,22 @@ def _quiet_model_loading() -> None:
         transformers.logging.disable_progress_bar()
 
 
+@dataclass(frozen=True)
+class ImagePreparer:
+    """The per-image half of preprocessing, apart from the model: what Ray's decode tasks carry."""
+
+    preprocess: Callable
+    pixels: PixelPipeline | None
+
+    def __call__(self, image: Pixels) -> torch.Tensor:
+        """uint8 pixels where the transform allows (see pixels.py), else the whole transform. Extreme
+        aspect ratios are cropped first (pixels.bounded_aspect), so the work is bounded."""
+        image = bounded_aspect(image)
+        if self.pixels is None:
+            return self.preprocess(as_pil(image))
+        return self.pixels.pixels(image)
+
+
 class Encoder:
     """A loaded dual encoder. `name`, `dim` and `device` describe it; encode_* embed.
 
@@ -107,7 +123,8 @@ class Encoder:
         self.name = name
         self.model = model
         self.preprocess = preprocess
-        self._pixels = PixelPipeline.of(preprocess)
+        self.preparer = ImagePreparer(preprocess, PixelPipeline.of(preprocess))
+        self._pixels = self.preparer.pixels
         self.tokenizer = tokenizer
         self.device = device
         self.use_fp16 = device.type == "cuda"
@@ -126,13 +143,8 @@ class Encoder:
         return contextlib.nullcontext()
 
     def prepare(self, image: Pixels) -> torch.Tensor:
-        """The per-image half of preprocessing (the indexer runs it while decoding): uint8
-        pixels where the transform allows (see pixels.py), else the whole transform. Extreme
-        aspect ratios are cropped first (pixels.bounded_aspect), so the work is bounded."""
-        image = bounded_aspect(image)
-        if self._pixels is None:
-            return self.preprocess(as_pil(image))
-        return self._pixels.pixels(image)
+        """The per-image half of preprocessing (the indexer runs it while decoding; see ImagePreparer)."""
+        return self.preparer(image)
 
     @torch.inference_mode()
     def encode_image_tensors(self, batch: torch.Tensor) -> np.ndarray:

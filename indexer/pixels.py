@@ -39,8 +39,12 @@ def _tensor_step(step: object) -> Callable | None:
     if type(step) is CenterCrop:
         return partial(F.center_crop_image, output_size=v2.CenterCrop(step.size).size)
     if isinstance(step, MaybeConvertMode) or getattr(step, "__name__", "") == "_convert_to_rgb":
-        return lambda pixels: pixels  # pixels are made from RGB already
+        return _unchanged  # pixels are made from RGB already
     return None
+
+
+def _unchanged(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels
 
 
 @dataclass(frozen=True)

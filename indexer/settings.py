@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     # on the CPU (it already uses every core, and threads slow it down), several beside a GPU.
     decode_threads: int = -1
 
+    # Embed new images on a Ray cluster (indexer/ray_embedding.py): "" = in this process, "auto" =
+    # the running cluster (or a local one), or the head's address ("HOST:6379", "ray://HOST:10001").
+    ray_address: str = ""
+    ray_encoder_threads: int = 0  # torch threads per CPU encoder actor; 0 = the node's cores
+
     # FAISS: an index-factory string forces the type; otherwise it is chosen by size.
     index_factory: str = ""
     exact_search_max: int = 50_000  # collections up to this size get exact (Flat) search

@@ -493,6 +493,15 @@ def image_row_ids(s: Session, files: list[dict[str, Any]]) -> list[int]:
     return [existing[(f["path"], f["content_hash"])] for f in files]
 
 
+def image_sizes(s: Session, content_hashes: list[str]) -> dict[str, tuple[int, int]]:
+    """{content hash: (width, height)} of the images with these contents that have rows."""
+    found: dict[str, tuple[int, int]] = {}
+    for chunk in _chunks(content_hashes):
+        found.update({h: (w, ht) for h, w, ht in s.execute(
+            select(ImageRow.content_hash, ImageRow.width, ImageRow.height).where(ImageRow.content_hash.in_(chunk)))})
+    return found
+
+
 def image_ids_by_path(s: Session) -> dict[str, int]:
     return dict(s.execute(select(ImageRow.path, ImageRow.id)).all())
 

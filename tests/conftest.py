@@ -175,3 +175,22 @@ def live_server(indexed, encoder):
     """The real service over HTTP, for tests that need concurrent clients or a UI."""
     with serving(create_app(indexed, SearchEngine(indexed, encoder=encoder))) as base:
         yield base
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory) -> Iterator[str]:
+    """A real local Ray cluster (head node, 2 CPUs) for the session; yields its address."""
+    from tests import ray_cluster as cluster
+
+    if cluster.ray_command() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Ray is not installed: {cluster.INSTALL_HINT}")
+        pytest.skip(f"Ray is not installed: {cluster.INSTALL_HINT}")
+    address = cluster.start_head(free_port(), tmp_path_factory.mktemp("ray") / "auth_token")
+    try:
+        yield address
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.stop()
