@@ -385,11 +385,59 @@ class IndexBuilder:
 
     # -- index files and publishing ----------------------------------------------------------
 
-    def _vectors(self, model: str, kind: str, rows: dict[int, str], dim: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.fromiter(rows, dtype=np.int64, count=len(rows))
+    def _vectors(self, model: str, kind: str, rows: dict[int, str], dim: int,
+                 ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, their stored vectors): of every row, or of the rows `ids`."""
+        if ids is None:
+            ids = np.fromiter(rows, dtype=np.int64, count=len(rows))
         with self.store.session() as s:
-            blobs = load_embeddings(s, model, kind, list(set(rows.values())))
-        return ids, vectors_from_bytes([blobs[rows[i]] for i in ids], dim)
+            blobs = load_embeddings(s, model, kind, list({rows[i] for i in ids.tolist()}))
+        return ids, vectors_from_bytes([blobs[rows[i]] for i in ids.tolist()], dim)
+
+    def _write_index(self, build_dir: Path, file_name: str, kind: str, rows: dict[int, str], model: str, dim: int,
+                     bank) -> str:
+        """An index built in memory (with its exact vectors and penalties); returns its type."""
+        ids, vectors = self._vectors(model, kind, rows, dim)
+        vectors = vectors.reshape(-1, dim)
+        index_type = faiss_index.choose_index_type(len(ids), dim, self.settings.index_factory,
+                                                   self.settings.exact_search_max)
+        index = faiss_index.build_index(vectors, ids, index_type, self.settings.use_gpu_faiss)
+        faiss_index.write_build_index(build_dir, file_name, index, index_type, ids, vectors)
+        if bank is not None:
+            Penalties.of(ids, bank.penalties(vectors, kind)).save(build_dir / faiss_index.PENALTY_FILES[file_name])
+        return index_type
+
+    def _write_ondisk_index(self, build_dir: Path, file_name: str, kind: str, rows: dict[int, str], model: str,
+                            dim: int, bank) -> str:
+        """An index of more than `ondisk_min_vectors`, never all in memory: IVF-PQ trained on a sample,
+        the vectors added shard by shard (in parallel Ray tasks with --ray), the shards merged into
+        inverted lists on disk (faiss_index.merge_ondisk_shards); exact vectors and penalties as
+        the shards go. Returns the index type."""
+        settings = self.settings
+        ids = np.sort(np.fromiter(rows, dtype=np.int64, count=len(rows)))
+        index_type = faiss_index.ondisk_index_type(len(ids), dim, settings.index_factory)
+        sample_ids = np.random.default_rng(0).choice(ids, faiss_index.training_size(index_type, len(ids)),
+                                                     replace=False)
+        trained = faiss_index.trained_index(index_type, dim, self._vectors(model, kind, rows, dim, sample_ids)[1],
+                                            settings.use_gpu_faiss)
+        trained_path = build_dir / f"{file_name}.trained"
+        faiss_index.write_index(trained, trained_path)
+        exact = faiss_index.ExactVectorsWriter(build_dir, file_name, ids, dim)
+        add_shard = _shard_runner(settings.ray_address)
+        shards, pending, penalties = [], [], []
+        for number, start in enumerate(range(0, len(ids), settings.ondisk_shard_vectors)):
+            shard_ids, vectors = self._vectors(model, kind, rows, dim, ids[start:start + settings.ondisk_shard_vectors])
+            exact.put(shard_ids, vectors)
+            if bank is not None:
+                penalties.append(bank.penalties(vectors, kind))
+            shards.append(build_dir / f"{file_name}.shard{number:04d}")
+            pending.append(add_shard(str(trained_path), shard_ids, vectors, str(shards[-1])))
+        _wait_for_shards(pending)
+        exact.close()
+        faiss_index.merge_ondisk_shards(build_dir, file_name, trained_path, shards)
+        if bank is not None:
+            Penalties.of(ids, np.concatenate(penalties)).save(build_dir / faiss_index.PENALTY_FILES[file_name])
+        return index_type
 
     def _write_and_publish(self, build_id: int, encoder: "_LazyEncoder", images: dict[int, str],
                            captions: dict[int, str], report: BuildReport, progress: ProgressCallback | None,
@@ -402,16 +450,11 @@ class IndexBuilder:
         bank = load_bank(encoder.name)  # a small file: an unchanged re-run still loads no model
         for kind, rows, file_name in (("image", images, faiss_index.IMAGES_FILE),
                                       ("text", captions, faiss_index.CAPTIONS_FILE)):
-            ids, vectors = self._vectors(encoder.name, kind, rows, encoder.dim)
-            index_type = faiss_index.choose_index_type(len(ids), encoder.dim, settings.index_factory,
-                                                       settings.exact_search_max)
-            log.info("%s index: %d vectors, type %s", kind, len(ids), index_type)
-            vectors = vectors.reshape(-1, encoder.dim)
-            index = faiss_index.build_index(vectors, ids, index_type, settings.use_gpu_faiss)
-            faiss_index.write_build_index(build_dir, file_name, index, index_type, ids, vectors)
-            if bank is not None:
-                Penalties.of(ids, bank.penalties(vectors, kind)).save(
-                    build_dir / faiss_index.PENALTY_FILES[file_name])
+            if len(rows) >= max(1, settings.ondisk_min_vectors):
+                index_type = self._write_ondisk_index(build_dir, file_name, kind, rows, encoder.name, encoder.dim, bank)
+            else:
+                index_type = self._write_index(build_dir, file_name, kind, rows, encoder.name, encoder.dim, bank)
+            log.info("%s index: %d vectors, type %s", kind, len(rows), index_type)
             params.update(faiss_index.default_search_params(index_type))
             if kind == "image":
                 report.image_index_type = index_type
@@ -439,6 +482,26 @@ class IndexBuilder:
                 "n_captions": report.n_captions, "n_embedded": report.n_embedded, "n_reused": report.n_reused,
                 "n_skipped": len(report.skipped), "seconds": report.seconds})
             set_build_report(s, build_id, report.to_dict())  # with n_removed, known only now
+
+
+def _shard_runner(ray_address: str):
+    """faiss_index.add_shard run here, or as a Ray task (its result a reference) with --ray."""
+    if not ray_address:
+        return faiss_index.add_shard
+    import ray
+
+    from crossmodal.indexer import ray_embedding
+
+    ray_embedding.connect(ray_address)
+    remote = ray.remote(num_cpus=1)(faiss_index.add_shard)
+    return remote.remote
+
+
+def _wait_for_shards(pending: list) -> None:
+    if pending and not isinstance(pending[0], int):
+        import ray
+
+        ray.get(pending)
 
 
 class _LazyEncoder:

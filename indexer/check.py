@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from crossmodal.indexer import faiss_index
@@ -20,6 +19,7 @@ from crossmodal.indexer.store import (Build, Store, vectors_from_bytes)
 
 VECTOR_SAMPLE = 20_000  # vectors compared per index: enough to catch a mismatch, quick at 1M
 EXACT_TOLERANCE = 1e-5
+FLOAT16_TOLERANCE = 1e-3  # on-disk builds keep float16 exact vectors: 2^-12 of error below 1
 LOSSY_SAMPLE = 2_000  # SQ and PQ store approximations: each decoded vector must be nearest its own
 LOSSY_MARGIN = 0.02
 
@@ -141,21 +141,29 @@ def _check_exact_vectors(path: Path, ids: np.ndarray, rows: dict[int, str], stor
     else:
         sample = [i for i in exact.ids[:VECTOR_SAMPLE].tolist() if i in rows and rows[i] in stored]
         found, expected = exact.get(sample), vectors_from_bytes([stored[rows[i]] for i in sample], manifest.dim)
-        if sample and np.abs(np.stack([found[i] for i in sample]) - expected).max() > EXACT_TOLERANCE:
+        tolerance = EXACT_TOLERANCE if exact.vectors.dtype == np.float32 else FLOAT16_TOLERANCE
+        if sample and np.abs(np.stack([found[i] for i in sample]) - expected).max() > tolerance:
             report.problems.append(f"the exact vectors beside {path.name} differ from the stored embeddings")
 
 
 def _check_faiss_file(path: Path, kind: str, rows: dict[int, str], stored: dict[str, bytes],
                       manifest: faiss_index.Manifest, index_type: str, pending: bool, report: CheckReport) -> None:
     try:
-        index = faiss.read_index(str(path))
+        index = faiss_index.read_index(path, {}, use_gpu=False)
     except (OSError, RuntimeError) as err:
         report.problems.append(f"{path} cannot be read: {str(err).splitlines()[0]}")
         return
     if index.d != manifest.dim:
         report.problems.append(f"{path}: dimension {index.d}, the manifest says {manifest.dim}")
         return
-    ids = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else np.arange(index.ntotal)
+    ondisk = faiss_index.is_ondisk(path.parent, path.name)
+    try:
+        ids = faiss_index.indexed_ids(index, faiss_index.ExactVectors.open(path.parent, path.name) if ondisk else None)
+    except (OSError, ValueError) as err:
+        report.problems.append(f"the exact vectors of {path.name} cannot be read: {err}")
+        return
+    if ondisk and len(ids) != index.ntotal:
+        report.problems.append(f"{path.name} holds {index.ntotal} vectors, its exact-vector files {len(ids)}")
     _check_penalties(path, ids, manifest, report)
     if faiss_index.is_lossy(index_type):
         _check_exact_vectors(path, ids, rows, stored, manifest, report)
@@ -176,7 +184,7 @@ def _check_faiss_file(path: Path, kind: str, rows: dict[int, str], stored: dict[
         report.problems.append(f"{len(in_db - in_index)} {kind} rows are missing from {path.name} "
                                f"(e.g. id {min(in_db - in_index)})")
     sample = [i for i in ids[:VECTOR_SAMPLE].tolist() if i in rows and rows[i] in stored]
-    if not sample:
+    if not sample or ondisk:  # on-disk lists keep no id -> code map: their exact vectors were compared above
         return
     expected = vectors_from_bytes([stored[rows[i]] for i in sample], manifest.dim)
     found = np.stack([index.reconstruct(int(i)) for i in sample])

@@ -64,7 +64,6 @@ def _top_ids(index, index_type: str, queries: np.ndarray, exact, penalties) -> n
 
 def evaluate_published(settings) -> dict:
     """Recall of the published build, measured through its own FAISS indexes (what users get)."""
-    import faiss
 
     from crossmodal.indexer import faiss_index
     from crossmodal.indexer.ranking import exact_lookup
@@ -77,8 +76,8 @@ def evaluate_published(settings) -> dict:
     opened = faiss_index.open_build(settings.index_dir, build.id, settings.use_gpu_faiss,
                                     settings.hubness_correction)
     manifest, images, captions = opened.manifest, opened.images, opened.captions
-    image_ids = set(faiss.vector_to_array(images.id_map).tolist())
-    caption_ids = set(faiss.vector_to_array(captions.id_map).tolist())
+    image_ids = set(faiss_index.indexed_ids(images, opened.image_vectors).tolist())
+    caption_ids = set(faiss_index.indexed_ids(captions, opened.caption_vectors).tolist())
     rows = [r for r in store.captioned_images() if r[0] in caption_ids and r[1] in image_ids]
     if not rows:
         raise ValueError("the published collection has no captions: eval needs a captioned collection")

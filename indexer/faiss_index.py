@@ -11,6 +11,9 @@ Layout of an index directory:
         images.vectors.npy          their full float32 vectors, row for row (ExactVectors)
         captions.ids.npy          ... the same for a lossy caption index
         captions.vectors.npy
+        images.ivfdata            past CROSSMODAL_ONDISK_MIN_VECTORS: the IVF-PQ index's inverted lists, on
+                                    disk and memory-mapped (images.faiss then holds only the quantizers),
+                                    and the exact vectors beside it are float16
         images.penalty.npz        hubness penalty per image id (models with a hubness bank only)
         captions.penalty.npz      hubness penalty per caption id (see hubness.py)
         manifest.json             model, dim, index types, counts, search parameters, hubness
@@ -44,6 +47,7 @@ CAPTIONS_FILE = "captions.faiss"
 PENALTY_FILES = {IMAGES_FILE: "images.penalty.npz", CAPTIONS_FILE: "captions.penalty.npz"}
 EXACT_FILES = {IMAGES_FILE: ("images.ids.npy", "images.vectors.npy"),
                CAPTIONS_FILE: ("captions.ids.npy", "captions.vectors.npy")}
+ONDISK_FILES = {IMAGES_FILE: "images.ivfdata", CAPTIONS_FILE: "captions.ivfdata"}
 
 
 @dataclass
@@ -126,7 +130,7 @@ class ExactVectors:
     """
 
     ids: np.ndarray  # int64, sorted
-    vectors: np.ndarray  # float32 [n, dim], row i is the vector of ids[i]
+    vectors: np.ndarray  # float32 [n, dim] (float16 beside an on-disk index), row i is the vector of ids[i]
 
     @staticmethod
     def write(build_dir: Path, index_file: str, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -154,8 +158,11 @@ class ExactVectors:
         if not len(self.ids) or not len(wanted):
             return {}
         pos, found = find_sorted(self.ids, wanted)
-        rows = self.vectors[pos[found]]  # one gather: a copy, so nothing refers to the mapping
+        rows = self.vectors[pos[found]].astype(np.float32, copy=False)  # one gather: a copy, not the mapping
         return dict(zip(wanted[found].tolist(), rows))
+
+    def __contains__(self, item_id: int) -> bool:
+        return bool(len(self.ids)) and bool(find_sorted(self.ids, np.array([item_id], dtype=np.int64))[1][0])
 
 
 def gpu_available() -> bool:
@@ -182,19 +189,31 @@ def to_cpu(index: faiss.Index) -> faiss.Index:
     return faiss.index_gpu_to_cpu(index) if gpu_available() and "Gpu" in type(index).__name__ else index
 
 
+def training_size(index_type: str, n: int) -> int:
+    """64 points per IVF list (at least 65,536, enough for PQ's 256 centroids per sub-space), not
+    FAISS's up-to-256: training time is what limits a 1M build on a small CPU."""
+    if not index_type.startswith("IVF"):
+        return n
+    nlist = int(index_type[3:].split(",")[0].split("_")[0])
+    return min(n, max(2**16, 64 * nlist))
+
+
+def trained_index(index_type: str, dim: int, sample: np.ndarray, use_gpu: bool = True) -> faiss.Index:
+    """An empty inner-product index of `index_type`, trained on `sample` (on the GPU where there is one)."""
+    inner = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    if len(sample) and not inner.is_trained:
+        trainer = to_gpu(inner) if use_gpu else inner
+        trainer.train(np.ascontiguousarray(sample, dtype=np.float32))
+        inner = to_cpu(trainer)
+    return inner
+
+
 def build_index(vectors: np.ndarray, ids: np.ndarray, index_type: str, use_gpu: bool = True) -> faiss.Index:
     """Inner-product index over L2-normalised vectors, ids mapped to database rows."""
     dim = vectors.shape[1] if vectors.ndim == 2 and vectors.shape[1] else 1
-    inner = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
-    if len(vectors) and not inner.is_trained:
-        # 64 points per IVF list (at least 65,536, enough for PQ's 256 centroids per sub-space),
-        # not FAISS's up-to-256: training time is what limits a 1M build on a small CPU.
-        n_train = min(len(vectors), max(2**16, 64 * faiss.extract_index_ivf(inner).nlist)
-                      if index_type.startswith("IVF") else len(vectors))
-        sample = vectors[np.random.default_rng(0).choice(len(vectors), n_train, replace=False)]
-        trainer = to_gpu(inner) if use_gpu else inner
-        trainer.train(sample)
-        inner = to_cpu(trainer)
+    n_train = training_size(index_type, len(vectors))
+    sample = vectors[np.random.default_rng(0).choice(len(vectors), n_train, replace=False)] if len(vectors) else vectors
+    inner = trained_index(index_type, dim, sample, use_gpu)
     index = faiss.IndexIDMap2(inner)
     if len(vectors):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
@@ -229,9 +248,78 @@ def write_build_index(build_dir: Path, index_file: str, index: faiss.Index, inde
 
 
 def read_index(path: Path, params: dict[str, int], use_gpu: bool = True) -> faiss.Index:
+    """An index file of a build; one with on-disk inverted lists maps them from beside it and stays on the CPU."""
+    if (path.parent / ONDISK_FILES.get(path.name, "-")).is_file():
+        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        apply_search_params(index, params)
+        return index
     index = faiss.read_index(str(path))
     apply_search_params(index, params)
     return to_gpu(index) if use_gpu else index
+
+
+def is_ondisk(build_dir: Path, index_file: str) -> bool:
+    return (build_dir / ONDISK_FILES[index_file]).is_file()
+
+
+def indexed_ids(index: faiss.Index, exact: ExactVectors | None) -> np.ndarray:
+    """The row ids an index holds: its id map, or for an on-disk IVF index (ids in its lists,
+    no map in memory) the ids of its exact vectors, which are the same rows."""
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map)
+    if exact is not None:
+        return np.asarray(exact.ids)
+    return np.arange(index.ntotal)
+
+
+# -- indexes larger than memory --------------------------------------------------------------
+
+def ondisk_index_type(n: int, dim: int, forced: str = "") -> str:
+    """On-disk lists need IVF: a forced IVF type is kept, anything else becomes the automatic IVF-PQ."""
+    if forced.startswith("IVF"):
+        return forced
+    nlist = 2 ** round(math.log2(math.sqrt(n)))
+    return f"IVF{nlist},PQ{dim // 4}" if dim % 4 == 0 else f"IVF{nlist},SQ8"
+
+
+def add_shard(trained_path: str, ids: np.ndarray, vectors: np.ndarray, shard_path: str) -> int:
+    """One shard: the trained empty index, these vectors added, written to `shard_path`. A plain
+    function of files and arrays, so that Ray tasks can run shards in parallel."""
+    index = faiss.read_index(trained_path)
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+    faiss.write_index(index, shard_path)
+    return index.ntotal
+
+
+def merge_ondisk_shards(build_dir: Path, index_file: str, trained_path: Path, shard_paths: list[Path]) -> None:
+    """Merge the shards' inverted lists into one on-disk file (FAISS OnDiskInvertedLists) beside
+    `index_file`, which then holds only the trained quantizers; the shards are removed."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    index = faiss.read_index(str(trained_path))
+    merge_ondisk(index, [str(p) for p in shard_paths], str(build_dir / ONDISK_FILES[index_file]))
+    faiss.write_index(index, str(build_dir / index_file))
+    for path in (trained_path, *shard_paths):
+        path.unlink()
+
+
+class ExactVectorsWriter:
+    """ExactVectors written row by row into float16 files (an on-disk build cannot hold them all)."""
+
+    def __init__(self, build_dir: Path, index_file: str, ids: np.ndarray, dim: int):
+        ids_file, vectors_file = EXACT_FILES[index_file]
+        self.ids = np.sort(np.asarray(ids, dtype=np.int64))
+        np.save(build_dir / ids_file, self.ids)
+        self.vectors = np.lib.format.open_memmap(build_dir / vectors_file, mode="w+", dtype=np.float16,
+                                                 shape=(len(self.ids), dim))
+
+    def put(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        pos, _ = find_sorted(self.ids, np.asarray(ids, dtype=np.int64))
+        self.vectors[pos] = vectors.astype(np.float16)
+
+    def close(self) -> None:
+        self.vectors.flush()
+        del self.vectors
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     index_factory: str = ""
     exact_search_max: int = 50_000  # collections up to this size get exact (Flat) search
     use_gpu_faiss: bool = True  # only has an effect where a GPU FAISS build is installed
+    # Past this many vectors an index is built without holding them all in memory: IVF-PQ trained on
+    # a sample, vectors added in shards of ondisk_shard_vectors (Ray tasks with --ray), merged into
+    # inverted lists on disk that search memory-maps; its exact re-rank vectors are float16.
+    ondisk_min_vectors: int = 2_000_000
+    ondisk_shard_vectors: int = 1_000_000
     # Subtract each item's hubness penalty in text->image and image->caption search, for models
     # that ship a hubness bank (see indexer/hubness.py). Helps on photos like the training data's.
     hubness_correction: bool = True

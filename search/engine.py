@@ -296,11 +296,16 @@ class SearchEngine:
 
     def indexed_vector(self, image_id: int) -> np.ndarray:
         """The exact stored vector of an indexed image: queries by id need no re-encoding."""
-        try:
-            self.snapshot.images.reconstruct(int(image_id))  # in the served index, not only in the database
-        except (RuntimeError, OverflowError) as err:
-            raise NotFound(f"image {image_id} is not in the index") from err
-        stored = self.store.vectors_by_id(self.snapshot.manifest.model, "image", [int(image_id)])
+        snapshot = self.snapshot
+        if snapshot.image_vectors is not None:  # a lossy index (on-disk ones keep no id map in memory)
+            if int(image_id) not in snapshot.image_vectors:
+                raise NotFound(f"image {image_id} is not in the index")
+        else:
+            try:
+                snapshot.images.reconstruct(int(image_id))  # in the served index, not only in the database
+            except (RuntimeError, OverflowError) as err:
+                raise NotFound(f"image {image_id} is not in the index") from err
+        stored = self.store.vectors_by_id(snapshot.manifest.model, "image", [int(image_id)])
         if int(image_id) not in stored:
             raise NotFound(f"image {image_id} has no stored embedding")
         return stored[int(image_id)]

@@ -308,3 +308,32 @@ def test_check_reports_a_served_row_whose_stored_vector_is_gone(indexed):
     report = check_index(indexed)
     assert not report.ok
     assert any("caption rows in captions.faiss have no stored embedding" in p for p in report.problems), report.problems
+
+
+def test_an_index_past_the_on_disk_threshold_serves_what_an_in_memory_one_does(settings, encoder, collection,
+                                                                                   tmp_path):
+    """Past ondisk_min_vectors the IVF-PQ lists are merged from shards into a file that search maps."""
+    from crossmodal.indexer.check import check_index
+    from crossmodal.indexer.faiss_index import EXACT_FILES, IMAGES_FILE, ONDISK_FILES
+    from crossmodal.indexer.settings import Settings
+
+    build(settings, encoder, collection)
+    ondisk = Settings(index_dir=tmp_path / "ondisk", device="cpu", index_factory="IVF2,PQ64x4",
+                      ondisk_min_vectors=10, ondisk_shard_vectors=7)  # 18 images: 3 shards; 22 captions: 4
+    report, _ = build(ondisk, encoder, collection)
+    build_dir = build_dir_for(ondisk.index_dir, report.build_id)
+    assert (build_dir / ONDISK_FILES[IMAGES_FILE]).is_file() and not list(build_dir.glob("*.shard*"))
+    assert np.load(build_dir / EXACT_FILES[IMAGES_FILE][1], mmap_mode="r").dtype == np.float16
+    exact_engine, ondisk_engine = SearchEngine(settings, encoder=encoder), SearchEngine(ondisk, encoder=encoder)
+    assert ondisk_engine.snapshot.images.ntotal == 18 and ondisk_engine.snapshot.captions.ntotal == 22
+    for query in ("a man with a camera", "a red coffee cup", "an animal"):
+        assert [h.path for h in ondisk_engine.images_by_text(query, k=8)] == \
+            [h.path for h in exact_engine.images_by_text(query, k=8)]
+        assert [c.text for c in ondisk_engine.captions_by_text(query, k=5)] == \
+            [c.text for c in exact_engine.captions_by_text(query, k=5)]
+    horse = next(h for h in ondisk_engine.images_by_text("a horse", k=18) if h.path == "horse.png")
+    assert [h.path for h in ondisk_engine.similar_images(horse.id, k=3)] == \
+        [h.path for h in exact_engine.similar_images(
+            next(h.id for h in exact_engine.images_by_text("a horse", k=18) if h.path == "horse.png"), k=3)]
+    checked = check_index(ondisk)
+    assert checked.ok, checked.problems
