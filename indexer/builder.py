@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -409,34 +409,15 @@ class IndexBuilder:
 
     def _write_ondisk_index(self, build_dir: Path, file_name: str, kind: str, rows: dict[int, str], model: str,
                             dim: int, bank) -> str:
-        """An index of more than `ondisk_min_vectors`, never all in memory: IVF-PQ trained on a sample,
-        the vectors added shard by shard (in parallel Ray tasks with --ray), the shards merged into
-        inverted lists on disk (faiss_index.merge_ondisk_shards); exact vectors and penalties as
-        the shards go. Returns the index type."""
-        settings = self.settings
+        """An index of more than `ondisk_min_vectors`: its vectors read from the database shard by shard."""
         ids = np.sort(np.fromiter(rows, dtype=np.int64, count=len(rows)))
-        index_type = faiss_index.ondisk_index_type(len(ids), dim, settings.index_factory)
+        index_type = faiss_index.ondisk_index_type(len(ids), dim, self.settings.index_factory)
         sample_ids = np.random.default_rng(0).choice(ids, faiss_index.training_size(index_type, len(ids)),
                                                      replace=False)
-        trained = faiss_index.trained_index(index_type, dim, self._vectors(model, kind, rows, dim, sample_ids)[1],
-                                            settings.use_gpu_faiss)
-        trained_path = build_dir / f"{file_name}.trained"
-        faiss_index.write_index(trained, trained_path)
-        exact = faiss_index.ExactVectorsWriter(build_dir, file_name, ids, dim)
-        add_shard = _shard_runner(settings.ray_address)
-        shards, pending, penalties = [], [], []
-        for number, start in enumerate(range(0, len(ids), settings.ondisk_shard_vectors)):
-            shard_ids, vectors = self._vectors(model, kind, rows, dim, ids[start:start + settings.ondisk_shard_vectors])
-            exact.put(shard_ids, vectors)
-            if bank is not None:
-                penalties.append(bank.penalties(vectors, kind))
-            shards.append(build_dir / f"{file_name}.shard{number:04d}")
-            pending.append(add_shard(str(trained_path), shard_ids, vectors, str(shards[-1])))
-        _wait_for_shards(pending)
-        exact.close()
-        faiss_index.merge_ondisk_shards(build_dir, file_name, trained_path, shards)
-        if bank is not None:
-            Penalties.of(ids, np.concatenate(penalties)).save(build_dir / faiss_index.PENALTY_FILES[file_name])
+        shard = self.settings.ondisk_shard_vectors
+        shards = (self._vectors(model, kind, rows, dim, ids[start:start + shard]) for start in range(0, len(ids), shard))
+        write_ondisk_index(build_dir, file_name, index_type, ids, self._vectors(model, kind, rows, dim, sample_ids)[1],
+                           shards, self.settings, bank, kind)
         return index_type
 
     def _write_and_publish(self, build_id: int, encoder: "_LazyEncoder", images: dict[int, str],
@@ -482,6 +463,32 @@ class IndexBuilder:
                 "n_captions": report.n_captions, "n_embedded": report.n_embedded, "n_reused": report.n_reused,
                 "n_skipped": len(report.skipped), "seconds": report.seconds})
             set_build_report(s, build_id, report.to_dict())  # with n_removed, known only now
+
+
+def write_ondisk_index(build_dir: Path, file_name: str, index_type: str, ids: np.ndarray, sample: np.ndarray,
+                       shards: Iterable[tuple[np.ndarray, np.ndarray]], settings: Settings, bank=None,
+                       kind: str = "image") -> None:
+    """An index never held in memory whole: IVF-PQ trained on `sample`, each (ids, vectors) shard
+    added to a copy of it (in parallel Ray tasks with --ray), the shards merged into inverted lists
+    on disk (faiss_index.merge_ondisk_shards); exact vectors (float16) and hubness penalties
+    written as the shards go. `ids` are all the index's ids, sorted."""
+    trained = faiss_index.trained_index(index_type, sample.shape[1], sample, settings.use_gpu_faiss)
+    trained_path = build_dir / f"{file_name}.trained"
+    faiss_index.write_index(trained, trained_path)
+    exact = faiss_index.ExactVectorsWriter(build_dir, file_name, ids, sample.shape[1])
+    add_shard = _shard_runner(settings.ray_address)
+    paths, pending, penalties = [], [], np.zeros(len(ids), dtype=np.float32)
+    for number, (shard_ids, vectors) in enumerate(shards):
+        exact.put(shard_ids, vectors)
+        if bank is not None:
+            penalties[faiss_index.find_sorted(ids, shard_ids)[0]] = bank.penalties(vectors, kind)
+        paths.append(build_dir / f"{file_name}.shard{number:04d}")
+        pending.append(add_shard(str(trained_path), shard_ids, vectors, str(paths[-1])))
+    _wait_for_shards(pending)
+    exact.close()
+    faiss_index.merge_ondisk_shards(build_dir, file_name, trained_path, paths)
+    if bank is not None:
+        Penalties.of(ids, penalties).save(build_dir / faiss_index.PENALTY_FILES[file_name])
 
 
 def _shard_runner(ray_address: str):

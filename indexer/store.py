@@ -222,7 +222,7 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
     if database is None:
         yield
         return
-    with open(database.with_name(database.name + ".migrate.lock"), "w") as handle:
+    with open(database.with_name(f".{database.name}.migrate.lock"), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 

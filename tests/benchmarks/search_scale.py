@@ -55,10 +55,11 @@ def real_embeddings(source: Path) -> tuple[str, np.ndarray, list[str], np.ndarra
     return build.model, image_matrix, texts, text_matrix
 
 
-def synthesize(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+def synthesize(real: np.ndarray, n: int, seed: int = 0, keep_real: bool = True) -> np.ndarray:
+    """`n` vectors: the real ones first (unless `keep_real` is false), then mixtures of two plus noise."""
     rng = np.random.default_rng(seed)
     out = np.empty((n, real.shape[1]), dtype=np.float32)
-    head = min(n, len(real))
+    head = min(n, len(real)) if keep_real else 0
     out[:head] = real[:head]
     for start in range(head, n, 100_000):
         m = min(100_000, n - start)
