@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,6 +132,7 @@ class ExactVectors:
 
     ids: np.ndarray  # int64, sorted
     vectors: np.ndarray  # float32 [n, dim] (float16 beside an on-disk index), row i is the vector of ids[i]
+    reader: "_RowReader | None" = None  # float16 files: rows read with pread, not through the mapping
 
     @staticmethod
     def write(build_dir: Path, index_file: str, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -150,7 +152,7 @@ class ExactVectors:
             return None
         read_ahead_in_background(paths)  # cold pages cost a disk read each: 17 ms a query at 1M
         ids, vectors = (np.load(path, mmap_mode="r") for path in paths)
-        return cls(ids, vectors)
+        return cls(ids, vectors, _RowReader(vectors) if vectors.dtype == np.float16 else None)
 
     def get(self, ids: list[int]) -> dict[int, np.ndarray]:
         """The vectors of these ids (an id without one is absent)."""
@@ -158,11 +160,30 @@ class ExactVectors:
         if not len(self.ids) or not len(wanted):
             return {}
         pos, found = find_sorted(self.ids, wanted)
-        rows = self.vectors[pos[found]].astype(np.float32, copy=False)  # one gather: a copy, not the mapping
-        return dict(zip(wanted[found].tolist(), rows))
+        rows = self.reader.rows(pos[found]) if self.reader else self.vectors[pos[found]]  # a copy, not the mapping
+        return dict(zip(wanted[found].tolist(), rows.astype(np.float32, copy=False)))
 
     def __contains__(self, item_id: int) -> bool:
         return bool(len(self.ids)) and bool(find_sorted(self.ids, np.array([item_id], dtype=np.int64))[1][0])
+
+
+class _RowReader:
+    """Rows of a memory-mapped .npy file read with pread. Beside an on-disk index the exact vectors
+    run to gigabytes, read ahead into the page cache in large folios, and a fault on the mapping
+    maps a whole folio: 1.3 MB of resident memory a row, measured at 10M (9.3 GiB of RSS after 320
+    queries). pread copies just the rows; the page cache still serves them."""
+
+    def __init__(self, mapped: np.memmap):
+        self.fd = os.open(mapped.filename, os.O_RDONLY)
+        self.offset, self.dtype, self.dim = mapped.offset, mapped.dtype, mapped.shape[1]
+        self.row_bytes = self.dim * mapped.dtype.itemsize
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        data = b"".join(os.pread(self.fd, self.row_bytes, self.offset + int(p) * self.row_bytes) for p in positions)
+        return np.frombuffer(data, dtype=self.dtype).reshape(len(positions), self.dim)
+
+    def __del__(self):
+        os.close(self.fd)
 
 
 def gpu_available() -> bool:

@@ -1,7 +1,7 @@
 """The metadata database: the one place the schema is defined (SQLAlchemy 2.0).
 
 The schema has a revision; `migrations/` holds the Alembic steps from each to the next, and
-every process that opens the database brings it to `SCHEMA_REVISION` first (`migrate`).
+every process that opens the database brings it to `SCHEMA_REVISION` first (`migrate_schema`).
 FAISS ids are the primary keys of `images` and `captions`. Rows are immutable once
 written: a changed file gets a new row, and rows that the newly published build no
 longer holds are deleted in the same transaction that publishes it, so a reader of the
@@ -165,9 +165,13 @@ def schema_revision(engine: Engine) -> str | None:
     """The database's schema revision; None for an empty database and for one made before
     migrations existed (wave 1, revision 0001 without the stamp)."""
     with engine.connect() as connection:
-        if not inspect(connection).has_table("alembic_version"):
-            return None
-        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        return _revision(connection)
+
+
+def _revision(connection) -> str | None:
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
 def migrate_schema(engine: Engine) -> None:
@@ -175,8 +179,7 @@ def migrate_schema(engine: Engine) -> None:
     if schema_revision(engine) == SCHEMA_REVISION:
         return
     with _migration_lock(engine), engine.begin() as connection:
-        current = connection.execute(text("SELECT version_num FROM alembic_version")).scalar() \
-            if inspect(connection).has_table("alembic_version") else None
+        current = _revision(connection)
         if current == SCHEMA_REVISION:
             return  # another process upgraded it while we waited
         _run_alembic(connection, current)

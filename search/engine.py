@@ -143,11 +143,10 @@ class TextBatcher:
 
 
 class SearchEngine:
-    def __init__(self, settings: Settings, encoder: Encoder | None = None, store: Store | None = None,
-                 metrics: Metrics | None = None):
+    def __init__(self, settings: Settings, encoder: Encoder | None = None, store: Store | None = None):
         self.settings = settings
         self.store = store or Store(settings.resolved_database_url())
-        self.metrics = metrics  # set by the service; None for the CLI
+        self.metrics: Metrics | None = None  # the service's (attach_metrics); none for the CLI
         self._encoder = encoder
         self._batcher: TextBatcher | None = None
         self._batcher_lock = threading.Lock()
@@ -208,7 +207,7 @@ class SearchEngine:
         return True
 
     def attach_metrics(self, metrics: Metrics) -> None:
-        """The service's metrics, for an engine made before the service (tests, the CLI's `serve`)."""
+        """Report to the service's metrics from now on (the engine may be made before the service)."""
         self.metrics = metrics
         if self._batcher is not None:
             self._batcher.metrics = metrics

@@ -19,6 +19,7 @@ p50/p95 text-to-image over HTTP, and Recall@10 of the served ranking against exa
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -35,7 +36,7 @@ from crossmodal.indexer.hubness import load_bank  # noqa: E402
 from crossmodal.indexer.settings import Settings  # noqa: E402
 from crossmodal.indexer.store import Build, ImageRow, Store, utcnow  # noqa: E402
 from tests.benchmarks.http_latency import run as run_clients  # noqa: E402
-from tests.benchmarks.results_file import record  # noqa: E402
+from tests.benchmarks.results_file import RESULTS, record  # noqa: E402
 from tests.benchmarks.search_scale import _NoEncoder, real_embeddings, serve, synthesize  # noqa: E402
 from crossmodal.search.engine import SearchEngine  # noqa: E402
 
@@ -86,25 +87,12 @@ def process_memory(pid: int) -> dict[str, int]:
             "peak_rss_bytes": status["VmHWM"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", type=Path, default=Path(".cache/bench/indexing/index"))
-    parser.add_argument("--work", type=Path, default=Path(".cache/bench/ondisk"))
-    parser.add_argument("--vectors", type=int, default=10_000_000)
-    parser.add_argument("--shard", type=int, default=1_000_000)
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--port", type=int, default=8766)
-    parser.add_argument("--no-record", action="store_true")
-    args = parser.parse_args()
-    model, real, texts, text_vectors = real_embeddings(args.source)
-    order = np.random.default_rng(1).permutation(len(texts))
-    recall_queries, query_texts = text_vectors[order[:RECALL_QUERIES]], [texts[i] for i in order[RECALL_QUERIES:]]
+def build(args, real: np.ndarray, model: str, index_dir: Path) -> dict:
+    """Rows, then the index through the indexer's on-disk writer; returns the build's figures."""
     n, dim = args.vectors, real.shape[1]
-    index_dir = args.work / f"n{n}"
     shutil.rmtree(index_dir, ignore_errors=True)
     settings = Settings(index_dir=index_dir, ondisk_min_vectors=1, ondisk_shard_vectors=args.shard)
     store = Store(settings.resolved_database_url())
-
     started = time.perf_counter()
     build_id = write_rows(store, model, n, str(index_dir / "synthetic"))
     rows_seconds = time.perf_counter() - started
@@ -112,9 +100,9 @@ def main() -> None:
     build_dir = faiss_index.build_dir_for(index_dir, build_id)
     build_dir.mkdir(parents=True)
     index_type = faiss_index.ondisk_index_type(n, dim)
-    sample_size = faiss_index.training_size(index_type, n)
     sample = np.concatenate([shard(real, k, args.shard, n)[1] for k in range(1, 3)])  # two shards' worth
-    sample = sample[np.random.default_rng(0).choice(len(sample), sample_size, replace=False)]
+    sample = sample[np.random.default_rng(0).choice(len(sample), faiss_index.training_size(index_type, n),
+                                                    replace=False)]
     bank = load_bank(model)
     started = time.perf_counter()
     write_ondisk_index(build_dir, faiss_index.IMAGES_FILE, index_type, np.arange(1, n + 1, dtype=np.int64), sample,
@@ -131,17 +119,29 @@ def main() -> None:
         row.status, row.dim, row.n_images, row.finished_at = "published", dim, n, utcnow()
         row.image_index_type, row.caption_index_type = index_type, "Flat"
     store.close()
-    disk = {path.name: path.stat().st_size for path in build_dir.iterdir()}
+    disk = {path.name: path.stat().st_size / n for path in build_dir.iterdir()}
     print(f"{index_type} {params}: index written in {index_seconds:.0f} s; on disk per vector: "
-          + ", ".join(f"{name} {size / n:.1f} B" for name, size in sorted(disk.items())))
+          + ", ".join(f"{name} {size:.1f} B" for name, size in sorted(disk.items())))
+    return {"vectors": n, "index_type": index_type, "default_search_params": params, "shard_vectors": args.shard,
+            "rows_seconds": rows_seconds, "index_seconds": index_seconds, "disk_bytes_per_vector": disk}
 
+
+def set_nprobe(index_dir: Path, nprobe: int) -> None:
+    store = Store(Settings(index_dir=index_dir).resolved_database_url())
+    build_dir = faiss_index.build_dir_for(index_dir, store.published_build().id)
+    store.close()
+    manifest = faiss_index.Manifest.read(build_dir)
+    manifest.search_params = {"nprobe": nprobe}
+    manifest.write(build_dir)
+
+
+def measure(args, index_dir: Path, model: str, dim: int, recall_queries: np.ndarray, exact: np.ndarray,
+            query_texts: list[str]) -> dict:
+    """What the published build serves: recall of the engine's ranking, then HTTP latency and memory."""
     engine = SearchEngine(Settings(index_dir=index_dir), encoder=_NoEncoder(model, dim))
     found = [[hit.id for hit in engine.images_by_vector(q, 10)] for q in recall_queries]  # ANN recall: no penalties
     del engine
-    exact = exact_top10(real, recall_queries, n, args.shard)
     recall = float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact.tolist())]))
-    print(f"Recall@10 against exact search: {recall:.3f} ({RECALL_QUERIES} caption queries)")
-
     process, cold = serve(index_dir, args.port, query_texts[0])
     try:
         api = f"http://127.0.0.1:{args.port}"
@@ -151,16 +151,53 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait(30)
-    print(f"HTTP text->image, 1 client: p50 {http['p50_ms']:.1f} ms, p95 {http['p95_ms']:.1f} ms, "
-          f"errors {http['errors']}; cold start {cold:.1f} s")
-    print("serving process: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items()))
-    figures = {"vectors": n, "index_type": index_type, "search_params": params, "shard_vectors": args.shard,
-               "rows_seconds": rows_seconds, "index_seconds": index_seconds,
-               "disk_bytes_per_vector": {name: size / n for name, size in disk.items()},
-               "recall_at_10": recall, "recall_queries": RECALL_QUERIES, "cold_start_seconds": cold,
-               "http_1_client": http, "serving_memory": memory}
+    print(f"  Recall@10 {recall:.3f}; HTTP text->image, 1 client: p50 {http['p50_ms']:.1f} ms, "
+          f"p95 {http['p95_ms']:.1f} ms, errors {http['errors']}; cold start {cold:.1f} s; serving process "
+          + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items()))
+    return {"recall_at_10": recall, "cold_start_seconds": cold, "http_1_client": http, "serving_memory": memory}
+
+
+def previous_run() -> tuple[dict, dict]:
+    """(build figures, measurements by nprobe) recorded by the run that built the index."""
+    figures = json.loads(RESULTS.read_text())["ondisk_scale@cpu"]["figures"]
+    if "build" in figures:
+        return figures["build"], figures["by_nprobe"]
+    # The first 10M run recorded one measurement beside its build figures.
+    measured = ("recall_at_10", "cold_start_seconds", "http_1_client", "serving_memory")
+    built = {k: v for k, v in figures.items() if k not in (*measured, "search_params", "recall_queries")}
+    built["default_search_params"] = figures["search_params"]
+    return built, {str(figures["search_params"]["nprobe"]): {k: figures[k] for k in measured}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", type=Path, default=Path(".cache/bench/indexing/index"))
+    parser.add_argument("--work", type=Path, default=Path(".cache/bench/ondisk"))
+    parser.add_argument("--vectors", type=int, default=10_000_000)
+    parser.add_argument("--shard", type=int, default=1_000_000)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--nprobe", default="", help="comma-separated nprobe values to measure (default: the build's)")
+    parser.add_argument("--reuse", action="store_true", help="measure the index a previous run built")
+    parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    model, real, texts, text_vectors = real_embeddings(args.source)
+    order = np.random.default_rng(1).permutation(len(texts))
+    recall_queries, query_texts = text_vectors[order[:RECALL_QUERIES]], [texts[i] for i in order[RECALL_QUERIES:]]
+    index_dir = args.work / f"n{args.vectors}"
+    runs = {}
+    if args.reuse:
+        built, runs = previous_run()
+    else:
+        built = build(args, real, model, index_dir)
+    exact = exact_top10(real, recall_queries, args.vectors, args.shard)
+    for nprobe in [int(x) for x in args.nprobe.split(",") if x] or [built["default_search_params"]["nprobe"]]:
+        set_nprobe(index_dir, nprobe)
+        print(f"nprobe {nprobe}:")
+        runs[str(nprobe)] = measure(args, index_dir, model, real.shape[1], recall_queries, exact, query_texts)
+    set_nprobe(index_dir, built["default_search_params"]["nprobe"])
     if not args.no_record:
-        record("ondisk_scale", figures, model=model,
+        record("ondisk_scale", {"build": built, "recall_queries": RECALL_QUERIES, "by_nprobe": runs}, model=model,
                vectors="search_scale.py's generator: real Flickr8k image embeddings, then mixtures of two plus noise",
                queries="real Flickr8k captions, each used once; text encoding included in the HTTP figures")
 
