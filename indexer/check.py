@@ -60,7 +60,7 @@ def _check_opens(settings: Settings, build_id: int, report: CheckReport) -> None
     """The build opens as `crossmodal serve` and `eval` open it (faiss_index.open_build). The checks
     before read each file on its own, so that every fault is named rather than the first."""
     try:
-        faiss_index.open_build(settings.index_dir, build_id, settings.use_gpu_faiss, settings.hubness_correction)
+        faiss_index.open_build(settings, build_id)
     except Exception as err:  # whatever the service would fail on, reported as a problem
         report.problems.append(f"build {build_id} does not open as the service opens it: {type(err).__name__}: {err}")
 

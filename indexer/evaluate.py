@@ -73,8 +73,7 @@ def evaluate_published(settings) -> dict:
     build = store.published_build()
     if build is None:
         raise RuntimeError(f"no published index in {settings.index_dir}: run `crossmodal index FOLDER` first")
-    opened = faiss_index.open_build(settings.index_dir, build.id, settings.use_gpu_faiss,
-                                    settings.hubness_correction)
+    opened = faiss_index.open_build(settings, build.id)
     manifest, images, captions = opened.manifest, opened.images, opened.captions
     image_ids = set(faiss_index.indexed_ids(images, opened.image_vectors).tolist())
     caption_ids = set(faiss_index.indexed_ids(captions, opened.caption_vectors).tolist())

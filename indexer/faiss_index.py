@@ -40,6 +40,7 @@ from crossmodal.indexer.prefetch import read_ahead_in_background
 
 if TYPE_CHECKING:
     from crossmodal.indexer.hubness import Penalties
+    from crossmodal.indexer.settings import Settings
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -104,10 +105,12 @@ def rerank_depth(index_type: str) -> int:
 
 
 def default_search_params(index_type: str) -> dict[str, int]:
-    """IVF probes 1/16 of its lists (at least 16): the share that held recall at every size we measured."""
+    """IVF probes 1/16 of its lists, at least 16 and at most 64. A query's time grows with the
+    codes it scans: at 10M vectors (IVF4096), nprobe 64 gave Recall@10 0.976 at 33 ms p50 over
+    HTTP, and 256 gave 0.987 at 62 ms (tests/benchmarks/ondisk_scale.py); up to 1M, 1/16 is at most 64."""
     if index_type.startswith("IVF"):
         nlist = int(index_type[3:].split(",")[0].split("_")[0])
-        return {"nprobe": max(16, nlist // 16)}
+        return {"nprobe": max(16, min(64, nlist // 16))}
     if "HNSW" in index_type:
         return {"efSearch": 128}
     return {}
@@ -378,15 +381,17 @@ class OpenedBuild:
     caption_vectors: ExactVectors | None
 
 
-def open_build(index_dir: Path, build_id: int, use_gpu: bool = True, hubness_correction: bool = True) -> OpenedBuild:
-    """Open a published build: the one place the engine and `crossmodal eval` do it (so they rank alike)."""
+def open_build(settings: "Settings", build_id: int) -> OpenedBuild:
+    """Open a published build: the one place the engine, `eval` and `check` do it (so they rank alike).
+    `settings.search_nprobe`, when set, overrides the nprobe the build chose."""
     from crossmodal.indexer.hubness import load_build_penalties
 
-    build_dir = build_dir_for(index_dir, build_id)
+    build_dir = build_dir_for(settings.index_dir, build_id)
     manifest = Manifest.read(build_dir)
-    images, captions = (read_index(build_dir / name, manifest.search_params, use_gpu)
+    params = {**manifest.search_params, **({"nprobe": settings.search_nprobe} if settings.search_nprobe else {})}
+    images, captions = (read_index(build_dir / name, params, settings.use_gpu_faiss)
                         for name in (IMAGES_FILE, CAPTIONS_FILE))
-    image_penalties, caption_penalties = load_build_penalties(build_dir, hubness_correction)
+    image_penalties, caption_penalties = load_build_penalties(build_dir, settings.hubness_correction)
     return OpenedBuild(build_dir, manifest, images, captions, image_penalties, caption_penalties,
                        ExactVectors.open(build_dir, IMAGES_FILE), ExactVectors.open(build_dir, CAPTIONS_FILE))
 

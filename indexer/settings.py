@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     # inverted lists on disk that search memory-maps; its exact re-rank vectors are float16.
     ondisk_min_vectors: int = 2_000_000
     ondisk_shard_vectors: int = 1_000_000
+    # IVF lists a query probes; 0 = the build's choice (nlist/16, 16 to 64). More: better recall, slower.
+    search_nprobe: int = 0
     # Subtract each item's hubness penalty in text->image and image->caption search, for models
     # that ship a hubness bank (see indexer/hubness.py). Helps on photos like the training data's.
     hubness_correction: bool = True

@@ -188,8 +188,7 @@ class SearchEngine:
         build = self.store.published_build()
         if build is None or (self._snapshot is not None and self._snapshot.build.id == build.id):
             return False
-        opened = faiss_index.open_build(self.settings.index_dir, build.id, self.settings.use_gpu_faiss,
-                                        self.settings.hubness_correction)
+        opened = faiss_index.open_build(self.settings, build.id)
         manifest = opened.manifest
         snapshot = Snapshot(build, manifest, opened.images, opened.captions, Path(build.collection_root),
                             opened.image_penalties, opened.caption_penalties, opened.image_vectors,

@@ -19,6 +19,9 @@ def test_index_type_follows_size_unless_forced():
     assert faiss_index.choose_index_type(100_000, 512) == "IVF256,PQ128"
     assert faiss_index.choose_index_type(10, 512, forced="HNSW32") == "HNSW32"
     assert faiss_index.default_search_params("IVF1024,PQ128") == {"nprobe": 64}
+    assert faiss_index.default_search_params("IVF4096,PQ128") == {"nprobe": 64}  # capped: latency at 10M
+    assert faiss_index.default_search_params("IVF256,PQ128") == {"nprobe": 16}
+    assert faiss_index.ondisk_index_type(10_000_000, 512) == "IVF4096,PQ128"
     assert faiss_index.rerank_depth("IVF1024,PQ128") == 100 and faiss_index.rerank_depth("Flat") == 0
 
 
@@ -118,3 +121,20 @@ def test_an_exact_index_needs_no_exact_vector_files(tmp_path):
     faiss_index.write_build_index(tmp_path, faiss_index.CAPTIONS_FILE, flat, "Flat", ids, vectors)
     assert sorted(p.name for p in tmp_path.iterdir()) == [faiss_index.CAPTIONS_FILE]
     assert faiss_index.ExactVectors.open(tmp_path, faiss_index.CAPTIONS_FILE) is None
+
+
+def test_search_nprobe_overrides_the_builds_choice(tmp_path):
+    from crossmodal.indexer.settings import Settings
+
+    vectors = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    build_dir = faiss_index.build_dir_for(tmp_path, 1)
+    build_dir.mkdir(parents=True)
+    for name in (faiss_index.IMAGES_FILE, faiss_index.CAPTIONS_FILE):
+        index = faiss_index.build_index(vectors, np.arange(300), "IVF8,Flat")
+        faiss_index.write_build_index(build_dir, name, index, "IVF8,Flat", np.arange(300), vectors)
+    faiss_index.Manifest(1, "m", 8, "IVF8,Flat", "IVF8,Flat", 300, 300, {"nprobe": 2}).write(build_dir)
+    chosen = faiss_index.open_build(Settings(index_dir=tmp_path), 1)
+    overridden = faiss_index.open_build(Settings(index_dir=tmp_path, search_nprobe=5), 1)
+    assert faiss.extract_index_ivf(chosen.images).nprobe == 2
+    assert faiss.extract_index_ivf(overridden.images).nprobe == 5
