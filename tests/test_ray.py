@@ -133,3 +133,18 @@ def _count(store: Store) -> int:
     with store.session() as s:
         return s.scalar(select(func.count()).select_from(Embedding).where(Embedding.kind == "image"))
 
+
+
+def test_an_on_disk_index_adds_its_shards_in_ray_tasks(ray_cluster, settings, encoder, collection, tmp_path):
+    from crossmodal.indexer.faiss_index import IMAGES_FILE, ONDISK_FILES, build_dir_for
+    from crossmodal.search.engine import SearchEngine
+
+    local = settings.model_copy(update={"index_dir": tmp_path / "local", "database_url": ""})
+    IndexBuilder(local, encoder=encoder).build(collection)
+    ondisk = on_ray(settings, ray_cluster).model_copy(update={
+        "index_factory": "IVF2,PQ64x4", "ondisk_min_vectors": 10, "ondisk_shard_vectors": 7})
+    report = IndexBuilder(ondisk, encoder=encoder).build(collection)
+    assert (build_dir_for(ondisk.index_dir, report.build_id) / ONDISK_FILES[IMAGES_FILE]).is_file()
+    served, expected = SearchEngine(ondisk, encoder=encoder), SearchEngine(local, encoder=encoder)
+    for query in ("a man with a camera", "an animal"):
+        assert [h.path for h in served.images_by_text(query, k=8)] == [h.path for h in expected.images_by_text(query, k=8)]
