@@ -263,8 +263,12 @@ class IndexBuilder:
         (ray_embedding); files whose content is known only get their rows."""
         from crossmodal.indexer import ray_embedding
 
-        ray_embedding.connect(self.settings.ray_address)
-        hashed = self._hash_files(todo, report)
+        with ThreadPoolExecutor(1, thread_name_prefix="model") as pool:
+            # The driver needs the model only for its image preparer: load it while joining and hashing.
+            loading = pool.submit(lazy.get)
+            ray_embedding.connect(self.settings.ray_address)
+            hashed = self._hash_files(todo, report)
+            preparer = loading.result().preparer
         meter.advance(len(todo) - len(hashed))
         with self.store.session() as s:
             keys = list({key for _, key in hashed})
@@ -277,7 +281,6 @@ class IndexBuilder:
             report.n_reused += len(known[start:start + TRANSACTION_IMAGES])
             meter.advance(len(known[start:start + TRANSACTION_IMAGES]))
         new = {str(entry.abs_path): (entry, key) for entry, key in hashed if key not in sizes}
-        preparer = lazy.get().preparer
         for batch in ray_embedding.embed_on_ray([(path, key) for path, (_, key) in new.items()], lazy.name, preparer,
                                                 self.settings.max_file_bytes, self.settings.max_image_pixels,
                                                 self.settings.ray_encoder_threads):
