@@ -100,6 +100,25 @@ def test_single_query_search_leaves_the_threads_setting_alone():
         faiss.omp_set_num_threads(before)
 
 
+def test_a_long_scan_is_split_over_the_cores_with_the_same_answer(tmp_path):
+    """An IVF query that scans LONG_SCAN_CODES codes or more splits its lists over the cores
+    (parallel_mode 1) and finds what one core finds; a short scan keeps one core a query."""
+    n = 60_000
+    vectors = unit_vectors(n, dim=16, seed=3)
+    faiss_index.write_index(faiss_index.build_index(vectors, np.arange(n) + 7, "IVF4,Flat"), tmp_path / "ivf.faiss")
+    short = faiss_index.read_index(tmp_path / "ivf.faiss", {"nprobe": 1})  # ~15,000 codes a query
+    long = faiss_index.read_index(tmp_path / "ivf.faiss", {"nprobe": 4})  # 60,000
+    assert n // 4 < faiss_index.LONG_SCAN_CODES <= n
+    assert faiss.extract_index_ivf(short).parallel_mode == 0
+    assert faiss.extract_index_ivf(long).parallel_mode == 1
+    split = [faiss_index.search(long, vectors[i:i + 1], 10) for i in range(20)]
+    faiss.extract_index_ivf(long).parallel_mode = 0
+    whole = [faiss_index.search(long, vectors[i:i + 1], 10) for i in range(20)]
+    for (split_scores, split_ids), (scores, ids) in zip(split, whole):
+        assert np.array_equal(split_ids, ids) and np.allclose(split_scores, scores)
+    assert split[0][1][0][0] == 7
+
+
 def test_a_lossy_index_is_written_with_its_exact_vectors_by_id(tmp_path):
     """Re-ranking looks vectors up by id: ids arrive in any order, and unknown ids are left out."""
     vectors, ids = unit_vectors(300), np.random.default_rng(2).permutation(np.arange(10, 610, 2))
