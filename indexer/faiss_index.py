@@ -107,8 +107,8 @@ def rerank_depth(index_type: str) -> int:
 
 def default_search_params(index_type: str) -> dict[str, int]:
     """IVF probes 1/16 of its lists, at least 16 and at most 64. A query's time grows with the
-    codes it scans: at 10M vectors (IVF4096), nprobe 64 gave Recall@10 0.976 at 33 ms p50 over
-    HTTP, and 256 gave 0.987 at 62 ms (tests/benchmarks/ondisk_scale.py); up to 1M, 1/16 is at most 64."""
+    codes it scans: at 10M vectors (IVF4096), nprobe 64 gave Recall@10 0.976 at 24.5 ms p50 over
+    HTTP, and 256 gave 0.987 at 43 ms (tests/benchmarks/ondisk_scale.py); up to 1M, 1/16 is at most 64."""
     if index_type.startswith("IVF"):
         nlist = int(index_type[3:].split(",")[0].split("_")[0])
         return {"nprobe": max(16, min(64, nlist // 16))}
