@@ -5,7 +5,7 @@
 
 Both builds embed the same copied photos (Flickr8k train, then dev) into fresh index
 directories, with no captions, on this machine's cores, each as `crossmodal index` runs it:
-its image phase includes loading the model. The Ray build runs first, on a local cluster
+in a fresh process, whose image phase includes importing open_clip and loading the model. The Ray build runs first, on a local cluster
 started beforehand and left to settle (`ray start --head --num-cpus N`, as a cluster is up
 before anyone indexes on it); its phase also pays Ray's start-up: the driver joins the cluster
 and the encoder actors start, import torch and load the model. The cluster is stopped before
@@ -16,6 +16,7 @@ its first stored batch (what a build pays once), and the ratios, whole and stead
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import socket
@@ -66,6 +67,16 @@ def photos(data: Path, work: Path, limit: int) -> Path:
 
 
 def build(settings: Settings, folder: Path) -> dict[str, float]:
+    """One build in a fresh process, as `crossmodal index` runs it: it imports torch and open_clip itself."""
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    try:
+        return pool.apply(_build_here, (settings, folder))
+    finally:
+        pool.close()  # lets the child exit by itself (a Ray driver reports a SIGTERM loudly)
+        pool.join()
+
+
+def _build_here(settings: Settings, folder: Path) -> dict[str, float]:
     clock = ImageClock()
     report = IndexBuilder(settings).build(folder, progress=clock)
     assert not report.skipped and report.n_images == len(list(folder.iterdir())), report
@@ -82,9 +93,6 @@ def on_ray(settings: Settings, folder: Path, work: Path, cpus: int, settle: floa
         time.sleep(settle)
         return build(settings.model_copy(update={"index_dir": work / "ray", "ray_address": address}), folder)
     finally:
-        import ray
-
-        ray.shutdown()
         ray_cluster.stop()
 
 
