@@ -77,7 +77,7 @@ def build_dir_for(index_dir: Path, build_id: int) -> Path:
 
 
 RERANK_CANDIDATES = 100  # candidates a lossy index proposes; their exact vectors decide the order
-LONG_SCAN_CODES = 50_000  # codes one query scans past which it is split over the cores (split_long_scans)
+LONG_SCAN_CODES = 100_000  # codes one query scans past which it is split over the cores (split_long_scans)
 
 
 def choose_index_type(n: int, dim: int, forced: str = "", exact_max: int = 50_000) -> str:
@@ -374,8 +374,8 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 def split_long_scans(index: faiss.Index) -> None:
     """An IVF index whose query scans at least LONG_SCAN_CODES codes splits its lists over the cores
     (FAISS parallel_mode 1), even for one query. At 2M IVF-PQ vectors and ~125k codes a query, one
-    query took 3.9 ms on 2 cores against 7.6 ms on one; the index sizes below that (1M in memory,
-    ~16k codes a query) keep one core a query."""
+    query took 3.9 ms on 2 cores against 7.6 ms on one. In-memory builds up to 2M (IVF1024 or
+    IVF2048 at nprobe 64: ~62k codes a query) keep one core a query, as search_scale measured them."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and ivf.nprobe * ivf.ntotal >= LONG_SCAN_CODES * max(1, ivf.nlist):
         ivf.parallel_mode = 1

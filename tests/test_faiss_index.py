@@ -103,11 +103,11 @@ def test_single_query_search_leaves_the_threads_setting_alone():
 def test_a_long_scan_is_split_over_the_cores_with_the_same_answer(tmp_path):
     """An IVF query that scans LONG_SCAN_CODES codes or more splits its lists over the cores
     (parallel_mode 1) and finds what one core finds; a short scan keeps one core a query."""
-    n = 60_000
+    n = 120_000
     vectors = unit_vectors(n, dim=16, seed=3)
     faiss_index.write_index(faiss_index.build_index(vectors, np.arange(n) + 7, "IVF4,Flat"), tmp_path / "ivf.faiss")
-    short = faiss_index.read_index(tmp_path / "ivf.faiss", {"nprobe": 1})  # ~15,000 codes a query
-    long = faiss_index.read_index(tmp_path / "ivf.faiss", {"nprobe": 4})  # 60,000
+    short = faiss_index.read_index(tmp_path / "ivf.faiss", {"nprobe": 1})  # ~30,000 codes a query
+    long = faiss_index.read_index(tmp_path / "ivf.faiss", {"nprobe": 4})  # 120,000
     assert n // 4 < faiss_index.LONG_SCAN_CODES <= n
     assert faiss.extract_index_ivf(short).parallel_mode == 0
     assert faiss.extract_index_ivf(long).parallel_mode == 1
