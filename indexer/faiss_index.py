@@ -258,6 +258,7 @@ def apply_search_params(index: faiss.Index, params: dict[str, int]) -> None:
             space.set_index_parameter(index, name, value)
         except RuntimeError:
             log.debug("search parameter %s does not apply to %s", name, type(index).__name__)
+    split_long_scans(index)  # follows nprobe
 
 
 def write_index(index: faiss.Index, path: Path) -> None:
@@ -274,15 +275,10 @@ def write_build_index(build_dir: Path, index_file: str, index: faiss.Index, inde
 
 def read_index(path: Path, params: dict[str, int], use_gpu: bool = True) -> faiss.Index:
     """An index file of a build; one with on-disk inverted lists maps them from beside it and stays on the CPU."""
-    if (path.parent / ONDISK_FILES.get(path.name, "-")).is_file():
-        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
-        apply_search_params(index, params)
-        split_long_scans(index)
-        return index
-    index = faiss.read_index(str(path))
+    ondisk = (path.parent / ONDISK_FILES.get(path.name, "-")).is_file()
+    index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk else 0)
     apply_search_params(index, params)
-    split_long_scans(index)
-    return to_gpu(index) if use_gpu else index
+    return to_gpu(index) if use_gpu and not ondisk else index
 
 
 def is_ondisk(build_dir: Path, index_file: str) -> bool:

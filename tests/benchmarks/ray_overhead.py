@@ -9,9 +9,9 @@ in a fresh process, whose image phase includes importing open_clip and loading t
 The Ray build runs first, on a local cluster started beforehand and left to settle (`ray
 start --head --num-cpus N`, as a cluster is up before anyone indexes on it); its phase also
 pays Ray's start-up: the driver joins the cluster and the encoder actors start, import torch
-and load the model. The cluster is stopped before the in-process build. Figures: each image phase's seconds and throughput, the seconds to
-its first stored batch (what a build pays once), and the ratios, whole and steady state
-(after the first batch).
+and load the model. The cluster is stopped before the in-process build. Figures: each image
+phase's seconds and throughput, the seconds to its first stored batch (what a build pays
+once), and the ratios, whole and steady state (after the first batch).
 """
 from __future__ import annotations
 
