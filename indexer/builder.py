@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session
 from crossmodal.indexer import faiss_index, pixels
 from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
                                            hash_bytes, load_image, nfc, read_captions, read_regular_file, scan)
-from crossmodal.indexer.encoder import Encoder, check_model_name, keep_freed_memory, load_encoder
+from crossmodal.indexer.encoder import (Encoder, check_model_name, keep_freed_memory, load_encoder,
+                                        preparer_from_config)
 from crossmodal.indexer.hubness import Penalties, load_bank
 from crossmodal.indexer.prefetch import prefetched_batches, read_ahead
 from crossmodal.indexer.settings import Settings
@@ -263,12 +264,10 @@ class IndexBuilder:
         (ray_embedding); files whose content is known only get their rows."""
         from crossmodal.indexer import ray_embedding
 
-        with ThreadPoolExecutor(1, thread_name_prefix="model") as pool:
-            # The driver needs the model only for its image preparer: load it while joining and hashing.
-            loading = pool.submit(lazy.get)
-            ray_embedding.connect(self.settings.ray_address)
-            hashed = self._hash_files(todo, report)
-            preparer = loading.result().preparer
+        ray_embedding.connect(self.settings.ray_address)
+        hashed = self._hash_files(todo, report)
+        # The driver needs no model, only the image preparer (the default model's comes from its config).
+        preparer = preparer_from_config(lazy.name) or lazy.get().preparer
         meter.advance(len(todo) - len(hashed))
         with self.store.session() as s:
             keys = list({key for _, key in hashed})

@@ -120,7 +120,7 @@ def create_default_model(device: torch.device, load_heads: bool = True):
     _register(config)
     extra = config.get("crossmodal", {})
     pre = config["preprocess_cfg"]
-    model, _, preprocess = open_clip.create_model_and_transforms(
+    model, _, _ = open_clip.create_model_and_transforms(
         DEFAULT_MODEL_NAME,
         pretrained=None,
         pretrained_image=False,
@@ -138,7 +138,18 @@ def create_default_model(device: torch.device, load_heads: bool = True):
     if load_heads:
         _load_heads(model)
     tokenizer = open_clip.get_tokenizer(DEFAULT_MODEL_NAME)
-    return model.to(device).eval(), preprocess, tokenizer
+    return model.to(device).eval(), default_preprocess(), tokenizer
+
+
+def default_preprocess():
+    """crossmodal-lite's eval transform, from its config alone: a Ray driver needs no model for it."""
+    import open_clip
+
+    config = read_config()
+    pre = config["preprocess_cfg"]
+    return open_clip.image_transform(config["model_cfg"]["vision_cfg"]["image_size"], is_train=False,
+                                     mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+                                     resize_mode=pre["resize_mode"], interpolation=pre["interpolation"])
 
 
 def _load_heads(model: nn.Module) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from crossmodal.indexer.default_model import DEFAULT_MODEL_NAME, create_default_model
+from crossmodal.indexer.default_model import DEFAULT_MODEL_NAME, create_default_model, default_preprocess
 from crossmodal.indexer.pixels import PixelPipeline, Pixels, as_pil, bounded_aspect, stack
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,15 @@ class ImagePreparer:
         if self.pixels is None:
             return self.preprocess(as_pil(image))
         return self.pixels.pixels(image)
+
+
+def preparer_from_config(name: str) -> ImagePreparer | None:
+    """`name`'s image preparer without loading the model, where its config says it all
+    (crossmodal-lite); None for open_clip models, whose preprocessing is settled as they load."""
+    if name != DEFAULT_MODEL_NAME:
+        return None
+    preprocess = default_preprocess()
+    return ImagePreparer(preprocess, PixelPipeline.of(preprocess))
 
 
 class Encoder:

@@ -141,7 +141,8 @@ def embed_on_ray(items: list[tuple[str, str]], model: str, preparer: ImagePrepar
     actors, gpus_each = encoder_pool()
     device = "cuda" if gpus_each else "cpu"
     dataset = ray.data.from_items([{"path": path, "key": key} for path, key in items],
-                                  override_num_blocks=max(1, len(items) // BATCH))
+                                  override_num_blocks=-(-len(items) // BATCH))  # blocks of at most BATCH:
+    # a block of BATCH + 3 would make a batch of 3, as slow per image as a pass over a handful
     dataset = dataset.map_batches(decode_and_prepare, batch_size=BATCH, batch_format="numpy", num_cpus=1,
                                   fn_kwargs={"preparer": preparer, "max_bytes": max_bytes, "max_pixels": max_pixels})
     # Ray Data restarts a dead actor and retries its batches by default (max_restarts=-1).

@@ -103,6 +103,18 @@ def test_traced_image_tower_matches_open_clip_eager(encoder, sample_source):
     np.testing.assert_allclose(traced, eager, atol=1e-4)
 
 
+def test_default_preprocess_from_config_is_open_clips_transform(encoder):
+    """A Ray driver builds crossmodal-lite's transform from its config, without the model; it is
+    the transform open_clip makes as it builds the model (its preprocess_cfg)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from crossmodal.indexer.encoder import preparer_from_config
+    pre = encoder.model.visual.preprocess_cfg
+    theirs = image_transform_v2(PreprocessCfg(**pre), is_train=False)
+    assert repr(preparer_from_config("crossmodal-lite").preprocess) == repr(theirs) == repr(encoder.preprocess)
+    assert preparer_from_config("ViT-B-32") is None  # open_clip models settle theirs as they load
+
+
 def _sample_photos(sample_source):
     """The sample photos as they are, plus wide, tall, tiny and grey variants (other resize paths)."""
     from PIL import Image
