@@ -17,22 +17,26 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from sqlalchemy.orm import Session
 
-from crossmodal.indexer import faiss_index, pixels
+from crossmodal.indexer import faiss_index
 from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
                                            hash_bytes, load_image, nfc, read_captions, read_regular_file, scan)
-from crossmodal.indexer.encoder import (Encoder, check_model_name, keep_freed_memory, load_encoder,
-                                        preparer_from_config)
 from crossmodal.indexer.hubness import Penalties, load_bank
+from crossmodal.indexer.model_names import check_model_name
 from crossmodal.indexer.prefetch import prefetched_batches, read_ahead
 from crossmodal.indexer.settings import Settings
 from crossmodal.indexer.store import (Build, Store, caption_key, caption_row_ids, image_ids_by_path,
                                       image_row_ids, image_sizes, load_embeddings, publish_build,
                                       save_embeddings, set_build_report, vectors_from_bytes)
+
+if TYPE_CHECKING:  # the encoder (torch, open_clip) is imported when something needs embedding
+    import torch
+
+    from crossmodal.indexer.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +123,8 @@ class IndexBuilder:
         self._encoder = encoder
 
     def encoder(self, model: str) -> Encoder:
+        from crossmodal.indexer.encoder import keep_freed_memory, load_encoder
+
         if self._encoder is None or self._encoder.name != model:
             keep_freed_memory()
             self._encoder = load_encoder(model, self.settings.device)
@@ -229,6 +235,8 @@ class IndexBuilder:
     def _store_images(self, loaded: list[tuple[LoadedImage, torch.Tensor]], encoder: Encoder, build_id: int,
                       report: BuildReport) -> dict[int, str]:
         """Embed what is new, write rows and vectors in one transaction (a resumable step)."""
+        from crossmodal.indexer import pixels
+
         if not loaded:
             return {}
         with self.store.session() as s, s.begin():
@@ -263,6 +271,7 @@ class IndexBuilder:
         """`--ray`: the files are hashed here, and what is new by content goes to the cluster
         (ray_embedding); files whose content is known only get their rows."""
         from crossmodal.indexer import ray_embedding
+        from crossmodal.indexer.encoder import preparer_from_config
 
         ray_embedding.connect(self.settings.ray_address)
         hashed = self._hash_files(todo, report)

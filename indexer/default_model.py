@@ -19,11 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from crossmodal.indexer.settings import DATA_DIR
+from crossmodal.indexer.model_names import DEFAULT_MODEL_NAME, MODEL_DIR
 
-DEFAULT_MODEL_NAME = "crossmodal-lite"
-MODELS_DIR = DATA_DIR / "models"
-MODEL_DIR = MODELS_DIR / DEFAULT_MODEL_NAME
 CONFIG_FILE = MODEL_DIR / "open_clip_config.json"
 HEADS_FILE = MODEL_DIR / "heads.safetensors"
 

@@ -1,10 +1,7 @@
 """The encoder interface: images and texts in, L2-normalised float32 vectors out.
 
-Every model is an open_clip model, so one class serves them all:
-- "crossmodal-lite": the offline default (see default_model.py);
-- "ARCH:TAG", e.g. "ViT-B-32:laion2b_s34b_b79k": open_clip pretrained weights (downloads);
-- "ARCH:/path/to/checkpoint.pt": a local checkpoint of an open_clip architecture;
-- "local-dir:/path" or "hf-hub:org/repo": open_clip's own schemas.
+Every model is an open_clip model, so one class serves them all; the names it loads are
+listed in model_names.py.
 """
 from __future__ import annotations
 
@@ -19,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from crossmodal.indexer.default_model import DEFAULT_MODEL_NAME, create_default_model, default_preprocess
+from crossmodal.indexer.default_model import create_default_model, default_preprocess
+from crossmodal.indexer.model_names import DEFAULT_MODEL_NAME, ModelSpec, check_model_name
 from crossmodal.indexer.pixels import PixelPipeline, Pixels, as_pil, bounded_aspect, stack
 
 log = logging.getLogger(__name__)
@@ -33,37 +31,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {requested!r} requested but CUDA is not available")
     return device
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A parsed model name: open_clip architecture plus optional pretrained tag or file."""
-
-    arch: str
-    pretrained: str | None = None
-
-    @classmethod
-    def parse(cls, name: str) -> "ModelSpec":
-        if name.startswith(("hf-hub:", "local-dir:")) or ":" not in name:
-            return cls(name)
-        arch, _, pretrained = name.partition(":")
-        return cls(arch, pretrained or None)
-
-
-def check_model_name(name: str) -> None:
-    """Refuse a name that would build a randomly initialised network, before any work.
-
-    open_clip happily creates "RN50" with no weights: its vectors are meaningless, and a
-    build with it would discard every stored embedding of the real model. A model must be
-    the default, carry a pretrained tag or checkpoint ("ARCH:TAG", "ARCH:/path.pt"), or be
-    one of open_clip's schemas that bring their weights ("hf-hub:", "local-dir:").
-    """
-    if name == DEFAULT_MODEL_NAME or name.startswith(("hf-hub:", "local-dir:")):
-        return
-    spec = ModelSpec.parse(name)
-    if not spec.pretrained:
-        raise ValueError(f"model {name!r} names an architecture without weights: add a pretrained tag "
-                         f"({spec.arch}:TAG, e.g. ViT-B-32:laion2b_s34b_b79k) or a checkpoint ({spec.arch}:/path.pt)")
 
 
 def keep_freed_memory() -> None:

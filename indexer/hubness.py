@@ -116,7 +116,7 @@ def load_build_penalties(build_dir: Path, enabled: bool = True) -> tuple[Penalti
 
 def load_bank(model_name: str) -> HubnessBank | None:
     """The bank shipped with a model, or None (open_clip models have none)."""
-    from crossmodal.indexer.default_model import DEFAULT_MODEL_NAME, MODEL_DIR
+    from crossmodal.indexer.model_names import DEFAULT_MODEL_NAME, MODEL_DIR
 
     path = MODEL_DIR / BANK_FILE_NAME
     return HubnessBank.load(path) if model_name == DEFAULT_MODEL_NAME and path.is_file() else None

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from crossmodal.indexer.builder import IndexBuilder, Progress
-from crossmodal.indexer.encoder import check_model_name
+from crossmodal.indexer.model_names import check_model_name
 from crossmodal.indexer.settings import Settings
 from crossmodal.indexer.store import JobRow, Store
 from crossmodal.search.engine import SearchEngine

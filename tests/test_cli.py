@@ -73,3 +73,19 @@ def test_file_names_never_reach_the_terminal_as_escape_sequences(tmp_path, colle
 def test_a_query_of_invisible_characters_is_refused(tmp_path):
     code, out = run("search", "\u200b\u200d \u2060", "--index-dir", tmp_path / "empty")
     assert code == 2 and "no visible characters" in out
+
+
+def test_an_unchanged_re_run_imports_no_model(tmp_path, collection):
+    """Nothing new to embed: the re-run imports neither torch nor open_clip (seconds saved per run)."""
+    import subprocess
+    import sys
+
+    index_dir = tmp_path / "idx"
+    assert run("index", collection, "--index-dir", index_dir)[0] == 0
+    script = ("import sys\nfrom crossmodal.cli import app\n"
+              f"try:\n    app(['index', {str(collection)!r}, '--index-dir', {str(index_dir)!r}])\n"
+              "except SystemExit as done:\n    assert not done.code, done.code\n"
+              "print('imported:', [m for m in ('torch', 'open_clip', 'transformers') if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "0 embedded, 18 reused" in done.stdout and "imported: []" in done.stdout, done.stdout

@@ -8,7 +8,8 @@ import open_clip
 import pytest
 import torch
 
-from crossmodal.indexer.encoder import ModelSpec, load_encoder, pick_device
+from crossmodal.indexer.encoder import load_encoder, pick_device
+from crossmodal.indexer.model_names import ModelSpec
 from crossmodal.indexer.pixels import stack
 from tests.conftest import solid_image
 
