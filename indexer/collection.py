@@ -93,7 +93,7 @@ def scan(root: Path) -> tuple[list[FileEntry], list[SkippedFile]]:
             if _is_folder(child):
                 subfolders.append(Path(child.path))
             elif Path(child.name).suffix.lower() in IMAGE_EXTENSIONS:
-                entry_or_skip = _entry(Path(child.path), root)
+                entry_or_skip = _entry(child, root)
                 (entries if isinstance(entry_or_skip, FileEntry) else skipped).append(entry_or_skip)
         pending.extend(reversed(subfolders))  # depth first, in name order, as os.walk would go
     return entries, skipped
@@ -110,17 +110,23 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _entry(path: Path, root: Path) -> FileEntry | SkippedFile:
+def _entry(child: os.DirEntry, root: Path) -> FileEntry | SkippedFile:
+    """A file's entry from its directory listing. Only a symlink is resolved (a path walk per
+    file), to check it stays inside the root: a plain file under root is inside it."""
+    path = Path(child.path)
     rel = _relative(path, root)
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         return SkippedFile(rel.encode("utf-8", "replace").decode(), "file name is not valid UTF-8")
     try:
-        real = path.resolve(strict=True)
-        if root not in real.parents:
-            return SkippedFile(rel, "symlink points outside the collection")
-        stat = real.stat()
+        if child.is_symlink():
+            real = path.resolve(strict=True)
+            if root not in real.parents:
+                return SkippedFile(rel, "symlink points outside the collection")
+            stat = real.stat()
+        else:
+            real, stat = path, child.stat(follow_symlinks=False)
     except (OSError, RuntimeError) as err:
         return SkippedFile(rel, f"unreadable: {getattr(err, 'strerror', None) or err}")
     if not S_ISREG(stat.st_mode):
