@@ -245,12 +245,10 @@ def serve(
     """Start the search service (FastAPI on uvicorn); API docs at /docs."""
     import uvicorn
 
-    from crossmodal.indexer.encoder import _quiet_model_loading
     from crossmodal.search.server import raise_open_file_limit, server_config
     from crossmodal.search.service import create_app
 
     settings = _settings(index_dir=index_dir, host=host, port=port)
-    _quiet_model_loading()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _echo(f"serving {settings.index_dir} on http://{settings.host}:{settings.port} (docs at /docs)")
     if settings.host not in LOCAL_HOSTS and not settings.admin_token:

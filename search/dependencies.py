@@ -56,6 +56,17 @@ class Service:
         if self.settings.reload_interval > 0:
             threading.Thread(target=self._follow_published_builds, name="build-follower", daemon=True).start()
 
+    def load_in_background(self) -> None:
+        """load() on a thread of its own; a failure stays readable at /ready (a replica that cannot
+        load is skipped by its load balancer, and says why), and is logged."""
+        def run() -> None:
+            try:
+                self.load()
+            except Exception:
+                logging.getLogger(__name__).exception("the service could not load; /ready says why")
+
+        threading.Thread(target=run, name="load", daemon=True).start()
+
     def close(self) -> None:
         self._closing.set()
 

@@ -15,19 +15,21 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import faiss
 import numpy as np
 from PIL import Image
 
-from crossmodal.indexer import faiss_index, pixels, ranking
+from crossmodal.indexer import faiss_index, ranking
 from crossmodal.indexer.collection import open_regular_file
-from crossmodal.indexer.encoder import Encoder, load_encoder
 from crossmodal.indexer.hubness import Penalties
 from crossmodal.indexer.settings import Settings
 from crossmodal.indexer.store import Build, ImageRow, Store
 from crossmodal.search.metrics import Metrics
+
+if TYPE_CHECKING:  # torch and open_clip are imported with the model, so the service's port opens first
+    from crossmodal.indexer.encoder import Encoder
 
 
 class NoIndex(RuntimeError):
@@ -170,6 +172,8 @@ class SearchEngine:
 
     @property
     def encoder(self) -> Encoder:
+        from crossmodal.indexer.encoder import load_encoder
+
         snapshot = self.snapshot
         if self._encoder is None or self._encoder.name != snapshot.manifest.model:
             self._encoder = load_encoder(snapshot.manifest.model, self.settings.device)
@@ -243,6 +247,8 @@ class SearchEngine:
 
     def image_vector(self, image: Image.Image) -> np.ndarray:
         """Resizing runs outside the model's lock: other queries wait for the model, never for a resize."""
+        from crossmodal.indexer import pixels
+
         encoder = self.encoder
         return encoder.encode_image_tensors(pixels.stack([encoder.prepare(image)]))[0]
 

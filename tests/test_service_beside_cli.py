@@ -62,3 +62,36 @@ def test_cli_commands_beside_the_service_lose_nothing(settings, collection):
     with service(settings) as base:  # after a restart, the last rebuild is still what is served
         stats = httpx.get(f"{base}/v1/stats", timeout=30).json()
         assert stats["build_id"] == last and stats["images"] == 18 + 2
+
+
+def test_the_port_opens_before_the_model_has_loaded(indexed):
+    """`crossmodal serve` answers at once: /ready and searches say "loading" (503, with the reason)
+    until the model and the index are in, then search. A UI or a load balancer sees a service
+    that is loading, not one that is down."""
+    from tests.conftest import free_port
+
+    base = f"http://127.0.0.1:{(port := free_port())}"
+    process = subprocess.Popen([sys.executable, "-m", "crossmodal.cli", "serve", "--index-dir", str(indexed.index_dir),
+                                "--port", str(port)], env={**os.environ, "CROSSMODAL_DEVICE": "cpu"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        first = None
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                ready = httpx.get(f"{base}/ready", timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.05)
+                continue
+            first = first or (ready, httpx.get(f"{base}/v1/images/search", params={"q": "a dog"}, timeout=5))
+            if ready.status_code == 200:
+                break
+            time.sleep(0.05)
+        first_ready, first_search = first
+        assert first_ready.status_code == 503 and first_ready.json()["reason"] == "loading the model and the index"
+        assert first_search.status_code == 503 and first_search.json()["detail"] == "loading the model and the index"
+        assert ready.status_code == 200
+        assert httpx.get(f"{base}/v1/images/search", params={"q": "a dog"}, timeout=30).json()["results"]
+    finally:
+        process.terminate()
+        process.wait(30)
