@@ -18,6 +18,7 @@ from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from crossmodal.indexer.settings import Settings
+from crossmodal.indexer.store import Store
 from crossmodal.search.engine import SearchEngine
 from crossmodal.search.jobs import JobManager
 from crossmodal.search.metrics import Metrics
@@ -30,6 +31,7 @@ class Service:
     def __init__(self, settings: Settings, engine: "SearchEngine | None" = None):
         self.settings = settings
         self.engine = engine
+        self.store: Store | None = None  # the engine opens its own where open_store() was not called
         self.jobs: JobManager | None = None
         self.load_error: str | None = None
         self.metrics = Metrics()
@@ -43,9 +45,13 @@ class Service:
         """`function(*args)` on a decode thread, once one is free."""
         return await asyncio.get_running_loop().run_in_executor(self.decoder, function, *args)
 
+    def open_store(self) -> None:
+        """The database, its schema checked (and upgraded when due): quick, and fatal when it fails."""
+        self.store = Store(self.settings.resolved_database_url())
+
     def load(self) -> None:
         try:
-            self.engine = self.engine or SearchEngine(self.settings)
+            self.engine = self.engine or SearchEngine(self.settings, store=self.store)
             self.engine.attach_metrics(self.metrics)
             if self.engine.has_index:
                 self.engine.encoder  # the model loads now, not on the first query

@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None, engine: SearchEngine | None = N
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if engine is None:
+            await run_in_threadpool(service.open_store)  # a database it cannot use stops the start, as before
             service.load_in_background()
         else:  # an engine handed in has its model already
             await run_in_threadpool(service.load)

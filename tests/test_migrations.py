@@ -22,7 +22,7 @@ from crossmodal.indexer.settings import get_settings
 from crossmodal.indexer.store import (SCHEMA_REVISION, Base, CaptionRow, SchemaError, Store, caption_key,
                                       create_db_engine, schema_revision)
 from crossmodal.search.engine import SearchEngine
-from tests.conftest import BOTH_DATABASES
+from tests.conftest import BOTH_DATABASES, free_port
 
 DATABASES = BOTH_DATABASES
 
@@ -98,6 +98,11 @@ def test_a_database_from_a_newer_version_is_a_clear_error(cli_database):
     result = subprocess.run([sys.executable, "-m", "crossmodal.cli", "index", str(settings.index_dir)],
                             capture_output=True, text=True, env={**os.environ, "CROSSMODAL_DATABASE_URL": url})
     assert result.returncode == 1 and "newer crossmodal" in result.stderr and "Traceback" not in result.stderr
+    # The service opens the database before its port (the model loads behind the port), so it stops too.
+    served = subprocess.run([sys.executable, "-m", "crossmodal.cli", "serve", "--index-dir", str(settings.index_dir),
+                             "--port", str(free_port())], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "CROSSMODAL_DATABASE_URL": url})
+    assert served.returncode != 0 and "newer crossmodal" in served.stderr
 
 
 def test_migrate_command_reports_the_revision(cli_database):
