@@ -1,10 +1,10 @@
 """The search service (FastAPI): text-to-image, image-to-text and image-to-image over HTTP.
 
 `create_app()` builds the app: its middleware (allowed hosts, HEAD, CORS, body limits), its
-error handlers and the routers of `search/routes/`; the model and the published index load
+error handlers and the routers of `search/routes/`. The model and the published index load
 once, behind an open port: until they have, `/ready` (and every search) answers 503 "loading
-the model and the index", so a UI or a load balancer sees a loading service, not a dead one. What endpoints share and check is
-in `search/dependencies.py`. Endpoints are plain `def`s, so FastAPI runs them on its thread
+the model and the index", so a UI or a load balancer sees a loading service, not a dead one.
+What endpoints share and check is in `search/dependencies.py`. Endpoints are plain `def`s, so FastAPI runs them on its thread
 pool: FAISS releases the GIL and queries do not queue behind each other.
 """
 from __future__ import annotations
