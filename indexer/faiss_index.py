@@ -373,8 +373,8 @@ def split_long_scans(index: faiss.Index) -> None:
     query took 3.9 ms on 2 cores against 7.6 ms on one. In-memory builds up to 2M (IVF1024 or
     IVF2048 at nprobe 64: ~62k codes a query) keep one core a query, as search_scale measured them."""
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and ivf.nprobe * ivf.ntotal >= LONG_SCAN_CODES * max(1, ivf.nlist):
-        ivf.parallel_mode = 1
+    if ivf is not None:  # both ways: parameters applied again with a smaller nprobe go back to one core
+        ivf.parallel_mode = int(ivf.nprobe * ivf.ntotal >= LONG_SCAN_CODES * max(1, ivf.nlist))
 
 
 def _splits_scans(index: faiss.Index) -> bool:

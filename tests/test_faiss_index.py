@@ -111,6 +111,9 @@ def test_a_long_scan_is_split_over_the_cores_with_the_same_answer(tmp_path):
     assert n // 4 < faiss_index.LONG_SCAN_CODES <= n
     assert faiss.extract_index_ivf(short).parallel_mode == 0
     assert faiss.extract_index_ivf(long).parallel_mode == 1
+    faiss_index.apply_search_params(short, {"nprobe": 4})
+    faiss_index.apply_search_params(short, {"nprobe": 1})  # back to a short scan: back to one core
+    assert faiss.extract_index_ivf(short).parallel_mode == 0
     split = [faiss_index.search(long, vectors[i:i + 1], 10) for i in range(20)]
     faiss.extract_index_ivf(long).parallel_mode = 0
     whole = [faiss_index.search(long, vectors[i:i + 1], 10) for i in range(20)]
