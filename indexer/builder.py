@@ -275,7 +275,8 @@ class IndexBuilder:
 
         ray_embedding.connect(self.settings.ray_address)
         hashed = self._hash_files(todo, report)
-        # The driver needs no model, only the image preparer (the default model's comes from its config).
+        # The driver needs only the image preparer: the default model's comes from its config, an open_clip
+        # model is loaded for it.
         preparer = preparer_from_config(lazy.name) or lazy.get().preparer
         meter.advance(len(todo) - len(hashed))
         with self.store.session() as s:
