@@ -1,7 +1,12 @@
-"""Retrieval quality with the standard Flickr 1k protocol.
+"""Retrieval quality, measured through the published FAISS indexes exactly as the service ranks.
 
-Text-to-image: a caption hits when its own image is in the top K of all images.
-Image-to-text: an image hits when any of its captions is in the top K of all captions.
+Two protocols:
+- retrieval (Flickr 1k): text-to-image, a caption hits when its own image is in the top K of
+  all images; image-to-text, an image hits when any of its captions is in the top K.
+- zero-shot classes (a folder laid out like caltech101-dev: one caption per image, naming its
+  class, so each class caption is shared by all its images): text-to-image precision@10 of each
+  class caption, averaged over classes; image-to-caption top-1, the share of images whose best
+  caption is their own class's (zero-shot classification accuracy).
 """
 from __future__ import annotations
 
@@ -62,41 +67,109 @@ def _top_ids(index, index_type: str, queries: np.ndarray, exact, penalties) -> n
     return np.array(top).reshape(len(queries), depth)
 
 
-def evaluate_published(settings) -> dict:
-    """Recall of the published build, measured through its own FAISS indexes (what users get)."""
-
+def _published_rows(settings):
+    """(store, opened build, captioned rows whose caption and image are both indexed)."""
     from crossmodal.indexer import faiss_index
-    from crossmodal.indexer.ranking import exact_lookup
-    from crossmodal.indexer.store import Store, vectors_from_bytes
+    from crossmodal.indexer.store import Store
 
     store = Store(settings.resolved_database_url())
     build = store.published_build()
     if build is None:
         raise RuntimeError(f"no published index in {settings.index_dir}: run `crossmodal index FOLDER` first")
     opened = faiss_index.open_build(settings, build.id)
-    manifest, images, captions = opened.manifest, opened.images, opened.captions
-    image_ids = set(faiss_index.indexed_ids(images, opened.image_vectors).tolist())
-    caption_ids = set(faiss_index.indexed_ids(captions, opened.caption_vectors).tolist())
+    image_ids = set(faiss_index.indexed_ids(opened.images, opened.image_vectors).tolist())
+    caption_ids = set(faiss_index.indexed_ids(opened.captions, opened.caption_vectors).tolist())
     rows = [r for r in store.captioned_images() if r[0] in caption_ids and r[1] in image_ids]
     if not rows:
         raise ValueError("the published collection has no captions: eval needs a captioned collection")
-    text_keys = [r[2] for r in rows]
+    return store, opened, rows
+
+
+def _stored_vectors(store, manifest, kind: str, keys: list[str]) -> np.ndarray:
+    from crossmodal.indexer.store import vectors_from_bytes
+
+    blobs = store.embeddings(manifest.model, kind, list(set(keys)))
+    return vectors_from_bytes([blobs[k] for k in keys], manifest.dim)
+
+
+def _search_images(store, opened, queries: np.ndarray) -> np.ndarray:
+    from crossmodal.indexer.ranking import exact_lookup
+
+    exact = exact_lookup(opened.image_vectors, store, opened.manifest.model, "image")
+    return _top_ids(opened.images, opened.manifest.image_index_type, queries, exact, opened.image_penalties)
+
+
+def _search_captions(store, opened, queries: np.ndarray) -> np.ndarray:
+    from crossmodal.indexer.ranking import exact_lookup
+
+    exact = exact_lookup(opened.caption_vectors, store, opened.manifest.model, "caption")
+    return _top_ids(opened.captions, opened.manifest.caption_index_type, queries, exact, opened.caption_penalties)
+
+
+def evaluate_published(settings) -> dict:
+    """Recall of the published build, measured through its own FAISS indexes (what users get)."""
+    store, opened, rows = _published_rows(settings)
+    manifest = opened.manifest
     query_images = sorted({(r[1], r[3]) for r in rows})
-    text_blobs = store.embeddings(manifest.model, "text", list(set(text_keys)))
-    image_blobs = store.embeddings(manifest.model, "image", list({h for _, h in query_images}))
-    text_vectors = vectors_from_bytes([text_blobs[k] for k in text_keys], manifest.dim)
-    image_vectors = vectors_from_bytes([image_blobs[h] for _, h in query_images], manifest.dim)
-    t2i = _top_ids(images, manifest.image_index_type, text_vectors,
-                   exact_lookup(opened.image_vectors, store, manifest.model, "image"), opened.image_penalties)
-    t2i_ranks = _first_hit(t2i, [{r[1]} for r in rows])
+    text_vectors = _stored_vectors(store, manifest, "text", [r[2] for r in rows])
+    image_vectors = _stored_vectors(store, manifest, "image", [h for _, h in query_images])
+    t2i_ranks = _first_hit(_search_images(store, opened, text_vectors), [{r[1]} for r in rows])
     captions_of: dict[int, set[int]] = {}
     for caption_id, image_id, _, _ in rows:
         captions_of.setdefault(image_id, set()).add(caption_id)
-    i2t = _top_ids(captions, manifest.caption_index_type, image_vectors,
-                   exact_lookup(opened.caption_vectors, store, manifest.model, "caption"), opened.caption_penalties)
+    i2t = _search_captions(store, opened, image_vectors)
     i2t_ranks = _first_hit(i2t, [captions_of[i] for i, _ in query_images])
-    return {"model": manifest.model, "build_id": build.id, "n_images": len(query_images), "n_captions": len(rows),
-            "recall": recall_from_ranks(t2i_ranks, i2t_ranks)}
+    return {"model": manifest.model, "build_id": manifest.build_id, "n_images": len(query_images),
+            "n_captions": len(rows), "recall": recall_from_ranks(t2i_ranks, i2t_ranks)}
+
+
+def evaluate_classes(settings) -> dict:
+    """Zero-shot classification figures of the published build (see the module docstring)."""
+    store, opened, rows = _published_rows(settings)
+    manifest = opened.manifest
+    keys_of: dict[int, set[str]] = {}
+    for _, image_id, key, _ in rows:
+        keys_of.setdefault(image_id, set()).add(key)
+    mixed = sum(len(keys) > 1 for keys in keys_of.values())
+    if mixed:
+        raise ValueError(f"{mixed} images have more than one distinct caption: the zero-shot protocol needs one "
+                         "caption per image naming its class (a folder laid out like caltech101-dev)")
+    image_class = {image_id: next(iter(keys)) for image_id, keys in keys_of.items()}
+    caption_class = {caption_id: key for caption_id, _, key, _ in rows}
+    class_keys = sorted(set(image_class.values()))
+    one_caption = {key: caption_id for caption_id, key in caption_class.items()}
+    texts = {caption_class[cid]: text for cid, (text, _, _) in store.caption_hits(list(one_caption.values())).items()}
+    query_images = sorted({(r[1], r[3]) for r in rows})
+    t2i = _search_images(store, opened, _stored_vectors(store, manifest, "text", class_keys))
+    i2c = _search_captions(store, opened, _stored_vectors(store, manifest, "image", [h for _, h in query_images]))
+    t2i_hits = np.array([[image_class.get(int(i)) == key for i in row] for row, key in zip(t2i, class_keys)])
+    truth = [image_class[i] for i, _ in query_images]
+    i2c_correct = np.array([caption_class.get(int(row[0])) == key for row, key in zip(i2c, truth)])
+    return {"model": manifest.model, "build_id": manifest.build_id,
+            **class_metrics(t2i_hits, i2c_correct, [texts[k] for k in class_keys], [texts[k] for k in truth])}
+
+
+def class_metrics(t2i_hits: np.ndarray, i2c_correct: np.ndarray, class_names: list[str],
+                  image_classes: list[str]) -> dict:
+    """The zero-shot figures from hits: t2i_hits[c, r] says whether class c's r-th image is of class c;
+    i2c_correct[i] whether image i's top caption names its class. Per-class rows are worst first."""
+    precision = t2i_hits.mean(axis=1)
+    per_class = []
+    for name, p in zip(class_names, precision):
+        mine = np.array([c == name for c in image_classes])
+        per_class.append({"class": name, "images": int(mine.sum()), "precision_at_10": float(p),
+                          "top1": float(i2c_correct[mine].mean()) if mine.any() else 0.0})
+    per_class.sort(key=lambda row: (row["precision_at_10"] + row["top1"], row["class"]))
+    return {"n_images": len(image_classes), "n_classes": len(class_names),
+            "text_to_image_precision_at_10": float(precision.mean()),
+            "image_to_caption_top1": float(i2c_correct.mean()), "classes": per_class}
+
+
+def format_class_table(result: dict) -> str:
+    lines = [f"{'class':<40}{'images':>8}{'P@10':>8}{'top-1':>8}"]
+    for row in result["classes"]:
+        lines.append(f"{row['class'][:39]:<40}{row['images']:>8}{row['precision_at_10']:>8.2f}{row['top1']:>8.2f}")
+    return "\n".join(lines)
 
 
 def format_table(result: dict[str, dict[str, float]]) -> str:

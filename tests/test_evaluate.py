@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sqlalchemy import select
 
 from crossmodal.indexer.evaluate import recall_at_k
@@ -51,3 +52,61 @@ def test_eval_on_a_lossy_index_ranks_exactly_as_the_engine_does(tmp_path, encode
                  if hit.id in own[i]), 10) for i in image_ids]
     expected = recall_from_ranks(np.array(t2i), np.array(i2t))
     assert evaluate_published(lossy)["recall"] == expected
+
+
+def _class_folder(root, sample_source):
+    """A zero-shot classes folder from the sample photos: two photos a class (the second mirrored),
+    one caption each naming the class, laid out like caltech101-dev."""
+    from PIL import Image, ImageOps
+
+    classes = {"cat.jpg": "a cat", "horse.png": "a horse", "rocket.webp": "a rocket", "coffee.jpg": "a coffee cup",
+               "brick.png": "a brick wall", "astronaut.jpg": "an astronaut"}
+    (root / "images").mkdir(parents=True)
+    rows = ["image\tcaption"]
+    for source, name in classes.items():
+        image = Image.open(sample_source / source).convert("RGB")
+        for n, variant in enumerate((image, ImageOps.mirror(image))):
+            file = f"{name.split()[-1]}_{n}.png"
+            variant.save(root / "images" / file)
+            rows.append(f"{file}\ta photo of {name}.")
+    (root / "captions.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_zero_shot_eval_agrees_with_brute_force_over_the_stored_vectors(tmp_path, encoder, sample_source):
+    """`crossmodal eval --zero-shot` through FAISS equals exhaustive search over the stored vectors."""
+    from crossmodal.indexer.builder import IndexBuilder
+    from crossmodal.indexer.evaluate import evaluate_classes
+    from crossmodal.indexer.settings import Settings
+    from crossmodal.search.engine import SearchEngine
+
+    folder = _class_folder(tmp_path / "classes", sample_source)
+    settings = Settings(index_dir=tmp_path / "index", device="cpu")
+    IndexBuilder(settings, encoder=encoder).build(folder / "images", folder / "captions.tsv")
+    result = evaluate_classes(settings)
+    assert result["n_classes"] == 6 and result["n_images"] == 12 and len(result["classes"]) == 6
+
+    engine = SearchEngine(settings, encoder=encoder)
+    paths = engine.store.image_paths()
+    class_of = {image_id: path.split("_")[0] for image_id, path in paths.items()}
+    names = {row["class"]: row for row in result["classes"]}
+    precision, top1 = [], []
+    for text, row in names.items():
+        hits = engine.images_by_vector(encoder.encode_texts([text])[0], k=10, from_text=True)
+        label = text.removesuffix(".").split()[-1]
+        precision.append(sum(class_of[h.id] == label for h in hits) / 10)
+        assert row["precision_at_10"] == precision[-1] and row["images"] == 2
+    vectors = engine.store.vectors_by_id(engine.snapshot.manifest.model, "image", list(paths))
+    for image_id, vector in vectors.items():
+        best = engine.captions_by_vector(vector, k=1, from_image=True)[0]
+        top1.append(best.text.removesuffix(".").split()[-1] == class_of[image_id])
+    assert result["text_to_image_precision_at_10"] == sum(precision) / len(precision)
+    assert result["image_to_caption_top1"] == sum(top1) / len(top1)
+    assert result["image_to_caption_top1"] > 1 / 6  # better than chance on its own sample photos
+
+
+def test_zero_shot_eval_refuses_a_collection_with_several_captions_an_image(indexed):
+    from crossmodal.indexer.evaluate import evaluate_classes
+
+    with pytest.raises(ValueError, match="one caption per image"):
+        evaluate_classes(indexed)
