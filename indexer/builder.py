@@ -25,8 +25,9 @@ from sqlalchemy.orm import Session
 from crossmodal.indexer import faiss_index
 from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
                                            hash_bytes, load_image, nfc, read_captions, read_regular_file, scan)
-from crossmodal.indexer.hubness import Penalties, load_bank
-from crossmodal.indexer.model_names import check_model_name
+from crossmodal.indexer import hubness
+from crossmodal.indexer.hubness import HubnessBank, Penalties, load_bank
+from crossmodal.indexer.model_names import check_model_name, resolve_model_name
 from crossmodal.indexer.prefetch import prefetched_batches, read_ahead
 from crossmodal.indexer.settings import Settings
 from crossmodal.indexer.store import (Build, Store, caption_key, caption_row_ids, image_ids_by_path,
@@ -133,9 +134,10 @@ class IndexBuilder:
     def build(self, collection: Path, captions_file: Path | None = None, model: str | None = None,
               progress: ProgressCallback | None = None) -> BuildReport:
         """Index `collection`; returns the report of the published build."""
-        check_model_name(model or self.settings.model)
+        model = resolve_model_name(model or self.settings.model)  # the build records a version, never the alias
+        check_model_name(model)
         with self.store.build_lock(self.settings.index_dir):
-            return self._build(collection.resolve(), captions_file, model or self.settings.model, progress)
+            return self._build(collection.resolve(), captions_file, model, progress)
 
     def _build(self, root: Path, captions_file: Path | None, model: str,
                progress: ProgressCallback | None) -> BuildReport:
@@ -440,7 +442,7 @@ class IndexBuilder:
         build_dir = faiss_index.build_dir_for(settings.index_dir, build_id)
         build_dir.mkdir(parents=True, exist_ok=True)
         params = {}
-        bank = load_bank(encoder.name)  # a small file: an unchanged re-run still loads no model
+        bank = self._collection_bank(load_bank(encoder.name), images, encoder)  # a small file: no model loaded
         for kind, rows, file_name in (("image", images, faiss_index.IMAGES_FILE),
                                       ("text", captions, faiss_index.CAPTIONS_FILE)):
             if len(rows) >= max(1, settings.ondisk_min_vectors):
@@ -461,6 +463,15 @@ class IndexBuilder:
         # Keep the new build and the one it replaced (readers may still be mid-swap); drop older ones.
         faiss_index.remove_unpublished(settings.index_dir, keep={build_id, *self._previous_published(build_id)})
         _Meter("done", 0, progress)
+
+    def _collection_bank(self, bank: "HubnessBank | None", images: dict[int, str],
+                         encoder: "_LazyEncoder") -> "HubnessBank | None":
+        if bank is None or len(images) < hubness.COLLECTION_BANK_MIN_IMAGES:
+            return bank
+        ids = np.sort(np.fromiter(images, dtype=np.int64, count=len(images)))
+        sample = np.sort(np.random.default_rng(0).choice(ids, min(hubness.COLLECTION_BANK_SIZE, len(ids)),
+                                                         replace=False))
+        return bank.with_collection_images(self._vectors(encoder.name, "image", images, encoder.dim, sample)[1])
 
     def _previous_published(self, build_id: int) -> list[int]:
         return self.store.previous_published(build_id)

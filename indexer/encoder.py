@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from crossmodal.indexer.default_model import create_default_model, default_preprocess
-from crossmodal.indexer.model_names import DEFAULT_MODEL_NAME, ModelSpec, check_model_name
+from crossmodal.indexer.model_names import CURRENT_DEFAULT_MODEL, ModelSpec, check_model_name, default_model_version
 from crossmodal.indexer.pixels import PixelPipeline, Pixels, as_pil, bounded_aspect, stack
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,10 @@ class ImagePreparer:
 def preparer_from_config(name: str) -> ImagePreparer | None:
     """`name`'s image preparer without loading the model, where its config says it all
     (crossmodal-lite); None for open_clip models, whose preprocessing is settled as they load."""
-    if name != DEFAULT_MODEL_NAME:
+    version = default_model_version(name)
+    if version is None:
         return None
-    preprocess = default_preprocess()
+    preprocess = default_preprocess(version)
     return ImagePreparer(preprocess, PixelPipeline.of(preprocess))
 
 
@@ -228,15 +229,20 @@ def _trace(module: torch.nn.Module, example: torch.Tensor, check: torch.Tensor |
         return None
 
 
-def load_encoder(name: str = DEFAULT_MODEL_NAME, device: str = "auto") -> Encoder:
-    """Load any supported model by name (see the module docstring for the forms)."""
+def load_encoder(name: str = CURRENT_DEFAULT_MODEL, device: str = "auto") -> Encoder:
+    """Load any supported model by its recorded name (see the module docstring for the forms).
+
+    Names are literal here: a build's recorded "crossmodal-lite" is version 1 (see model_names.py);
+    a user's request for the alias is resolved by the builder before it gets here.
+    """
     import open_clip
 
     _quiet_model_loading()
     check_model_name(name)
     torch_device = pick_device(device)
-    if name == DEFAULT_MODEL_NAME:
-        model, preprocess, tokenizer = create_default_model(torch_device)
+    version = default_model_version(name)
+    if version:
+        model, preprocess, tokenizer = create_default_model(torch_device, version=version)
     else:
         spec = ModelSpec.parse(name)
         if spec.pretrained and not os.path.isfile(spec.pretrained) and "/" in spec.pretrained:

@@ -4,7 +4,8 @@ and the check that refuses a name without weights.
 Commands that only read or check a name (an unchanged re-run of `crossmodal index`, the
 service validating a rebuild request) import this, not the encoder, so they import neither
 torch nor open_clip. The forms:
-- "crossmodal-lite": the offline default (see default_model.py);
+- "crossmodal-lite": the offline default (see default_model.py), an alias of its current
+  version ("crossmodal-lite-2"); earlier versions stay loadable by their versioned name;
 - "ARCH:TAG", e.g. "ViT-B-32:laion2b_s34b_b79k": open_clip pretrained weights (downloads);
 - "ARCH:/path/to/checkpoint.pt": a local checkpoint of an open_clip architecture;
 - "local-dir:/path" or "hf-hub:org/repo": open_clip's own schemas.
@@ -15,9 +16,30 @@ from dataclasses import dataclass
 
 from crossmodal.indexer.settings import DATA_DIR
 
-DEFAULT_MODEL_NAME = "crossmodal-lite"
+DEFAULT_MODEL_NAME = "crossmodal-lite"  # what users ask for: always the current version
+DEFAULT_MODEL_VERSIONS = ("crossmodal-lite-1", "crossmodal-lite-2")  # each a folder under MODELS_DIR
+CURRENT_DEFAULT_MODEL = DEFAULT_MODEL_VERSIONS[-1]
 MODELS_DIR = DATA_DIR / "models"
-MODEL_DIR = MODELS_DIR / DEFAULT_MODEL_NAME
+MODEL_DIR = MODELS_DIR / CURRENT_DEFAULT_MODEL
+
+
+def resolve_model_name(name: str) -> str:
+    """The name a build records for a requested name: the alias becomes the current version.
+
+    Builds and stored embeddings are keyed by model name, so a new version of the default
+    model must never share a name with vectors of an older one.
+    """
+    return CURRENT_DEFAULT_MODEL if name == DEFAULT_MODEL_NAME else name
+
+
+def default_model_version(recorded: str) -> str | None:
+    """Which default model version a recorded (or resolved) name loads; None for open_clip models.
+
+    Builds made before versions existed recorded the bare alias: they hold version 1's vectors.
+    """
+    if recorded == DEFAULT_MODEL_NAME:
+        return DEFAULT_MODEL_VERSIONS[0]
+    return recorded if recorded in DEFAULT_MODEL_VERSIONS else None
 
 
 @dataclass(frozen=True)
@@ -43,7 +65,7 @@ def check_model_name(name: str) -> None:
     the default, carry a pretrained tag or checkpoint ("ARCH:TAG", "ARCH:/path.pt"), or be
     one of open_clip's schemas that bring their weights ("hf-hub:", "local-dir:").
     """
-    if name == DEFAULT_MODEL_NAME or name.startswith(("hf-hub:", "local-dir:")):
+    if default_model_version(name) or name.startswith(("hf-hub:", "local-dir:")):
         return
     spec = ModelSpec.parse(name)
     if not spec.pretrained:

@@ -1,9 +1,11 @@
 """Train the heads of `crossmodal-lite` (LiT-style: frozen pretrained towers, trained projections).
 
 Tower features are computed once and cached, so training itself takes seconds per
-epoch on a CPU. Settings are chosen on the dev split; the best dev epoch is kept. After
-training, the hubness bank is embedded from training data and its strength chosen on dev
-(see hubness.py), and the zero-shot label-bridged baseline is measured the same way.
+epoch on a CPU. Settings are chosen on the dev split; the best dev epoch is kept. The label
+bridge (label_bridge.py) is then fused beside the heads, the hubness bank is embedded from
+training data with the fused model and its strength chosen on dev (see hubness.py), and the
+bridge alone is measured as the zero-shot baseline. Given a zero-shot classes folder
+(caltech101-dev), each seed is also measured there; it is never trained on.
 """
 from __future__ import annotations
 
@@ -21,10 +23,13 @@ from torch import nn
 from tqdm import tqdm
 
 from crossmodal.indexer.collection import decode_image, read_captions
-from crossmodal.indexer.default_model import HEADS_FILE, create_default_model, image_classifier, read_config
+from crossmodal.indexer.default_model import (CONFIG_FILE_NAME, HEADS_FILE_NAME, create_default_model, image_classifier,
+                                              read_config)
 from crossmodal.indexer.encoder import Encoder
 from crossmodal.indexer.evaluate import recall_at_k
 from crossmodal.indexer.hubness import BANK_FILE_NAME, HubnessBank
+from crossmodal.indexer.label_bridge import CLASS_TEMPLATES, LabelBridge, class_names, class_text_embeddings
+from crossmodal.indexer.model_names import MODEL_DIR
 from crossmodal.indexer.prefetch import prefetched_batches
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,11 @@ class TrainConfig:
     input_dropout: float = 0.3
     warmup_epochs: float = 1.0
     seed: int = 0
+    # Levers of the ImageNet head (see the model card of crossmodal-lite-2 for what each one measured).
+    # Shipped: the bridge alone; the two training levers lift zero-shot search less than they cost on Flickr8k.
+    pseudo_caption_min_prob: float = 0.0  # > 0: photos the head calls a class this surely get "a photo of a NAME."
+    distil_weight: float = 0.0  # > 0: extra InfoNCE term pairing each class's direction with its name
+    bridge_weight: float = 0.3  # the label bridge's share of the score (label_bridge.py); 0: heads alone
 
 
 def _split_pairs(split_dir: Path) -> tuple[list[str], np.ndarray, list[str]]:
@@ -72,10 +82,17 @@ def _view(image: Image.Image, view: str) -> Image.Image:
 
 
 def feature_cache_file(cache_dir: Path, split: str, views: tuple[str, ...]) -> Path:
-    """Named after what made the features (towers, pooling, views), so a changed recipe never reuses them."""
+    """Named after what made the features (towers, pooling, views), so a changed recipe never reuses them.
+
+    Only the towers' part of the config counts: settings of the heads or the score fusion do not
+    change tower features, and recomputing them costs 20 minutes on a 2-core CPU.
+    """
     import hashlib
 
-    recipe = json.dumps([read_config(), views, ZOOM], sort_keys=True).encode()
+    config = read_config()
+    towers = [config["model_cfg"]["vision_cfg"], config["model_cfg"]["text_cfg"], config["preprocess_cfg"],
+              {k: config["crossmodal"][k] for k in ("image_backbone_package", "text_pool_width")}]
+    recipe = json.dumps([towers, views, ZOOM], sort_keys=True).encode()
     return cache_dir / f"{split}-{hashlib.sha256(recipe).hexdigest()[:12]}.npz"
 
 
@@ -112,6 +129,64 @@ def cache_features(split_dir: Path, cache_file: Path, device: torch.device, view
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache_file, **result)
     return result
+
+
+DISTIL_TEMPLATES = ("a photo of a {}.", "a close-up photo of a {}.", "a {} in the picture.", "a photo of the {}.",
+                    "{}")
+
+
+@dataclass
+class ImageNetHead:
+    """What the image tower's ImageNet head (`_fc`) offers training: its weights, the class names'
+    text-tower features under DISTIL_TEMPLATES, and the bridge's class-name embeddings."""
+
+    weight: torch.Tensor  # [1000, image feature width]
+    bias: torch.Tensor
+    name_features: np.ndarray  # [templates, 1000, text pool width]
+    bridge_text: torch.Tensor  # [1000, bridge width], unit rows (label_bridge.CLASS_TEMPLATES)
+
+    def probabilities(self, image_features: np.ndarray) -> np.ndarray:
+        return (torch.from_numpy(image_features) @ self.weight.T + self.bias).softmax(-1).numpy()
+
+    def bridge(self, weight: float) -> LabelBridge:
+        classifier = nn.Linear(self.weight.shape[1], self.weight.shape[0])
+        classifier.load_state_dict({"weight": self.weight, "bias": self.bias})
+        return LabelBridge.centred(classifier, self.bridge_text, weight)
+
+
+@torch.inference_mode()
+def imagenet_head(cache_dir: Path, device: torch.device) -> ImageNetHead:
+    """Computed once (about 30 s of text encoding) and cached beside the tower features."""
+    config = read_config()
+    classifier = image_classifier(config["crossmodal"]["image_backbone_package"])
+    width = config["crossmodal"]["text_pool_width"] // 2  # the pooler's first half is the last layer's mean
+    cache_file = feature_cache_file(cache_dir, "imagenet-names", DISTIL_TEMPLATES + CLASS_TEMPLATES)
+    if not cache_file.exists():
+        model, _, tokenizer = _feature_model(device)
+        encode = lambda tokens: model.encode_text(tokens.to(device), normalize=False)  # noqa: E731
+        names = class_names()
+        features = np.stack([np.concatenate([encode(tokenizer([t.format(n) for n in names[i:i + 250]])).float()
+                                             .cpu().numpy() for i in range(0, len(names), 250)])
+                             for t in tqdm(DISTIL_TEMPLATES, desc="class-name features", unit="template")])
+        bridge_text = class_text_embeddings(encode, tokenizer, width).numpy()
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache_file, name_features=features, bridge_text=bridge_text)
+    cached = np.load(cache_file)
+    return ImageNetHead(classifier.weight.detach(), classifier.bias.detach(), cached["name_features"],
+                        torch.from_numpy(cached["bridge_text"]))
+
+
+def class_directions(head: ImageNetHead, image_stats: tuple[np.ndarray, np.ndarray], norm: float) -> torch.Tensor:
+    """One image feature per ImageNet class: the mean photo moved along the class's `_fc` row.
+
+    In the heads' standardised space the move is std * row (the steepest rise of the class's
+    logit per unit of standardised change), scaled to the typical length of a real photo's
+    standardised feature; features are clamped at 0 because the tower's are (ReLU6, then pooled).
+    """
+    mean, std = (torch.from_numpy(x) for x in image_stats)
+    move = head.weight * std[None, :]
+    move = norm * move / move.norm(dim=1, keepdim=True)
+    return (mean[None, :] + move * std[None, :]).clamp(min=0)
 
 
 class Heads(nn.Module):
@@ -154,15 +229,15 @@ def embed_folded(heads: dict[str, torch.Tensor], features: np.ndarray, kind: str
     return nn.functional.normalize(out, dim=-1).numpy()
 
 
-def hubness_bank(heads: dict[str, torch.Tensor], train: dict[str, np.ndarray], dev: dict[str, np.ndarray],
+def hubness_bank(embed, train: dict[str, np.ndarray], dev: dict[str, np.ndarray],
                  seed: int) -> tuple[HubnessBank, dict]:
     """Bank queries sampled from train; beta chosen on dev. Returns (bank, its dev metrics)."""
     rng = np.random.default_rng(seed)
     n_texts, n_images = len(train["text"]), train["image"].shape[1]
     texts = train["text"][np.sort(rng.choice(n_texts, min(BANK_SIZE, n_texts), replace=False))]
     images = train["image"][0][np.sort(rng.choice(n_images, min(BANK_SIZE, n_images), replace=False))]
-    bank_text, bank_image = embed_folded(heads, texts, "text"), embed_folded(heads, images, "image")
-    dev_image, dev_text = embed_folded(heads, dev["image"][0], "image"), embed_folded(heads, dev["text"], "text")
+    bank_text, bank_image = embed(texts, "text"), embed(images, "image")
+    dev_image, dev_text = embed(dev["image"][0], "image"), embed(dev["text"], "text")
     best = None
     for beta in HUBNESS_BETAS:
         bank = HubnessBank(bank_text, bank_image, min(HUBNESS_K, len(bank_text), len(bank_image)), beta)
@@ -181,24 +256,15 @@ def corrected_recall(bank: HubnessBank, image: np.ndarray, text: np.ndarray, cap
             "image_to_text": recall_at_k(np.hstack([image, ones(image)]), text_gallery, caption_image)["image_to_text"]}
 
 
-@torch.inference_mode()
-def label_bridged_baseline(dev: dict[str, np.ndarray], device: torch.device) -> dict:
-    """Zero-shot baseline with no trained parameters: an image is the mix of ImageNet class
-    names (embedded by the text tower) weighted by the image tower's own class probabilities;
-    a caption is its text-tower embedding (last layer, mean-pooled)."""
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+def label_bridged_baseline(head: ImageNetHead, dev: dict[str, np.ndarray]) -> dict:
+    """Zero-shot baseline with no trained parameters: the label bridge alone (label_bridge.py)."""
+    return recall_at_k(*_bridge_only(head, dev["image"][0], dev["text"]), dev["caption_image"])
 
-    config = read_config()
-    classifier = image_classifier(config["crossmodal"]["image_backbone_package"])
-    model, _, tokenizer = _feature_model(device)
-    width = dev["text"].shape[1] // 2  # the pooler's first half is the last layer's mean
-    names = model.encode_text(tokenizer([f"a photo of a {c}." for c in IMAGENET_CLASSNAMES]).to(device),
-                              normalize=False).float().cpu()[:, :width]
-    names = nn.functional.normalize(names, dim=-1)
-    probs = classifier(torch.from_numpy(dev["image"][0])).softmax(dim=-1)
-    image = nn.functional.normalize(probs @ names, dim=-1).numpy()
-    text = nn.functional.normalize(torch.from_numpy(dev["text"][:, :width]), dim=-1).numpy()
-    return recall_at_k(image, text, dev["caption_image"])
+
+def _bridge_only(head: ImageNetHead, images: np.ndarray, texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    bridge = head.bridge(1.0)
+    with torch.no_grad():
+        return bridge.image(torch.from_numpy(images)).numpy(), bridge.text(torch.from_numpy(texts)).numpy()
 
 
 def evaluate_heads(heads: Heads, feats: dict[str, np.ndarray]) -> dict:
@@ -213,18 +279,44 @@ def rsum(metrics: dict) -> float:
     return sum(v for row in metrics.values() for v in row.values())
 
 
-def train_heads(train: dict[str, np.ndarray], dev: dict[str, np.ndarray], cfg: TrainConfig):
-    """Symmetric InfoNCE over all caption pairs; returns (best heads, best dev metrics, history)."""
+def _with_pseudo_captions(train: dict[str, np.ndarray], head: ImageNetHead | None,
+                          min_prob: float) -> tuple[np.ndarray, np.ndarray]:
+    """(text features, caption -> image) with "a photo of a NAME." added for photos the ImageNet head
+    names with at least `min_prob` (none when min_prob is 0)."""
+    if not min_prob or head is None:
+        return train["text"], train["caption_image"]
+    probs = head.probabilities(train["image"][0])
+    sure = np.flatnonzero(probs.max(axis=1) >= min_prob)
+    extra = head.name_features[0][probs[sure].argmax(axis=1)]
+    log.info("pseudo-captions: %d of %d photos named with p >= %.2f", len(sure), len(probs), min_prob)
+    return np.concatenate([train["text"], extra]), np.concatenate([train["caption_image"], sure])
+
+
+def _contrastive(heads: Heads, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    logits = heads.logit_scale.exp().clamp(max=100) * img @ txt.T
+    labels = torch.arange(len(img))
+    return (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels)) / 2
+
+
+def train_heads(train: dict[str, np.ndarray], dev: dict[str, np.ndarray], cfg: TrainConfig,
+                head: ImageNetHead | None = None):
+    """Symmetric InfoNCE over all caption pairs (plus the ImageNet levers cfg switches on);
+    returns (best heads, best dev metrics, history)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    heads = Heads(_stats(train["image"][0]), _stats(train["text"]), dropout=cfg.input_dropout)
+    image_stats = _stats(train["image"][0])
+    heads = Heads(image_stats, _stats(train["text"]), dropout=cfg.input_dropout)
     decay = [p for n, p in heads.named_parameters() if n.endswith("weight")]
     rest = [p for n, p in heads.named_parameters() if not n.endswith("weight")]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
     image_feats = torch.from_numpy(train["image"])  # [views, n_images, d]
-    text_feats = torch.from_numpy(train["text"])
-    caption_image = torch.from_numpy(train["caption_image"])
+    texts, pairs = _with_pseudo_captions(train, head, cfg.pseudo_caption_min_prob)
+    text_feats, caption_image = torch.from_numpy(texts), torch.from_numpy(pairs)
+    if cfg.distil_weight and head is not None:
+        norm = float(np.median(np.linalg.norm((train["image"][0] - image_stats[0]) / image_stats[1], axis=1)))
+        directions = class_directions(head, image_stats, norm)
+        name_feats = torch.from_numpy(head.name_features)
     steps_per_epoch = len(text_feats) // cfg.batch_size
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (
@@ -236,11 +328,13 @@ def train_heads(train: dict[str, np.ndarray], dev: dict[str, np.ndarray], cfg: T
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             views = torch.from_numpy(rng.integers(0, image_feats.shape[0], len(idx)))
-            img = heads.embed(image_feats[views, caption_image[idx]], "image")
-            txt = heads.embed(text_feats[idx], "text")
-            logits = heads.logit_scale.exp().clamp(max=100) * img @ txt.T
-            labels = torch.arange(len(idx))
-            loss = (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels)) / 2
+            loss = _contrastive(heads, heads.embed(image_feats[views, caption_image[idx]], "image"),
+                                heads.embed(text_feats[idx], "text"))
+            if cfg.distil_weight and head is not None:
+                classes = torch.from_numpy(rng.choice(len(directions), 256, replace=False))
+                templates = torch.from_numpy(rng.integers(0, len(name_feats), len(classes)))
+                loss = loss + cfg.distil_weight * _contrastive(
+                    heads, heads.embed(directions[classes], "image"), heads.embed(name_feats[templates, classes], "text"))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -253,29 +347,92 @@ def train_heads(train: dict[str, np.ndarray], dev: dict[str, np.ndarray], cfg: T
     return best, best_metrics, history
 
 
+def feature_embedder(heads: dict[str, torch.Tensor], bridge: LabelBridge | None):
+    """embed(tower features, kind) -> what the exported model outputs for them (fused if bridged)."""
+    def embed(features: np.ndarray, kind: str) -> np.ndarray:
+        out = embed_folded(heads, features, kind)
+        if bridge is None:
+            return out
+        with torch.no_grad():
+            pooled = torch.from_numpy(np.ascontiguousarray(features))
+            route = bridge.image(pooled) if kind == "image" else bridge.text(pooled)
+            return bridge.fuse(torch.from_numpy(out), route).numpy()
+    return embed
+
+
+def zero_shot_on_features(embed, bank: HubnessBank | None, feats: dict[str, np.ndarray], texts: list[str]) -> dict:
+    """The `crossmodal eval --zero-shot` figures, computed exhaustively on cached features."""
+    from crossmodal.indexer.evaluate import class_metrics
+
+    names = sorted(set(texts))
+    first = {text: i for i, text in reversed(list(enumerate(texts)))}
+    image_class = np.empty(feats["image"].shape[1], dtype=object)
+    image_class[feats["caption_image"]] = texts
+    images = embed(feats["image"][0], "image")
+    classes = embed(feats["text"][[first[n] for n in names]], "text")
+    image_penalty = bank.penalties(images, "image") if bank else 0.0
+    class_penalty = bank.penalties(classes, "text") if bank else 0.0
+    top = np.argsort(-(classes @ images.T - image_penalty), axis=1, kind="stable")[:, :10]
+    hits = image_class[top] == np.array(names, dtype=object)[:, None]
+    best = np.array(names, dtype=object)[np.argmax(images @ classes.T - class_penalty, axis=1)]
+    return class_metrics(hits, best == image_class, names, list(image_class))
+
+
+def export_heads(heads: dict[str, torch.Tensor], bridge: LabelBridge | None) -> dict[str, torch.Tensor]:
+    """The heads file: with a bridge, each projection sits inside a FusedHead (default_model.py)."""
+    if bridge is None:
+        return heads
+    out = {key.replace("visual.head.proj.", "visual.head.proj.proj.").replace("text.proj.", "text.proj.proj."): value
+           for key, value in heads.items()}
+    for name in ("class_text", "center"):
+        out[f"visual.head.proj.bridge.{name}"] = getattr(bridge, name).detach().clone().contiguous()
+    return out
+
+
+def _write_config(out_dir: Path, cfg: TrainConfig) -> None:
+    config = read_config()
+    config["crossmodal"].pop("label_bridge", None)
+    if cfg.bridge_weight:
+        config["crossmodal"]["label_bridge"] = {"weight": cfg.bridge_weight, "temperature": 1.0}
+    (out_dir / CONFIG_FILE_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
 def run_training(data_dir: Path, cache_dir: Path, seeds: list[int], cfg: TrainConfig, device: torch.device,
-                 out_file: Path = HEADS_FILE) -> dict:
-    """Cache features, train one model per seed, save the first seed's heads; report all seeds."""
+                 out_dir: Path = MODEL_DIR, zero_shot_dir: Path | None = None) -> dict:
+    """Cache features, train one model per seed, save the first seed's model; report all seeds
+    (on Flickr8k dev and, given a zero-shot classes folder, on it too)."""
     from safetensors.torch import save_file
 
     start = time.perf_counter()
     train = cache_features(data_dir / "train", feature_cache_file(cache_dir, "train", VIEWS), device, VIEWS)
     dev = cache_features(data_dir / "dev", feature_cache_file(cache_dir, "dev", ("center",)), device, ("center",))
+    head = imagenet_head(cache_dir, device)
+    zero_shot = None
+    if zero_shot_dir is not None:
+        zero_shot = (cache_features(zero_shot_dir, feature_cache_file(cache_dir, zero_shot_dir.name, ("center",)),
+                                    device, ("center",)), _split_pairs(zero_shot_dir)[2])
     feature_seconds = time.perf_counter() - start
     runs = []
     for seed in seeds:
         t0 = time.perf_counter()
-        heads, metrics, history = train_heads(train, dev, TrainConfig(**{**asdict(cfg), "seed": seed}))
-        bank, corrected = hubness_bank(heads, train, dev, seed)
-        runs.append({"seed": seed, "dev": corrected, "dev_without_hubness": metrics, "hubness": bank.describe(),
-                     "seconds": time.perf_counter() - t0, "history": history})
+        heads, metrics, history = train_heads(train, dev, TrainConfig(**{**asdict(cfg), "seed": seed}), head)
+        bridge = head.bridge(cfg.bridge_weight) if cfg.bridge_weight else None
+        embed = feature_embedder(heads, bridge)
+        bank, corrected = hubness_bank(embed, train, dev, seed)
+        run = {"seed": seed, "dev": corrected, "dev_without_hubness": metrics, "hubness": bank.describe(),
+               "seconds": time.perf_counter() - t0, "history": history}
+        if zero_shot is not None:
+            found = zero_shot_on_features(embed, bank, *zero_shot)
+            run["zero_shot"] = {k: found[k] for k in ("text_to_image_precision_at_10", "image_to_caption_top1")}
+        runs.append(run)
         if seed == seeds[0]:
-            out_file.parent.mkdir(parents=True, exist_ok=True)
-            save_file(heads, str(out_file))
-            bank.save(out_file.parent / BANK_FILE_NAME)
-    saved = [out_file, out_file.parent / BANK_FILE_NAME]
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_file(export_heads(heads, bridge), str(out_dir / HEADS_FILE_NAME))
+            bank.save(out_dir / BANK_FILE_NAME)
+            _write_config(out_dir, cfg)
+    saved = [out_dir / HEADS_FILE_NAME, out_dir / BANK_FILE_NAME]
     report = {"config": asdict(cfg), "views": VIEWS, "feature_seconds": feature_seconds,
-              "label_bridged_baseline": label_bridged_baseline(dev, device), "runs": runs,
+              "label_bridged_baseline": label_bridged_baseline(head, dev), "runs": runs,
               "saved": [str(f) for f in saved], "saved_bytes": sum(f.stat().st_size for f in saved)}
-    (out_file.parent / "training_report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
     return report

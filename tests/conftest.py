@@ -20,6 +20,7 @@ from PIL import Image
 
 from crossmodal.indexer.builder import IndexBuilder
 from crossmodal.indexer.encoder import Encoder, load_encoder
+from crossmodal.indexer.model_names import CURRENT_DEFAULT_MODEL
 from crossmodal.indexer.sample_collection import write_sample_collection
 from crossmodal.indexer.settings import Settings
 from crossmodal.search.engine import SearchEngine
@@ -32,7 +33,7 @@ FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / 
 
 @pytest.fixture(scope="session")
 def encoder() -> Encoder:
-    return load_encoder("crossmodal-lite", device="cpu")
+    return load_encoder(CURRENT_DEFAULT_MODEL, device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +104,13 @@ def settings(tmp_path, database) -> Settings:
 def solid_image(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> Image.Image:
     noise = np.random.default_rng(sum(color)).integers(0, 12, (size[1], size[0], 3))
     return Image.fromarray(np.clip(np.array(color) + noise, 0, 255).astype(np.uint8))
+
+
+def caltech101_dev() -> Path:
+    folder = FLICKR8K.parent / "caltech101-dev"
+    if not (folder / "captions.tsv").is_file():
+        pytest.skip(f"{folder} not present (../shared/datasets/caltech101-dev is only beside CI and dev checkouts)")
+    return folder
 
 
 def flickr8k_split(name: str) -> Path:

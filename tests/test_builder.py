@@ -24,6 +24,25 @@ def build(settings, encoder, collection, **kwargs):
     return report, phases
 
 
+ASTRONAUT = pytest.mark.xfail(strict=True, reason="issue 19: neither tower knows astronauts; the moon photo "
+                                                   "ranks first (see crossmodal-lite-2's model card)")
+
+
+@pytest.mark.parametrize("query, photo", [("a cat", "cat.jpg"), ("a horse", "horse.png"), ("a rocket", "rocket.webp"),
+                                          pytest.param("an astronaut", "astronaut.jpg", marks=ASTRONAUT),
+                                          ("a coffee cup", "coffee.jpg"), ("a brick wall", "brick.png")])
+def test_everyday_queries_put_their_photo_first_in_the_sample_collection(query, photo, tmp_path, encoder,
+                                                                          sample_source):
+    """What a new user types first in `make demo` (issue 19), over `crossmodal demo-data`'s photos, finds
+    its photo at rank 1."""
+    from crossmodal.indexer.settings import Settings
+
+    settings = Settings(index_dir=tmp_path / "index", device="cpu")
+    IndexBuilder(settings, encoder=encoder).build(sample_source)
+    hits = SearchEngine(settings, encoder=encoder).images_by_text(query, k=3)
+    assert hits[0].path == photo, [hit.path for hit in hits]
+
+
 def test_text_finds_images_and_an_image_finds_its_captions(settings, encoder, collection):
     report, phases = build(settings, encoder, collection)
     assert report.n_images == 18 and report.n_captions == 22 and report.n_embedded == 18
@@ -116,7 +135,7 @@ def test_switching_model_re_embeds_everything_and_says_so(settings, encoder, col
     build(settings, encoder, collection)
     other = Encoder("crossmodal-lite-copy:local", encoder.model, encoder.preprocess, encoder.tokenizer, encoder.device)
     switched, _ = build(settings, other, collection, model="crossmodal-lite-copy:local")
-    assert switched.model_changed and switched.previous_model == "crossmodal-lite"
+    assert switched.model_changed and switched.previous_model == "crossmodal-lite-2"
     assert switched.n_embedded == 18 and switched.n_reused == 0
     with IndexBuilder(settings, encoder=other).store.session() as s:
         models = set(s.scalars(select(Embedding.model)))

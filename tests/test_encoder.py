@@ -15,15 +15,16 @@ from tests.conftest import solid_image
 
 
 def test_default_model_loads_offline_and_embeds_into_one_normalised_space(encoder, sample_source):
-    assert encoder.name == "crossmodal-lite" and encoder.dim == 512 and encoder.device.type == "cpu"
+    # 512 from the trained heads, 384 from the label bridge (label_bridge.py)
+    assert encoder.name == "crossmodal-lite-2" and encoder.dim == 512 + 384 and encoder.device.type == "cpu"
     from PIL import Image
     images = encoder.encode_images([Image.open(sample_source / "cat.jpg"), solid_image((0, 0, 0))])
     texts = encoder.encode_texts(["a cat", "a dog", ""])
     assert images.dtype == texts.dtype == np.float32
-    assert images.shape == (2, 512) and texts.shape == (3, 512)
+    assert images.shape == (2, encoder.dim) and texts.shape == (3, encoder.dim)
     np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
-    assert encoder.encode_texts([]).shape == (0, 512)
+    assert encoder.encode_texts([]).shape == (0, encoder.dim)
 
 
 def test_right_caption_ranks_first_on_real_photos(encoder, sample_source):
@@ -112,7 +113,7 @@ def test_default_preprocess_from_config_is_open_clips_transform(encoder):
     from crossmodal.indexer.encoder import preparer_from_config
     pre = encoder.model.visual.preprocess_cfg
     theirs = image_transform_v2(PreprocessCfg(**pre), is_train=False)
-    assert repr(preparer_from_config("crossmodal-lite").preprocess) == repr(theirs) == repr(encoder.preprocess)
+    assert repr(preparer_from_config("crossmodal-lite-2").preprocess) == repr(theirs) == repr(encoder.preprocess)
     assert preparer_from_config("ViT-B-32") is None  # open_clip models settle theirs as they load
 
 
@@ -157,3 +158,21 @@ def test_transforms_that_cannot_run_on_tensors_still_run(encoder, sample_source)
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
         np.testing.assert_allclose(other.encode_image_tensors(prepared), other.encode_image_tensors(expected),
                                    atol=1e-5)
+
+
+def test_the_alias_names_the_current_version_and_an_old_recorded_name_loads_version_1(sample_source):
+    """Builds record a versioned name, so a new version never reuses an older one's stored vectors;
+    builds from before versions recorded the bare alias, and those hold version 1's vectors."""
+    from PIL import Image
+
+    from crossmodal.indexer.hubness import load_bank
+    from crossmodal.indexer.model_names import CURRENT_DEFAULT_MODEL, default_model_version, resolve_model_name
+
+    assert resolve_model_name("crossmodal-lite") == CURRENT_DEFAULT_MODEL == "crossmodal-lite-2"
+    assert resolve_model_name("ViT-B-32:laion2b_s34b_b79k") == "ViT-B-32:laion2b_s34b_b79k"
+    assert default_model_version("crossmodal-lite") == "crossmodal-lite-1"
+    old = load_encoder("crossmodal-lite", device="cpu")
+    assert old.name == "crossmodal-lite" and old.dim == 512 and load_bank("crossmodal-lite").text.shape[1] == 512
+    cat, horse = old.encode_images([Image.open(sample_source / "cat.jpg"), Image.open(sample_source / "horse.png")])
+    texts = old.encode_texts(["a cat", "a horse"])
+    assert texts[0] @ cat > texts[0] @ horse and texts[1] @ horse > texts[1] @ cat

@@ -40,7 +40,7 @@ def test_penalties_look_up_by_id_and_reorder_candidates(tmp_path):
 
 
 def test_default_model_ships_a_bank_and_open_clip_models_have_none(encoder):
-    bank = load_bank("crossmodal-lite")
+    bank = load_bank(encoder.name)
     assert bank is not None and bank.text.shape[1] == bank.image.shape[1] == encoder.dim
     assert 0 < bank.beta <= 1 and bank.k > 0
     assert load_bank("ViT-B-32:laion2b_s34b_b79k") is None
@@ -49,7 +49,7 @@ def test_default_model_ships_a_bank_and_open_clip_models_have_none(encoder):
 def test_text_search_ranks_by_corrected_scores_and_image_search_by_cosine(indexed, encoder):
     build_dir = faiss_index.build_dir_for(indexed.index_dir, 1)
     manifest = faiss_index.Manifest.read(build_dir)
-    assert manifest.hubness["k"] == load_bank("crossmodal-lite").k
+    assert manifest.hubness["k"] == load_bank(encoder.name).k
     penalties = Penalties.load(build_dir / faiss_index.PENALTY_FILES[faiss_index.IMAGES_FILE])
     store = Store(indexed.resolved_database_url())
     engine = SearchEngine(indexed, encoder=encoder, store=store)
@@ -69,6 +69,39 @@ def test_text_search_ranks_by_corrected_scores_and_image_search_by_cosine(indexe
 
     similar = engine.images_by_vector(vectors[0], k=len(ids))  # image -> image: no correction
     np.testing.assert_allclose([h.score for h in similar], np.sort(vectors @ vectors[0])[::-1], atol=1e-5)
+
+
+def test_a_large_collection_penalises_captions_against_its_own_photos(settings, encoder, collection, monkeypatch):
+    """Past COLLECTION_BANK_MIN_IMAGES photos, the caption penalties come from the collection's photos;
+    the image penalties still come from the shipped bank's texts."""
+    from crossmodal.indexer import hubness
+    from crossmodal.indexer.builder import IndexBuilder
+
+    shipped = IndexBuilder(settings, encoder=encoder).build(collection)
+    manifest = faiss_index.Manifest.read(faiss_index.build_dir_for(settings.index_dir, shipped.build_id))
+    assert manifest.hubness["image_side"] == "shipped"  # 18 photos: too few to stand for a collection
+
+    monkeypatch.setattr(hubness, "COLLECTION_BANK_MIN_IMAGES", 10)
+    monkeypatch.setattr(hubness, "COLLECTION_BANK_SIZE", 12)
+    (collection / "cat.jpg").unlink()  # a change, so a new build is written
+    report = IndexBuilder(settings, encoder=encoder).build(collection)
+    build_dir = faiss_index.build_dir_for(settings.index_dir, report.build_id)
+    manifest = faiss_index.Manifest.read(build_dir)
+    assert manifest.hubness["image_side"] == "collection" and manifest.hubness["bank_images"] == 12
+    store = Store(settings.resolved_database_url())
+    image_ids = sorted(store.image_paths())
+    images = store.vectors_by_id(manifest.model, "image", image_ids)
+    sample = np.sort(np.random.default_rng(0).choice(np.array(image_ids), 12, replace=False))
+    bank = load_bank(encoder.name).with_collection_images(np.stack([images[i] for i in sample]))
+    captions = Penalties.load(build_dir / faiss_index.PENALTY_FILES[faiss_index.CAPTIONS_FILE])
+    vectors = store.vectors_by_id(manifest.model, "caption", captions.ids.tolist())
+    expected = bank.penalties(np.stack([vectors[i] for i in captions.ids]), "text")
+    np.testing.assert_allclose(captions.values, expected, atol=1e-5)
+    assert not np.allclose(captions.values, load_bank(encoder.name).penalties(
+        np.stack([vectors[i] for i in captions.ids]), "text"), atol=1e-3)
+    image_penalties = Penalties.load(build_dir / faiss_index.PENALTY_FILES[faiss_index.IMAGES_FILE])
+    np.testing.assert_allclose(image_penalties.values, load_bank(encoder.name).penalties(
+        np.stack([images[i] for i in image_penalties.ids]), "image"), atol=1e-5)
 
 
 def test_correction_can_be_switched_off_at_search_time(indexed, encoder):

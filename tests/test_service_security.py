@@ -228,7 +228,7 @@ def test_a_rebuild_may_name_only_an_allowed_model_with_weights(client, small_lim
         response = other.post("/v1/index/jobs", json={"collection": str(collection), "model": "RN50"})
         assert response.status_code == 400 and "without weights" in response.json()["detail"]
         assert other.get("/v1/index/jobs").json() == []  # no job was started
-        assert other.get("/v1/stats").json()["model"] == "crossmodal-lite"
+        assert other.get("/v1/stats").json()["model"] == "crossmodal-lite-2"
 
 
 def test_a_query_of_invisible_characters_gets_422(client):

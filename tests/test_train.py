@@ -9,6 +9,7 @@ import torch
 
 from crossmodal.indexer.hubness import BANK_FILE_NAME, HubnessBank
 from crossmodal.indexer.train import VIEWS, TrainConfig, feature_cache_file, run_training
+from tests.test_evaluate import _class_folder
 
 
 def _split(root, sample_source, names):
@@ -25,8 +26,9 @@ def test_training_writes_heads_bank_and_report_that_load(tmp_path, sample_source
     _split(tmp_path / "data" / "train", sample_source, names[:10])
     _split(tmp_path / "data" / "dev", sample_source, names[10:])
     out = tmp_path / "model" / "heads.safetensors"
+    classes = _class_folder(tmp_path / "classes", sample_source)
     report = run_training(tmp_path / "data", tmp_path / "cache", [0, 1], TrainConfig(epochs=2, batch_size=8),
-                          torch.device("cpu"), out_file=out)
+                          torch.device("cpu"), out_dir=out.parent, zero_shot_dir=classes)
 
     cached = np.load(feature_cache_file(tmp_path / "cache", "train", VIEWS))
     assert cached["image"].shape[:2] == (len(VIEWS), 10)  # every view of every training image
@@ -36,7 +38,17 @@ def test_training_writes_heads_bank_and_report_that_load(tmp_path, sample_source
         assert set(run["dev"]) == {"text_to_image", "image_to_text"} and len(run["history"]) == 2
     assert set(report["label_bridged_baseline"]) == {"text_to_image", "image_to_text"}
     bank = HubnessBank.load(out.parent / BANK_FILE_NAME)
-    assert bank.text.shape[1] == bank.image.shape[1] == 512 and bank.k <= len(bank.image)
+    assert bank.text.shape[1] == bank.image.shape[1] == 512 + 384 and bank.k <= len(bank.image)  # heads + bridge
+    for run in report["runs"]:  # measured on the zero-shot folder too, never trained on
+        assert 0 <= run["zero_shot"]["text_to_image_precision_at_10"] <= 1
+        assert 0 < run["zero_shot"]["image_to_caption_top1"] <= 1
+    from safetensors.torch import load_file
+    heads = load_file(str(out))
+    assert {"visual.head.proj.proj.weight", "text.proj.proj.weight", "visual.head.proj.bridge.class_text",
+            "visual.head.proj.bridge.center"} <= set(heads)
+    assert heads["visual.head.proj.bridge.class_text"].shape == (1000, 384)
+    config = json.loads((out.parent / "open_clip_config.json").read_text())
+    assert config["crossmodal"]["label_bridge"]["weight"] == TrainConfig().bridge_weight
     np.testing.assert_allclose(np.linalg.norm(bank.text, axis=1), 1.0, atol=1e-2)
     saved = json.loads((out.parent / "training_report.json").read_text())
     assert saved["saved_bytes"] == out.stat().st_size + (out.parent / BANK_FILE_NAME).stat().st_size

@@ -27,9 +27,10 @@ def test_the_wheel_installs_and_runs_outside_the_repository(tmp_path):
     wheel = next(dist.glob("crossmodal-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for shipped in ("crossmodal/cli.py", "crossmodal/indexer/builder.py", "crossmodal/search/service.py",
-                    "crossmodal/ui/app.py", "crossmodal/data/models/crossmodal-lite/heads.safetensors",
-                    "crossmodal/data/models/crossmodal-lite/open_clip_config.json",
-                    "crossmodal/data/models/crossmodal-lite/hubness_bank.safetensors",
+                    "crossmodal/ui/app.py", "crossmodal/data/models/crossmodal-lite-2/heads.safetensors",
+                    "crossmodal/data/models/crossmodal-lite-2/open_clip_config.json",
+                    "crossmodal/data/models/crossmodal-lite-2/hubness_bank.safetensors",
+                    "crossmodal/data/models/crossmodal-lite-1/heads.safetensors",
                     "crossmodal/data/sample/captions.tsv"):
         assert shipped in names, shipped
     assert {name.split("/")[0] for name in names if not name.startswith("crossmodal-")} == {"crossmodal"}

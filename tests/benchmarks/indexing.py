@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from crossmodal.indexer.builder import IndexBuilder, Progress  # noqa: E402
 from crossmodal.indexer.collection import decode_image  # noqa: E402
 from crossmodal.indexer.encoder import Encoder, keep_freed_memory, load_encoder  # noqa: E402
+from crossmodal.indexer.model_names import resolve_model_name  # noqa: E402
 from crossmodal.indexer.pixels import stack  # noqa: E402
 from crossmodal.indexer.settings import Settings  # noqa: E402
 from tests.benchmarks.results_file import FLICKR8K, record  # noqa: E402
@@ -126,7 +127,7 @@ def main() -> None:
 
     start = time.perf_counter()
     keep_freed_memory()  # as IndexBuilder does when it loads the model for `crossmodal index`
-    encoder = load_encoder(settings.model, settings.device)
+    encoder = load_encoder(resolve_model_name(settings.model), settings.device)  # the alias names the current version
     load_seconds = time.perf_counter() - start
     print(f"{len(images)} photos; model {encoder.name} on {encoder.device} loaded in {load_seconds:.1f} s")
     warm_up(encoder, images[0])
