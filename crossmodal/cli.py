@@ -119,36 +119,55 @@ def index(
 
 @app.command()
 def search(
-    text: Annotated[Optional[str], typer.Argument(help="Text query: finds images.")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", help="Image query: finds captions and similar images.")]
+    text: Annotated[Optional[str], typer.Argument(help="Text query or expression: finds images. Expressions: "
+                                                       "'beach +2:sunset -people', 'image:42 -dog' (see README).")]
     = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Image query: finds captions and similar images; "
+                                                                  "with TEXT, one more term of the expression.")]
+    = None,
+    more_like: Annotated[Optional[list[int]], typer.Option("--more-like", help="Image id to find more like "
+                                                                             "(repeatable).")] = None,
+    less_like: Annotated[Optional[list[int]], typer.Option("--less-like", help="Image id to find fewer like "
+                                                                             "(repeatable).")] = None,
     k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Results per list.")] = 10,
+    offset: Annotated[int, typer.Option(min=0, help="Results to skip (the next page).")] = 0,
     index_dir: IndexDir = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Search the published index with TEXT or --image FILE."""
+    """Search the published index with TEXT (a query or an expression), --image FILE, or both."""
     from crossmodal.indexer.collection import BadImage, decode_reduced
-    from crossmodal.search.engine import NoIndex, SearchEngine
-    from crossmodal.search.queries import InvalidQuery, clean_query
+    from crossmodal.search.engine import NoIndex, NotFound, SearchEngine
+    from crossmodal.search.expressions import parse
+    from crossmodal.search.queries import InvalidQuery
 
-    if (text is None) == (image is None):
-        _fail("give either a TEXT query or --image FILE", code=2)
+    more_like, less_like = more_like or [], less_like or []
+    if text is None and image is None and not more_like:
+        _fail("give either a TEXT query or --image FILE (or --more-like ID)", code=2)
     settings = _settings(index_dir=index_dir)
-    if text is not None:
-        try:
-            text = clean_query(text, settings.max_query_chars)
-        except InvalidQuery as err:
-            _fail(str(err), code=2)
+    try:
+        terms = parse(text, settings.max_query_chars) if text is not None else []
+    except InvalidQuery as err:
+        _fail(str(err), code=2)
+    plain = len(terms) == 1 and terms[0].text is not None and terms[0].weight > 0 and not more_like and not less_like
     try:
         engine = SearchEngine(settings)
-        if text is not None:
-            result = {"query": {"text": text}, "images": engine.images_by_text(text, k), "captions": []}
+        query = decode_reduced(image.read_bytes(), settings.max_image_pixels, settings.max_image_pixels) \
+            if image is not None else None
+        if image is not None and not terms and not more_like and not less_like:
+            result = {"query": {"image": str(image)}, "captions": engine.captions_by_image(query, k, offset),
+                      "images": engine.images_by_image(query, k, offset)}
+        elif plain and image is None:
+            result = {"query": {"text": terms[0].text}, "images": engine.images_by_text(terms[0].text, k, offset),
+                      "captions": []}
         else:
-            query = decode_reduced(image.read_bytes(), settings.max_image_pixels, settings.max_image_pixels)
-            result = {"query": {"image": str(image)}, "captions": engine.captions_by_image(query, k),
-                      "images": engine.images_by_image(query, k)}
+            uploads = [(1.0, query)] if query is not None else []
+            hits = engine.images_by_terms(terms, k, offset, more_like, less_like, uploads)
+            result = {"query": {"terms": [t.__dict__ for t in terms], "image": str(image) if image else None,
+                                "more_like": more_like, "less_like": less_like}, "images": hits, "captions": []}
     except NoIndex as err:
         _fail(str(err))
+    except (NotFound, InvalidQuery) as err:
+        _fail(str(err), code=2)
     except (OSError, BadImage) as err:
         _fail(f"cannot read {image}: {err}")
     root = engine.snapshot.collection_root
@@ -165,7 +184,7 @@ def search(
         typer.secho("images", bold=True)
         for rank, hit in enumerate(result["images"], 1):
             caption = f"  \"{hit.captions[0]}\"" if hit.captions else ""
-            _echo(f"{rank:>3}. {hit.score:.3f}  {root / hit.path}{caption}")
+            _echo(f"{rank:>3}. {hit.score:.3f}  {root / hit.path}  image:{hit.id}{caption}")
     if not result["images"] and not result["captions"]:
         typer.echo("no results: the index is empty")
 

@@ -146,6 +146,11 @@ async def page(service: ServiceDep,
                offset: Annotated[int, Query(ge=0, description="Results to skip, for paging (at most "
                                                               "CROSSMODAL_MAX_OFFSET, 1000).")] = 0) -> Page:
     """The bounds are settings, so they are checked here, per request, not in the route's signature."""
+    return checked_page(service, k, offset)
+
+
+def checked_page(service: Service, k: int, offset: int) -> Page:
+    """A page within the service's bounds (query parameters, or a JSON body's fields)."""
     settings = service.settings
     if k > settings.max_k:
         raise HTTPException(422, f"k must be at most {settings.max_k}")

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
 import faiss
@@ -26,6 +27,8 @@ from crossmodal.indexer.collection import open_regular_file
 from crossmodal.indexer.hubness import Penalties
 from crossmodal.indexer.settings import Settings
 from crossmodal.indexer.store import Build, ImageRow, Store
+from crossmodal.search import expressions
+from crossmodal.search.expressions import Term
 from crossmodal.search.metrics import Metrics
 
 if TYPE_CHECKING:  # torch and open_clip are imported with the model, so the service's port opens first
@@ -297,6 +300,22 @@ class SearchEngine:
 
     def captions_by_image(self, image: Image.Image, k: int = 10, offset: int = 0) -> list[CaptionHit]:
         return self.captions_by_vector(self.image_vector(image), k, offset, from_image=True)
+
+    def images_by_terms(self, terms: list[Term], k: int = 10, offset: int = 0, more_like: Sequence[int] = (),
+                        less_like: Sequence[int] = (), uploads: Sequence[tuple[float, Image.Image]] = ()
+                        ) -> list[ImageHit]:
+        """Images for a query expression with relevance feedback (expressions.py).
+
+        Every image id is looked up before any text or upload is encoded, so a wrong id costs no
+        model time; `uploads` are (weight, image) terms from uploaded files.
+        """
+        ids = [t.image_id for t in terms if t.image_id is not None]
+        stored = {i: self.indexed_vector(i) for i in dict.fromkeys([*ids, *more_like, *less_like])}
+        weighted = [(t.weight, stored[t.image_id] if t.image_id is not None else self.text_vector(t.text))
+                    for t in terms]
+        weighted += [(weight, self.image_vector(image)) for weight, image in uploads]
+        query = expressions.combine(weighted, [stored[i] for i in more_like], [stored[i] for i in less_like])
+        return self.images_by_vector(query, k, offset, from_text=expressions.from_text(terms))
 
     def indexed_vector(self, image_id: int) -> np.ndarray:
         """The exact stored vector of an indexed image: queries by id need no re-encoding."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ImageResult(BaseModel):
@@ -35,6 +35,36 @@ class ImageSearchResponse(BaseModel):
 class CaptionSearchResponse(BaseModel):
     results: list[CaptionResult]
     took_ms: float
+
+
+class QueryTerm(BaseModel):
+    """One term of a query expression: a text or an indexed image, and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(default=None, description="A text term.")
+    image_id: int | None = Field(default=None, ge=0, description="An indexed image's id (from a search result).")
+    weight: float = Field(default=1.0, ge=-10, le=10, description="Negative: away from this term. Not 0.")
+
+    @model_validator(mode="after")
+    def one_kind(self) -> "QueryTerm":
+        if (self.text is None) == (self.image_id is None):
+            raise ValueError("a term has either `text` or `image_id`")
+        if self.weight == 0:
+            raise ValueError("a term's weight must not be 0")
+        return self
+
+
+class ImageQuery(BaseModel):
+    """A query expression and relevance feedback, as a JSON body of POST /v1/images/search."""
+
+    model_config = ConfigDict(extra="forbid")
+    terms: list[QueryTerm] = Field(default=[], max_length=16, description="Weighted text and image terms.")
+    q: str | None = Field(default=None, description="An expression in the CLI's syntax, e.g. `beach +2:sunset "
+                                                    "-people`; its terms come before `terms`.")
+    more_like: list[int] = Field(default=[], max_length=50, description="Image ids to find more like (feedback).")
+    less_like: list[int] = Field(default=[], max_length=50, description="Image ids to find fewer like (feedback).")
+    k: int = Field(default=10, ge=1, description="Number of results (at most CROSSMODAL_MAX_K).")
+    offset: int = Field(default=0, ge=0, description="Results to skip (at most CROSSMODAL_MAX_OFFSET).")
 
 
 class CaptionOut(BaseModel):

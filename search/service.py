@@ -26,7 +26,7 @@ from crossmodal.search.metrics import RequestMetrics
 from crossmodal.search.routes import images, index_jobs, searches, status
 
 UPLOAD_PATHS = ("/v1/images/search", "/v1/captions/search")
-JSON_BODY_LIMIT = 64 * 1024  # the only JSON body is a rebuild request
+JSON_BODY_LIMIT = 64 * 1024  # rebuild requests and query expressions
 MULTIPART_SLACK = 64 * 1024  # multipart headers and boundaries around an upload
 
 
@@ -53,12 +53,14 @@ def create_app(settings: Settings | None = None, engine: SearchEngine | None = N
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                        allow_headers=["*"])
     _add_body_limits(app, settings)
+    app.add_middleware(JsonQueriesOnSearchPath)
     app.add_middleware(HeadAsGet)
     app.add_middleware(AllowedHostsOnly, allowed=settings.answered_hosts())  # added last: runs first
     _add_error_handlers(app)
     upload_limit = settings.max_upload_bytes + MULTIPART_SLACK
     app.include_router(status.router)
     app.include_router(searches.router, max_body_size=upload_limit)
+    app.include_router(searches.query_router, max_body_size=JSON_BODY_LIMIT)
     app.include_router(images.router)
     app.include_router(index_jobs.router, max_body_size=JSON_BODY_LIMIT)
     return app
@@ -134,6 +136,20 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NoIndex)
     async def no_index(_request: Request, err: NoIndex):
         return JSONResponse({"detail": str(err)}, status_code=503)
+
+
+class JsonQueriesOnSearchPath:
+    """A JSON POST to /v1/images/search is a query expression: it is answered by /v1/images/query,
+    while a multipart POST there stays an image upload. FastAPI parses one body kind per route."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/images/search"
+                and dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip() == b"application/json"):
+            scope = {**scope, "path": "/v1/images/query", "raw_path": b"/v1/images/query"}
+        await self.app(scope, receive, send)
 
 
 class HeadAsGet:

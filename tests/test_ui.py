@@ -74,6 +74,31 @@ def test_text_search_grid_open_similar_and_more(app_for, live_server):
     assert "18 images for" in texts(at.caption) and "more" not in {b.key for b in at.button}
 
 
+def test_more_like_this_refines_the_query_and_an_expression_works(app_for, live_server):
+    at = app_for(live_server).run()
+    assert "beach +2:sunset -people" in texts(at.caption)  # the syntax hint under the query box
+    at.text_input(key="query").input("a photo").run()
+    at.selectbox(key="page_size").set_value(24).run()
+    order = [int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("text-open-")]
+    assert len(order) == 18
+    at.button(key=f"text-morelike-{order[-1]}").click().run()
+    assert not at.exception and not at.error
+    assert "refined: more like 1, less like 0" in texts(at.caption)
+    refined = [int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("text-open-")]
+    assert sorted(refined) == sorted(order) and refined.index(order[-1]) < len(order) - 1  # it came up
+    at.button(key=f"text-lesslike-{order[-1]}").click().run()  # moves it to the other side
+    assert "refined: more like 0, less like 1" in texts(at.caption)
+    at.button(key="feedback-clear").click().run()
+    assert "refined" not in texts(at.caption)
+    assert [int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("text-open-")] == order
+
+    at.text_input(key="query").input("a cup +2:coffee -red").run()
+    assert not at.exception and not at.error and "images for “a cup +2:coffee -red”" in texts(at.caption)
+    assert "refined" not in texts(at.caption)  # a new query starts unrefined
+    at.text_input(key="query").input("a cup +11:coffee").run()
+    assert "at most 10" in texts(at.error)  # the service's 422, as a message
+
+
 def test_upload_an_image_to_get_its_captions_and_similar_images(app_for, live_server, collection):
     at = app_for(live_server).run()
     at.radio(key="view").set_value("Image → captions").run()

@@ -68,8 +68,9 @@ def guarded(action: Callable, *args, **kwargs):
 
 # -- shared pieces ------------------------------------------------------------------------------
 
-def image_grid(hits: list[schemas.ImageResult], key: str) -> None:
-    """Thumbnails with score, path and first caption; each can be opened or used as a query."""
+def image_grid(hits: list[schemas.ImageResult], key: str, feedback: bool = False) -> None:
+    """Thumbnails with score, path and first caption; each can be opened or used as a query, and
+    with `feedback`, refine the current query ("more like this" / "less like this")."""
     for row_start in range(0, len(hits), GRID_COLUMNS):
         columns = st.columns(GRID_COLUMNS)
         for column, hit in zip(columns, hits[row_start:row_start + GRID_COLUMNS]):
@@ -83,6 +84,12 @@ def image_grid(hits: list[schemas.ImageResult], key: str) -> None:
                             width="stretch")
                 right.button("Similar", key=f"{key}-similar-{hit.id}", on_click=_set, args=("similar_to", hit.id),
                              width="stretch")
+                if feedback:
+                    left, right = st.columns(2)
+                    left.button("More like", key=f"{key}-morelike-{hit.id}", on_click=_feedback,
+                                args=("more", hit.id), width="stretch", help="More like this: refine the query")
+                    right.button("Less like", key=f"{key}-lesslike-{hit.id}", on_click=_feedback,
+                                 args=("less", hit.id), width="stretch", help="Less like this: refine the query")
 
 
 def caption_list(hits: list[schemas.CaptionResult]) -> None:
@@ -114,6 +121,20 @@ def code(text: str) -> str:
 
 def _set(key: str, value) -> None:
     st.session_state[key] = value
+
+
+def _feedback(side: str, image_id: int) -> None:
+    """Refine the current text query with this result (relevance feedback); one side per image."""
+    feedback = st.session_state.setdefault("feedback", {"more": [], "less": []})
+    other = "less" if side == "more" else "more"
+    if image_id in feedback[other]:
+        feedback[other].remove(image_id)
+    if image_id not in feedback[side]:
+        feedback[side].append(image_id)
+
+
+def _clear_feedback() -> None:
+    st.session_state.feedback = {"more": [], "less": []}
 
 
 def _describe(image_id: int) -> None:
@@ -152,7 +173,11 @@ def detail_panel(api: SearchClient) -> None:
 def text_view(api: SearchClient) -> None:
     st.header("Find images by text")
     query_column, size_column = st.columns([4, 1])
-    query = query_column.text_input("Query", key="query", placeholder="e.g. " + EXAMPLES[0]).strip()
+    query = query_column.text_input("Query", key="query", placeholder="e.g. " + EXAMPLES[0],
+                                    on_change=_clear_feedback).strip()
+    query_column.caption("Combine terms: `beach +2:sunset -people` (weights up to 10; `-` steers away) · "
+                         "`image:ID` is a result's image · **More like** / **Less like** on a result "
+                         "refines the query.")
     page_size = size_column.selectbox("Results per page", PAGE_SIZES, index=1, key="page_size")
     detail_panel(api)
     similar_to = st.session_state.get("similar_to")
@@ -164,21 +189,33 @@ def text_view(api: SearchClient) -> None:
         text_results(api, query, page_size)
 
 
+def _search_text(api: SearchClient, query: str, k: int, offset: int, feedback: dict):
+    if feedback["more"] or feedback["less"]:
+        return api.images_by_query(query, k, offset, feedback["more"], feedback["less"])
+    return api.images_by_text(query, k, offset)
+
+
 def text_results(api: SearchClient, query: str, page_size: int) -> None:
+    feedback = st.session_state.setdefault("feedback", {"more": [], "less": []})
+    wanted = {"query": query, "page_size": page_size, "more": list(feedback["more"]), "less": list(feedback["less"])}
     state = st.session_state.get("text_results")
-    if not state or state["query"] != query or state["page_size"] != page_size:
-        response = guarded(api.images_by_text, query, page_size)
+    if not state or any(state[key] != value for key, value in wanted.items()):
+        response = guarded(_search_text, api, query, page_size, 0, feedback)
         if response is None:
             return
-        state = {"query": query, "page_size": page_size, "hits": response.results, "took_ms": response.took_ms,
+        state = {**wanted, "hits": response.results, "took_ms": response.took_ms,
                  "exhausted": len(response.results) < page_size}
         st.session_state.text_results = state
     hits = state["hits"]
     if not hits:
         st.warning(f"No images match “{plain(query)}”: the index is empty. Build one in the Index view.")
         return
-    st.caption(f"{len(hits)} images for “{plain(query)}” · {state['took_ms']:.0f} ms")
-    image_grid(hits, "text")
+    refined = f" · refined: more like {len(state['more'])}, less like {len(state['less'])}" \
+        if state["more"] or state["less"] else ""
+    st.caption(f"{len(hits)} images for “{plain(query)}” · {state['took_ms']:.0f} ms{refined}")
+    if refined:
+        st.button("Clear refinements", key="feedback-clear", on_click=_clear_feedback)
+    image_grid(hits, "text", feedback=True)
     if not state["exhausted"]:
         st.button("More results", key="more", on_click=_more_text, args=(api,))
 
@@ -186,7 +223,7 @@ def text_results(api: SearchClient, query: str, page_size: int) -> None:
 def _more_text(api: SearchClient) -> None:
     state = st.session_state.text_results
     try:
-        response = api.images_by_text(state["query"], state["page_size"], len(state["hits"]))
+        response = _search_text(api, state["query"], state["page_size"], len(state["hits"]), state)
     except Rejected:  # paged past the service's limit (CROSSMODAL_MAX_OFFSET): the end of the list
         state["exhausted"] = True
         return

@@ -96,6 +96,13 @@ class SearchClient:
         return self._json("GET", "/v1/images/search", schemas.ImageSearchResponse,
                           params={"q": query, "k": k, "offset": offset})
 
+    def images_by_query(self, query: str, k: int = 12, offset: int = 0, more_like: list[int] = (),
+                        less_like: list[int] = ()) -> schemas.ImageSearchResponse:
+        """A query expression refined by relevance feedback (the JSON body of POST /v1/images/search)."""
+        body = schemas.ImageQuery(q=query, k=k, offset=offset, more_like=list(more_like), less_like=list(less_like))
+        return self._json("POST", "/v1/images/search", schemas.ImageSearchResponse,
+                          json=body.model_dump(exclude_defaults=True))
+
     def images_by_image(self, upload: Upload, k: int = 12) -> schemas.ImageSearchResponse:
         return self._json("POST", "/v1/images/search", schemas.ImageSearchResponse, params={"k": k},
                           files={"file": (upload.name, upload.data, upload.content_type)})

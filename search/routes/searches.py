@@ -14,18 +14,61 @@ from PIL import Image
 
 from crossmodal.indexer.collection import BadImage, decode_reduced
 from crossmodal.search import schemas
-from crossmodal.search.dependencies import EngineDep, ImageId, PageDep, Service, ServiceDep, TextQuery
-from crossmodal.search.engine import CaptionHit, ImageHit
+from crossmodal.search import expressions
+from crossmodal.search.dependencies import EngineDep, ImageId, PageDep, Service, ServiceDep, TextQuery, checked_page
+from crossmodal.search.engine import CaptionHit, ImageHit, NotFound, SearchEngine
+from crossmodal.search.queries import InvalidQuery, clean_query
 
 router = APIRouter(tags=["search"])
+query_router = APIRouter(tags=["search"])  # JSON bodies, under the JSON body limit
 Upload = Annotated[UploadFile, File(description="An image file (JPEG, PNG, WebP, GIF, BMP or TIFF).")]
 
 
 @router.get("/v1/images/search", response_model=schemas.ImageSearchResponse)
-def images_by_text(engine: EngineDep, q: TextQuery, page: PageDep):
-    """Text to images."""
+def images_by_text(service: ServiceDep, engine: EngineDep, q: TextQuery, page: PageDep):
+    """Text to images. `q` may be a query expression: `beach +2:sunset -people`, `image:42 -dog`
+    (see POST /v1/images/query)."""
     start = time.perf_counter()
-    return images_response(engine.images_by_text(q, page.k, page.offset), start)
+    terms = query_terms(q, [], service)
+    return images_response(search_terms(engine, terms, page.k, page.offset), start)
+
+
+@query_router.post("/v1/images/query", response_model=schemas.ImageSearchResponse)
+def images_by_query(service: ServiceDep, engine: EngineDep, body: schemas.ImageQuery):
+    """Weighted text and image terms, and relevance feedback ("more like these, less like those"),
+    combined into one query. Also answered at POST /v1/images/search with a JSON body."""
+    start = time.perf_counter()
+    page = checked_page(service, body.k, body.offset)
+    terms = query_terms(body.q, body.terms, service)
+    if not terms and not body.more_like:
+        raise HTTPException(422, "the query is empty: give `q`, `terms` or `more_like`")
+    return images_response(search_terms(engine, terms, page.k, page.offset, body.more_like, body.less_like), start)
+
+
+def query_terms(q: str | None, terms: list[schemas.QueryTerm], service: Service) -> list[expressions.Term]:
+    """The expression's terms, then the listed ones; a 422 says which one is wrong."""
+    try:
+        parsed = expressions.parse(q, service.settings.max_query_chars) if q is not None else []
+        listed = [expressions.Term(t.weight, text=clean_query(t.text, service.settings.max_query_chars)
+                                   if t.text is not None else None, image_id=t.image_id) for t in terms]
+    except InvalidQuery as err:
+        raise HTTPException(422, str(err)) from err
+    if len(parsed) + len(listed) > expressions.MAX_TERMS:
+        raise HTTPException(422, f"at most {expressions.MAX_TERMS} terms, not {len(parsed) + len(listed)}")
+    return parsed + listed
+
+
+def search_terms(engine: SearchEngine, terms: list[expressions.Term], k: int, offset: int,
+                 more_like: list[int] = (), less_like: list[int] = ()) -> list[ImageHit]:
+    """A plain text query keeps its own path (and its cache); anything else is combined."""
+    try:
+        if len(terms) == 1 and terms[0].text is not None and terms[0].weight > 0 and not more_like and not less_like:
+            return engine.images_by_text(terms[0].text, k, offset)
+        return engine.images_by_terms(terms, k, offset, more_like, less_like)
+    except NotFound as err:
+        raise HTTPException(422, f"{err}: use an id from a search result") from err
+    except InvalidQuery as err:
+        raise HTTPException(422, str(err)) from err
 
 
 @router.post("/v1/images/search", response_model=schemas.ImageSearchResponse)
