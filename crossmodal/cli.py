@@ -137,10 +137,12 @@ def search(
     """Search the published index with TEXT (a query or an expression), --image FILE, or both."""
     from crossmodal.indexer.collection import BadImage, decode_reduced
     from crossmodal.search.engine import NoIndex, NotFound, SearchEngine
-    from crossmodal.search.expressions import parse
+    from crossmodal.search.expressions import MAX_FEEDBACK, parse
     from crossmodal.search.queries import InvalidQuery
 
     more_like, less_like = more_like or [], less_like or []
+    if max(len(more_like), len(less_like)) > MAX_FEEDBACK:
+        _fail(f"at most {MAX_FEEDBACK} --more-like and {MAX_FEEDBACK} --less-like ids", code=2)
     if text is None and image is None and not more_like:
         _fail("give either a TEXT query or --image FILE (or --more-like ID)", code=2)
     settings = _settings(index_dir=index_dir)

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from crossmodal.search.expressions import MAX_FEEDBACK, MAX_TERMS, MAX_WEIGHT
+
 
 class ImageResult(BaseModel):
     id: int
@@ -43,7 +45,8 @@ class QueryTerm(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(default=None, description="A text term.")
     image_id: int | None = Field(default=None, ge=0, description="An indexed image's id (from a search result).")
-    weight: float = Field(default=1.0, ge=-10, le=10, description="Negative: away from this term. Not 0.")
+    weight: float = Field(default=1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT, description="Negative: away from this term. "
+                                                                                 "Not 0.")
 
     @model_validator(mode="after")
     def one_kind(self) -> "QueryTerm":
@@ -58,11 +61,11 @@ class ImageQuery(BaseModel):
     """A query expression and relevance feedback, as a JSON body of POST /v1/images/search."""
 
     model_config = ConfigDict(extra="forbid")
-    terms: list[QueryTerm] = Field(default=[], max_length=16, description="Weighted text and image terms.")
+    terms: list[QueryTerm] = Field(default=[], max_length=MAX_TERMS, description="Weighted text and image terms.")
     q: str | None = Field(default=None, description="An expression in the CLI's syntax, e.g. `beach +2:sunset "
                                                     "-people`; its terms come before `terms`.")
-    more_like: list[int] = Field(default=[], max_length=50, description="Image ids to find more like (feedback).")
-    less_like: list[int] = Field(default=[], max_length=50, description="Image ids to find fewer like (feedback).")
+    more_like: list[int] = Field(default=[], max_length=MAX_FEEDBACK, description="Image ids to find more like.")
+    less_like: list[int] = Field(default=[], max_length=MAX_FEEDBACK, description="Image ids to find fewer like.")
     k: int = Field(default=10, ge=1, description="Number of results (at most CROSSMODAL_MAX_K).")
     offset: int = Field(default=0, ge=0, description="Results to skip (at most CROSSMODAL_MAX_OFFSET).")
 
