@@ -31,7 +31,7 @@ from crossmodal.indexer.model_names import check_model_name, resolve_model_name
 from crossmodal.indexer.prefetch import prefetched_batches, read_ahead
 from crossmodal.indexer.settings import Settings
 from crossmodal.indexer.store import (Build, Store, caption_key, caption_row_ids, image_ids_by_path,
-                                      image_row_ids, image_sizes, load_embeddings, publish_build,
+                                      embedding_keys, image_row_ids, image_sizes, load_embeddings, publish_build,
                                       save_embeddings, set_build_report, vectors_from_bytes)
 
 if TYPE_CHECKING:  # the encoder (torch, open_clip) is imported when something needs embedding
@@ -199,7 +199,7 @@ class IndexBuilder:
                             if r.bytes == entry.bytes and abs(r.mtime - entry.mtime) < 1e-6), None)
                 if row is not None:
                     unchanged[entry.path] = row
-            have = load_embeddings(s, lazy.name, "image", list({r.content_hash for r in unchanged.values()}))
+            have = embedding_keys(s, lazy.name, "image", list({r.content_hash for r in unchanged.values()}))
         live = {row.id: row.content_hash for row in unchanged.values() if row.content_hash in have}
         report.n_reused = len(live)
         todo = [e for e in entries if not (e.path in unchanged and unchanged[e.path].id in live)]
@@ -243,7 +243,7 @@ class IndexBuilder:
             return {}
         with self.store.session() as s, s.begin():
             hashes = list({item.content_hash for item, _ in loaded})
-            have = set(load_embeddings(s, encoder.name, "image", hashes))
+            have = embedding_keys(s, encoder.name, "image", hashes)
             new = {}
             for item, prepared in loaded:
                 if item.content_hash not in have and item.content_hash not in new:
@@ -283,7 +283,7 @@ class IndexBuilder:
         meter.advance(len(todo) - len(hashed))
         with self.store.session() as s:
             keys = list({key for _, key in hashed})
-            have = set(load_embeddings(s, lazy.name, "image", keys))
+            have = embedding_keys(s, lazy.name, "image", keys)
             sizes = image_sizes(s, [key for key in keys if key in have])
         known = [(entry, key, *sizes[key]) for entry, key in hashed if key in sizes]
         for start in range(0, len(known), TRANSACTION_IMAGES):
@@ -331,7 +331,7 @@ class IndexBuilder:
         if not done:
             return {}
         with self.store.session() as s, s.begin():
-            have = set(load_embeddings(s, model, "image", list({key for _, key, *_ in done})))
+            have = embedding_keys(s, model, "image", list({key for _, key, *_ in done}))
             vectors = {key: vector for _, key, _, _, vector in done if key not in have}
             if vectors:
                 save_embeddings(s, model, "image", list(vectors), np.stack(list(vectors.values())))
@@ -352,7 +352,7 @@ class IndexBuilder:
         report.bad_caption_rows = parsed.bad_rows
         with self.store.session() as s:
             wanted = self._wanted_captions(s, parsed, images, report)
-            have = set(load_embeddings(s, lazy.name, "text", list(set(wanted.values()))))
+            have = embedding_keys(s, lazy.name, "text", list(set(wanted.values())))
         todo = {key: text for (_, text), key in wanted.items() if key not in have}
         meter = _Meter("captions", len(todo), progress)
         with self.store.session() as s, s.begin():

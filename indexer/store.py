@@ -471,6 +471,16 @@ def load_embeddings(session: Session, model: str, kind: str, keys: list[str]) ->
     return found
 
 
+def embedding_keys(session: Session, model: str, kind: str, keys: list[str]) -> set[str]:
+    """Which of these keys have a stored vector, reading keys only: deciding what to embed needs no
+    vectors (they are read once, where the index is written)."""
+    found: set[str] = set()
+    for chunk in _chunks(keys):
+        found.update(session.scalars(select(Embedding.key).where(
+            Embedding.model == model, Embedding.kind == kind, Embedding.key.in_(chunk))))
+    return found
+
+
 def image_row_ids(s: Session, files: list[dict[str, Any]]) -> list[int]:
     """Row ids of these files (path, content_hash, bytes, mtime, width, height, build_id), in order.
 

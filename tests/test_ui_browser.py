@@ -112,8 +112,9 @@ def test_three_flows_in_a_real_browser(browser, ui_url, collection):
     }}""")
     expect(page.locator("code", has_text="camera.png").first).to_be_visible()
     shot(page, "text-to-images")
-    # Relevance feedback: "More like this" on the last result refines the query.
-    page.locator("[class*=st-key-text-morelike] button").last.click()
+    # Relevance feedback: "More like" on the last result refines the query (by role: with a help tooltip,
+    # the last element a class selector finds is an invisible one).
+    page.get_by_role("button", name="More like").last.click()
     page.get_by_text("refined: more like 1, less like 0").wait_for()
     shot(page, "more-like-this")
     page.locator("[class*=st-key-text-open] button").first.click()
