@@ -99,6 +99,22 @@ def test_more_like_this_refines_the_query_and_an_expression_works(app_for, live_
     assert "at most 10" in texts(at.error)  # the service's 422, as a message
 
 
+def test_a_new_query_leaves_similar_results_and_the_opened_result(app_for, live_server):
+    """Issue 20, items 1 and 3: typing a new query while "Similar" results or an opened result are
+    showing shows the new query's results, not the old state."""
+    at = app_for(live_server).run()
+    at.text_input(key="query").input("a man with a camera").run()
+    first = next(int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("text-open-"))
+    at.button(key=f"text-open-{first}").click().run()
+    at.button(key="detail-similar").click().run()
+    assert any("Images similar to" in s.value for s in at.subheader)
+    at.text_input(key="query").input("a horse").run()
+    assert not at.exception and not at.error
+    assert not any("Images similar to" in s.value for s in at.subheader)  # the Similar list is gone
+    assert "detail-close" not in {b.key for b in at.button}  # and so is the opened result
+    assert "images for “a horse”" in texts(at.caption)
+
+
 def test_upload_an_image_to_get_its_captions_and_similar_images(app_for, live_server, collection):
     at = app_for(live_server).run()
     at.radio(key="view").set_value("Image → captions").run()

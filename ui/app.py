@@ -137,6 +137,14 @@ def _clear_feedback() -> None:
     st.session_state.feedback = {"more": [], "less": []}
 
 
+def _new_query() -> None:
+    """A new query starts afresh: no refinements, no "Similar" list or opened result left over from the
+    last one (those hid the new query's results, issue 20 items 1 and 3)."""
+    _clear_feedback()
+    st.session_state.similar_to = None
+    st.session_state.selected = None
+
+
 def _describe(image_id: int) -> None:
     """Jump to Image → captions with this collection image as the query."""
     st.session_state.describe_id = image_id
@@ -174,7 +182,7 @@ def text_view(api: SearchClient) -> None:
     st.header("Find images by text")
     query_column, size_column = st.columns([4, 1])
     query = query_column.text_input("Query", key="query", placeholder="e.g. " + EXAMPLES[0],
-                                    on_change=_clear_feedback).strip()
+                                    on_change=_new_query).strip()
     query_column.caption("Combine terms: `beach +2:sunset -people` (weights up to 10; `-` steers away) · "
                          "`image:ID` is a result's image · **More like** / **Less like** on a result "
                          "refines the query.")
