@@ -158,14 +158,13 @@ def search(
         if image is not None and not terms and not more_like and not less_like:
             result = {"query": {"image": str(image)}, "captions": engine.captions_by_image(query, k, offset),
                       "images": engine.images_by_image(query, k, offset)}
-        elif plain and image is None:
-            result = {"query": {"text": terms[0].text}, "images": engine.images_by_text(terms[0].text, k, offset),
-                      "captions": []}
         else:
             uploads = [(1.0, query)] if query is not None else []
             hits = engine.images_by_terms(terms, k, offset, more_like, less_like, uploads)
-            result = {"query": {"terms": [t.__dict__ for t in terms], "image": str(image) if image else None,
-                                "more_like": more_like, "less_like": less_like}, "images": hits, "captions": []}
+            shown_query = {"text": terms[0].text} if plain and query is None else {
+                "terms": [t.__dict__ for t in terms], "image": str(image) if image else None,
+                "more_like": more_like, "less_like": less_like}
+            result = {"query": shown_query, "images": hits, "captions": []}
     except NoIndex as err:
         _fail(str(err))
     except (NotFound, InvalidQuery) as err:

@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy.orm import Session
 
-from crossmodal.indexer import faiss_index
+from crossmodal.indexer import faiss_index, hubness
 from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
                                            hash_bytes, load_image, nfc, read_captions, read_regular_file, scan)
-from crossmodal.indexer import hubness
 from crossmodal.indexer.hubness import HubnessBank, Penalties, load_bank
 from crossmodal.indexer.model_names import check_model_name, resolve_model_name
 from crossmodal.indexer.prefetch import prefetched_batches, read_ahead

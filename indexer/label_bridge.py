@@ -46,7 +46,7 @@ class LabelBridge(nn.Module):
 
     @classmethod
     def centred(cls, classifier: nn.Linear, names: torch.Tensor, weight: float) -> "LabelBridge":
-        """From unit class-name embeddings, as class_text_embeddings returns them."""
+        """From unit class-name embeddings, as class_text_from_pooled returns them."""
         center = names.mean(dim=0)
         return cls(classifier, nn.functional.normalize(names - center, dim=-1), center, names.shape[1], weight)
 
@@ -74,18 +74,8 @@ class FusedHead(nn.Module):
         return self.bridge.fuse(self.proj(pooled), route(pooled))
 
 
-@torch.inference_mode()
-def class_text_embeddings(encode_pooled, tokenizer, width: int, templates: tuple[str, ...] = CLASS_TEMPLATES,
-                          batch_size: int = 250) -> torch.Tensor:
-    """Unit text embeddings of the 1,000 class names, averaged over templates.
-
-    `encode_pooled(tokens)` returns the text pooler's output (before any projection).
-    """
-    names = class_names()
-    total = torch.zeros(len(names), width)
-    for template in templates:
-        texts = [template.format(name) for name in names]
-        for start in range(0, len(texts), batch_size):
-            pooled = encode_pooled(tokenizer(texts[start:start + batch_size])).float().cpu()
-            total[start:start + batch_size] += nn.functional.normalize(pooled[:, :width], dim=-1)
-    return nn.functional.normalize(total, dim=-1)
+def class_text_from_pooled(pooled: torch.Tensor, width: int) -> torch.Tensor:
+    """Unit class-name embeddings from the text pooler's outputs, [templates, classes, pool width]:
+    each template's last-layer mean (the first `width` features) at unit length, averaged over
+    the templates (CLASS_TEMPLATES)."""
+    return nn.functional.normalize(nn.functional.normalize(pooled[..., :width].float(), dim=-1).mean(dim=0), dim=-1)

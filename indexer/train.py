@@ -28,7 +28,7 @@ from crossmodal.indexer.default_model import (CONFIG_FILE_NAME, HEADS_FILE_NAME,
 from crossmodal.indexer.encoder import Encoder
 from crossmodal.indexer.evaluate import recall_at_k
 from crossmodal.indexer.hubness import BANK_FILE_NAME, HubnessBank
-from crossmodal.indexer.label_bridge import CLASS_TEMPLATES, LabelBridge, class_names, class_text_embeddings
+from crossmodal.indexer.label_bridge import CLASS_TEMPLATES, LabelBridge, class_names, class_text_from_pooled
 from crossmodal.indexer.model_names import MODEL_DIR
 from crossmodal.indexer.prefetch import prefetched_batches
 
@@ -131,8 +131,8 @@ def cache_features(split_dir: Path, cache_file: Path, device: torch.device, view
     return result
 
 
-DISTIL_TEMPLATES = ("a photo of a {}.", "a close-up photo of a {}.", "a {} in the picture.", "a photo of the {}.",
-                    "{}")
+# The bridge's templates first: its class-name embeddings come from the same encoded features.
+DISTIL_TEMPLATES = (*CLASS_TEMPLATES, "a close-up photo of a {}.", "a {} in the picture.", "a photo of the {}.", "{}")
 
 
 @dataclass
@@ -160,7 +160,7 @@ def imagenet_head(cache_dir: Path, device: torch.device) -> ImageNetHead:
     config = read_config()
     classifier = image_classifier(config["crossmodal"]["image_backbone_package"])
     width = config["crossmodal"]["text_pool_width"] // 2  # the pooler's first half is the last layer's mean
-    cache_file = feature_cache_file(cache_dir, "imagenet-names", DISTIL_TEMPLATES + CLASS_TEMPLATES)
+    cache_file = feature_cache_file(cache_dir, "imagenet-names", DISTIL_TEMPLATES)
     if not cache_file.exists():
         model, _, tokenizer = _feature_model(device)
         encode = lambda tokens: model.encode_text(tokens.to(device), normalize=False)  # noqa: E731
@@ -168,12 +168,11 @@ def imagenet_head(cache_dir: Path, device: torch.device) -> ImageNetHead:
         features = np.stack([np.concatenate([encode(tokenizer([t.format(n) for n in names[i:i + 250]])).float()
                                              .cpu().numpy() for i in range(0, len(names), 250)])
                              for t in tqdm(DISTIL_TEMPLATES, desc="class-name features", unit="template")])
-        bridge_text = class_text_embeddings(encode, tokenizer, width).numpy()
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache_file, name_features=features, bridge_text=bridge_text)
-    cached = np.load(cache_file)
-    return ImageNetHead(classifier.weight.detach(), classifier.bias.detach(), cached["name_features"],
-                        torch.from_numpy(cached["bridge_text"]))
+        np.savez(cache_file, name_features=features)
+    features = np.load(cache_file)["name_features"]
+    bridge_text = class_text_from_pooled(torch.from_numpy(features[:len(CLASS_TEMPLATES)]), width)
+    return ImageNetHead(classifier.weight.detach(), classifier.bias.detach(), features, bridge_text)
 
 
 def class_directions(head: ImageNetHead, image_stats: tuple[np.ndarray, np.ndarray], norm: float) -> torch.Tensor:
@@ -258,13 +257,19 @@ def corrected_recall(bank: HubnessBank, image: np.ndarray, text: np.ndarray, cap
 
 def label_bridged_baseline(head: ImageNetHead, dev: dict[str, np.ndarray]) -> dict:
     """Zero-shot baseline with no trained parameters: the label bridge alone (label_bridge.py)."""
-    return recall_at_k(*_bridge_only(head, dev["image"][0], dev["text"]), dev["caption_image"])
+    embed = bridge_embedder(head)
+    return recall_at_k(embed(dev["image"][0], "image"), embed(dev["text"], "text"), dev["caption_image"])
 
 
-def _bridge_only(head: ImageNetHead, images: np.ndarray, texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def bridge_embedder(head: ImageNetHead):
+    """embed(tower features, kind) through the label bridge alone, as feature_embedder does for the model."""
     bridge = head.bridge(1.0)
-    with torch.no_grad():
-        return bridge.image(torch.from_numpy(images)).numpy(), bridge.text(torch.from_numpy(texts)).numpy()
+
+    def embed(features: np.ndarray, kind: str) -> np.ndarray:
+        with torch.no_grad():
+            pooled = torch.from_numpy(np.ascontiguousarray(features))
+            return (bridge.image(pooled) if kind == "image" else bridge.text(pooled)).numpy()
+    return embed
 
 
 def evaluate_heads(heads: Heads, feats: dict[str, np.ndarray]) -> dict:

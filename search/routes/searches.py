@@ -60,10 +60,8 @@ def query_terms(q: str | None, terms: list[schemas.QueryTerm], service: Service)
 
 def search_terms(engine: SearchEngine, terms: list[expressions.Term], k: int, offset: int,
                  more_like: list[int] = (), less_like: list[int] = ()) -> list[ImageHit]:
-    """A plain text query keeps its own path (and its cache); anything else is combined."""
+    """Terms and feedback to images (a plain query is one text term); its mistakes as 422s."""
     try:
-        if len(terms) == 1 and terms[0].text is not None and terms[0].weight > 0 and not more_like and not less_like:
-            return engine.images_by_text(terms[0].text, k, offset)
         return engine.images_by_terms(terms, k, offset, more_like, less_like)
     except NotFound as err:
         raise HTTPException(422, f"{err}: use an id from a search result") from err

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from crossmodal.indexer.hubness import HubnessBank
-from crossmodal.indexer.train import (VIEWS, TrainConfig, _split_pairs, cache_features, feature_cache_file,
-                                      feature_embedder, hubness_bank, imagenet_head, train_heads,
+from crossmodal.indexer.train import (VIEWS, TrainConfig, _split_pairs, bridge_embedder, cache_features,
+                                      feature_cache_file, feature_embedder, hubness_bank, imagenet_head, train_heads,
                                       zero_shot_on_features)
 
 LEVERS = {
@@ -44,10 +44,10 @@ def measure(embed, bank: HubnessBank, dev, zero_shot, zero_shot_texts) -> dict:
 
     dev_images, dev_texts = embed(dev["image"][0], "image"), embed(dev["text"], "text")
     flickr = corrected_recall(bank, dev_images, dev_texts, dev["caption_image"])
-    own_dev = HubnessBank(bank.text, dev_images, bank.k, bank.beta)  # the image side from the searched collection
+    own_dev = bank.with_collection_images(dev_images)  # the image side from the searched collection
     flickr_own = corrected_recall(own_dev, dev_images, dev_texts, dev["caption_image"])
     shipped = zero_shot_on_features(embed, bank, zero_shot, zero_shot_texts)
-    own = HubnessBank(bank.text, embed(zero_shot["image"][0], "image"), bank.k, bank.beta)
+    own = bank.with_collection_images(embed(zero_shot["image"][0], "image"))
     collection = zero_shot_on_features(embed, own, zero_shot, zero_shot_texts)
     return {"flickr_t2i_r1": flickr["text_to_image"]["R@1"], "flickr_t2i_r10": flickr["text_to_image"]["R@10"],
             "flickr_i2t_r1": flickr["image_to_text"]["R@1"],
@@ -77,13 +77,7 @@ def main() -> None:
     zero_shot_texts = _split_pairs(args.zero_shot)[2]
     head = imagenet_head(args.cache_dir, device)
     results = []
-    baseline = head.bridge(1.0)
-
-    def bridge_only(features, kind):  # the bridge alone: no trained parameters
-        with torch.no_grad():
-            pooled = torch.from_numpy(np.ascontiguousarray(features))
-            return (baseline.image(pooled) if kind == "image" else baseline.text(pooled)).numpy()
-    zs = zero_shot_on_features(bridge_only, None, zero_shot, zero_shot_texts)
+    zs = zero_shot_on_features(bridge_embedder(head), None, zero_shot, zero_shot_texts)
     print(f"label bridge alone (no trained parameters, no correction): zero-shot P@10 "
           f"{zs['text_to_image_precision_at_10']:.3f} top-1 {zs['image_to_caption_top1']:.3f}", flush=True)
     for name in args.levers.split(","):
