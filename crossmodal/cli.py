@@ -131,13 +131,42 @@ def search(
                                                                              "(repeatable).")] = None,
     k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Results per list.")] = 10,
     offset: Annotated[int, typer.Option(min=0, help="Results to skip (the next page).")] = 0,
+    folder: Annotated[Optional[str], typer.Option(help="Only images under this folder of the collection.",
+                                                  rich_help_panel="Filters")] = None,
+    taken_after: Annotated[Optional[str], typer.Option(help="Taken on or after this date (2023-06-01) or time.",
+                                                       rich_help_panel="Filters")] = None,
+    taken_before: Annotated[Optional[str], typer.Option(help="Taken on or before this date or time.",
+                                                        rich_help_panel="Filters")] = None,
+    camera: Annotated[Optional[str], typer.Option(help="Camera maker or model (any case).",
+                                                  rich_help_panel="Filters")] = None,
+    orientation: Annotated[Optional[str], typer.Option(help="landscape, portrait or square.",
+                                                       rich_help_panel="Filters")] = None,
+    min_width: Annotated[Optional[int], typer.Option(help="Pixels.", rich_help_panel="Filters")] = None,
+    max_width: Annotated[Optional[int], typer.Option(help="Pixels.", rich_help_panel="Filters")] = None,
+    min_height: Annotated[Optional[int], typer.Option(help="Pixels.", rich_help_panel="Filters")] = None,
+    max_height: Annotated[Optional[int], typer.Option(help="Pixels.", rich_help_panel="Filters")] = None,
+    has_captions: Annotated[Optional[bool], typer.Option("--has-captions/--no-captions",
+                                                         help="Only images with (or without) captions.",
+                                                         rich_help_panel="Filters")] = None,
+    sort: Annotated[str, typer.Option(help="relevance, date_desc or date_asc (the --top results by relevance, "
+                                           "sorted by date taken).", rich_help_panel="Order")] = "relevance",
+    min_score: Annotated[Optional[float], typer.Option(help="Leave out results scoring below this.",
+                                                       rich_help_panel="Order")] = None,
+    top: Annotated[int, typer.Option(help="With a date sort: how many results by relevance to sort.",
+                                     rich_help_panel="Order")] = 100,
+    mode: Annotated[str, typer.Option(help="vector, keyword (BM25 over captions and file names) or hybrid "
+                                           "(both, fused by reciprocal rank).", rich_help_panel="Order")] = "vector",
     index_dir: IndexDir = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Search the published index with TEXT (a query or an expression), --image FILE, or both."""
+    """Search the published index with TEXT (a query or an expression), --image FILE, or both;
+    narrowed by filters and ordered by relevance or date."""
     from crossmodal.indexer.collection import BadImage, decode_reduced
     from crossmodal.search.engine import NoIndex, NotFound, SearchEngine
+    from pydantic import ValidationError
+
     from crossmodal.search.expressions import MAX_FEEDBACK, parse
+    from crossmodal.search.options import SearchOptions
     from crossmodal.search.queries import InvalidQuery
 
     more_like, less_like = more_like or [], less_like or []
@@ -148,8 +177,16 @@ def search(
     settings = _settings(index_dir=index_dir)
     try:
         terms = parse(text, settings.max_query_chars) if text is not None else []
+        options = SearchOptions(folder=folder, taken_after=taken_after, taken_before=taken_before, camera=camera,
+                                orientation=orientation, min_width=min_width, max_width=max_width,
+                                min_height=min_height, max_height=max_height, has_captions=has_captions, sort=sort,
+                                min_score=min_score, top=top, mode=mode)
     except InvalidQuery as err:
         _fail(str(err), code=2)
+    except ValidationError as err:
+        first = {str(e["loc"][0]) if e["loc"] else "": e["msg"] for e in reversed(err.errors())}  # one per option
+        _fail("; ".join(f"--{name.replace('_', '-')}: {message}" if name else message
+                        for name, message in first.items()), code=2)
     plain = len(terms) == 1 and terms[0].text is not None and terms[0].weight > 0 and not more_like and not less_like
     try:
         engine = SearchEngine(settings)
@@ -157,10 +194,10 @@ def search(
             if image is not None else None
         if image is not None and not terms and not more_like and not less_like:
             result = {"query": {"image": str(image)}, "captions": engine.captions_by_image(query, k, offset),
-                      "images": engine.images_by_image(query, k, offset)}
+                      "images": engine.images_by_image(query, k, offset, options)}
         else:
             uploads = [(1.0, query)] if query is not None else []
-            hits = engine.images_by_terms(terms, k, offset, more_like, less_like, uploads)
+            hits = engine.images_by_terms(terms, k, offset, more_like, less_like, uploads, options)
             shown_query = {"text": terms[0].text} if plain and query is None else {
                 "terms": [t.__dict__ for t in terms], "image": str(image) if image else None,
                 "more_like": more_like, "less_like": less_like}
@@ -185,9 +222,18 @@ def search(
         typer.secho("images", bold=True)
         for rank, hit in enumerate(result["images"], 1):
             caption = f"  \"{hit.captions[0]}\"" if hit.captions else ""
-            _echo(f"{rank:>3}. {hit.score:.3f}  {root / hit.path}  image:{hit.id}{caption}")
+            taken = f"  {_wall_clock(hit.taken_at)}" if options.sort != "relevance" and hit.taken_at else ""
+            _echo(f"{rank:>3}. {hit.score:.3f}  {root / hit.path}  image:{hit.id}{taken}{caption}")
     if not result["images"] and not result["captions"]:
-        typer.echo("no results: the index is empty")
+        typer.echo("no results: no indexed image matches the filters" if options.has_filters() or
+                   options.min_score is not None else "no results: the index is empty")
+
+
+def _wall_clock(seconds: float) -> str:
+    """A photo's date as stored (wall clock, no zone: see search/options.py)."""
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
 @app.command("eval")

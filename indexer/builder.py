@@ -23,8 +23,10 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from crossmodal.indexer import faiss_index, hubness
-from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, SkippedFile, find_captions_file,
-                                           hash_bytes, load_image, nfc, read_captions, read_regular_file, scan)
+from crossmodal.indexer.attributes import Attributes
+from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, PhotoFacts, SkippedFile,
+                                           find_captions_file, hash_bytes, load_image, nfc, photo_facts, read_captions,
+                                           read_regular_file, scan)
 from crossmodal.indexer.hubness import HubnessBank, Penalties, load_bank
 from crossmodal.indexer.model_names import check_model_name, resolve_model_name
 from crossmodal.indexer.prefetch import prefetched_batches, read_ahead
@@ -194,8 +196,8 @@ class IndexBuilder:
         with self.store.session() as s:
             unchanged = {}
             for entry in entries:
-                row = next((r for r in known.get(entry.path, ())
-                            if r.bytes == entry.bytes and abs(r.mtime - entry.mtime) < 1e-6), None)
+                row = next((r for r in known.get(entry.path, ()) if r.bytes == entry.bytes
+                            and abs(r.mtime - entry.mtime) < 1e-6 and r.taken_from is not None), None)
                 if row is not None:
                     unchanged[entry.path] = row
             have = embedding_keys(s, lazy.name, "image", list({r.content_hash for r in unchanged.values()}))
@@ -254,16 +256,17 @@ class IndexBuilder:
                 save_embeddings(s, encoder.name, "image", keys, np.concatenate(vectors))  # one insert
             report.n_embedded += len(new)
             report.n_reused += sum(1 for item, _ in loaded if item.content_hash in have)
-            return self._image_rows(s, [(item.entry, item.content_hash, item.width, item.height)
+            return self._image_rows(s, [(item.entry, item.content_hash, item.width, item.height, item.facts)
                                         for item, _ in loaded], build_id)
 
     @staticmethod
-    def _image_rows(s: Session, items: list[tuple[FileEntry, str, int, int]], build_id: int) -> dict[int, str]:
-        """{row id: content hash} of these (file, content hash, width, height) (store.image_row_ids)."""
+    def _image_rows(s: Session, items: list[tuple[FileEntry, str, int, int, PhotoFacts]],
+                    build_id: int) -> dict[int, str]:
+        """{row id: content hash} of these (file, content hash, width, height, facts) (store.image_row_ids)."""
         ids = image_row_ids(s, [{"path": entry.path, "content_hash": key, "build_id": build_id, "bytes": entry.bytes,
-                                 "width": width, "height": height, "mtime": entry.mtime}
-                                for entry, key, width, height in items])
-        return {row_id: key for row_id, (_, key, _, _) in zip(ids, items)}
+                                 "width": width, "height": height, "mtime": entry.mtime, **asdict(facts)}
+                                for entry, key, width, height, facts in items])
+        return {row_id: item[1] for row_id, item in zip(ids, items)}
 
     # -- images on a Ray cluster ---------------------------------------------------------------
 
@@ -281,30 +284,32 @@ class IndexBuilder:
         preparer = preparer_from_config(lazy.name) or lazy.get().preparer
         meter.advance(len(todo) - len(hashed))
         with self.store.session() as s:
-            keys = list({key for _, key in hashed})
+            keys = list({key for _, key, _ in hashed})
             have = embedding_keys(s, lazy.name, "image", keys)
             sizes = image_sizes(s, [key for key in keys if key in have])
-        known = [(entry, key, *sizes[key]) for entry, key in hashed if key in sizes]
+        known = [(entry, key, *sizes[key], facts) for entry, key, facts in hashed if key in sizes]
         for start in range(0, len(known), TRANSACTION_IMAGES):
             with self.store.session() as s, s.begin():
                 live.update(self._image_rows(s, known[start:start + TRANSACTION_IMAGES], build_id))
             report.n_reused += len(known[start:start + TRANSACTION_IMAGES])
             meter.advance(len(known[start:start + TRANSACTION_IMAGES]))
-        new = {str(entry.abs_path): (entry, key) for entry, key in hashed if key not in sizes}
-        for batch in ray_embedding.embed_on_ray([(path, key) for path, (_, key) in new.items()], lazy.name, preparer,
+        new = {str(entry.abs_path): (entry, key, facts) for entry, key, facts in hashed if key not in sizes}
+        for batch in ray_embedding.embed_on_ray([(path, key) for path, (_, key, _) in new.items()], lazy.name, preparer,
                                                 self.settings.max_file_bytes, self.settings.max_image_pixels,
                                                 self.settings.ray_encoder_threads):
             live.update(self._store_embedded(batch, new, lazy.name, build_id, report))
             meter.advance(len(batch))
 
-    def _hash_files(self, entries: list[FileEntry], report: BuildReport) -> list[tuple[FileEntry, str]]:
-        """(file, content hash) of each readable file, read on a few threads (I/O, and hashing frees the GIL)."""
-        def content_hash(entry: FileEntry) -> str | SkippedFile:
+    def _hash_files(self, entries: list[FileEntry], report: BuildReport) -> list[tuple[FileEntry, str, PhotoFacts]]:
+        """(file, content hash, photo facts) of each readable file, read on a few threads (I/O, and hashing
+        frees the GIL)."""
+        def content_hash(entry: FileEntry) -> tuple[str, PhotoFacts] | SkippedFile:
             if entry.bytes > self.settings.max_file_bytes:
                 return SkippedFile(entry.path, f"file too large: {entry.bytes} bytes exceeds the limit of "
                                                f"{self.settings.max_file_bytes}")
             try:
-                return hash_bytes(read_regular_file(entry.abs_path, self.settings.max_file_bytes))
+                data = read_regular_file(entry.abs_path, self.settings.max_file_bytes)
+                return hash_bytes(data), photo_facts(data, entry.mtime)
             except OSError as err:
                 return SkippedFile(entry.path, f"unreadable: {err.strerror or err}")
 
@@ -314,28 +319,28 @@ class IndexBuilder:
                 if isinstance(result, SkippedFile):
                     report.skipped.append(result)
                 else:
-                    hashed.append((entry, result))
+                    hashed.append((entry, *result))
         return hashed
 
-    def _store_embedded(self, batch: list, new: dict[str, tuple[FileEntry, str]], model: str, build_id: int,
+    def _store_embedded(self, batch: list, new: dict[str, tuple[FileEntry, str, PhotoFacts]], model: str, build_id: int,
                         report: BuildReport) -> dict[int, str]:
         """Write one batch back from the cluster: vectors not stored yet, and rows (a resumable step)."""
         done = []
         for item in batch:
-            entry = new[item.path][0]
+            entry, _, facts = new[item.path]
             if item.vector is None:
                 report.skipped.append(SkippedFile(entry.path, item.error))
             else:
-                done.append((entry, item.key, item.width, item.height, item.vector))
+                done.append((entry, item.key, item.width, item.height, facts, item.vector))
         if not done:
             return {}
         with self.store.session() as s, s.begin():
             have = embedding_keys(s, model, "image", list({key for _, key, *_ in done}))
-            vectors = {key: vector for _, key, _, _, vector in done if key not in have}
+            vectors = {key: vector for _, key, *_, vector in done if key not in have}
             if vectors:
                 save_embeddings(s, model, "image", list(vectors), np.stack(list(vectors.values())))
             report.n_embedded += len(vectors)
-            return self._image_rows(s, [(entry, key, w, h) for entry, key, w, h, _ in done], build_id)
+            return self._image_rows(s, [item[:5] for item in done], build_id)
 
     # -- captions --------------------------------------------------------------------------
 
@@ -454,6 +459,7 @@ class IndexBuilder:
                 report.image_index_type = index_type
             else:
                 report.caption_index_type = index_type
+        Attributes.tabulate(*self.store.photo_attributes(set(images), set(captions))).write(build_dir)
         faiss_index.Manifest(build_id, encoder.name, encoder.dim, report.image_index_type,
                              report.caption_index_type, len(images), len(captions), params,
                              bank.describe() if bank else {}).write(build_dir)

@@ -17,6 +17,7 @@ import unicodedata
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
 from stat import S_ISREG
@@ -45,11 +46,27 @@ class SkippedFile:
     reason: str
 
 
+@dataclass(frozen=True)
+class PhotoFacts:
+    """What a photo says about itself, for search filters: when and with what it was taken.
+
+    `taken_at` is the wall-clock time of EXIF DateTimeOriginal (seconds, as if it were UTC: EXIF
+    stores no zone), falling back to the file's modification time in local wall-clock time;
+    `taken_from` says which ("exif" or "mtime").
+    """
+
+    taken_at: float
+    taken_from: str
+    camera_make: str | None = None
+    camera_model: str | None = None
+
+
 @dataclass
 class LoadedImage:
     entry: FileEntry
     content_hash: str
     pixels: np.ndarray  # [height, width, 3] uint8 RGB, as decode_pixels gives them
+    facts: PhotoFacts
 
     @property
     def height(self) -> int:
@@ -353,7 +370,39 @@ def load_image(entry: FileEntry, max_bytes: int, max_pixels: int) -> LoadedImage
         data = read_regular_file(entry.abs_path, max_bytes)
     except OSError as err:
         raise BadImage(f"unreadable: {err.strerror or err}") from err
-    return LoadedImage(entry, hash_bytes(data), decode_pixels(data, max_pixels))
+    return LoadedImage(entry, hash_bytes(data), decode_pixels(data, max_pixels), photo_facts(data, entry.mtime))
+
+
+_DATE_TAKEN = 0x9003  # DateTimeOriginal, in the Exif sub-IFD
+_EXIF_DATE = "%Y:%m:%d %H:%M:%S"
+
+
+def photo_facts(data: bytes, mtime: float) -> PhotoFacts:
+    """The date taken and camera from a file's EXIF block (only its header is parsed), else its mtime."""
+    make = model = taken = None
+    if data.find(b"Exif\x00\x00", 0, 65536) >= 0:
+        with contextlib.suppress(Exception):  # a broken EXIF block is no date, never a skipped photo
+            exif = Image.open(io.BytesIO(data)).getexif()
+            make, model = _exif_text(exif.get(ExifTags.Base.Make)), _exif_text(exif.get(ExifTags.Base.Model))
+            raw = exif.get_ifd(ExifTags.IFD.Exif).get(_DATE_TAKEN) or exif.get(ExifTags.Base.DateTime)
+            taken = _exif_time(raw)
+    if taken is not None:
+        return PhotoFacts(taken, "exif", make, model)
+    wall = datetime.fromtimestamp(mtime).replace(tzinfo=timezone.utc)  # local wall clock, as EXIF has it
+    return PhotoFacts(wall.timestamp(), "mtime", make, model)
+
+
+def _exif_text(value: object) -> str | None:
+    text = str(value).replace("\x00", "").strip() if value is not None else ""
+    return text[:128] or None
+
+
+def _exif_time(raw: object) -> float | None:
+    try:
+        return datetime.strptime(str(raw).replace("\x00", "").strip()[:19], _EXIF_DATE).replace(
+            tzinfo=timezone.utc).timestamp()
+    except ValueError:  # absent, blank ("    :  :  ") or malformed
+        return None
 
 
 @dataclass

@@ -14,6 +14,8 @@ Layout of an index directory:
         images.ivfdata            past CROSSMODAL_ONDISK_MIN_VECTORS: the IVF-PQ index's inverted lists, on
                                     disk and memory-mapped (images.faiss then holds only the quantizers),
                                     and the exact vectors beside it are float16
+        images.attributes.npy     what filters look at: date taken, size, camera, captions per image id,
+        images.paths.npy ...        and the sorted paths for folder filters (see attributes.py)
         images.penalty.npz        hubness penalty per image id (models with a hubness bank only)
         captions.penalty.npz      hubness penalty per caption id (see hubness.py)
         manifest.json             model, dim, index types, counts, search parameters, hubness
@@ -39,6 +41,7 @@ import numpy as np
 from crossmodal.indexer.prefetch import read_ahead_in_background
 
 if TYPE_CHECKING:
+    from crossmodal.indexer.attributes import Selection
     from crossmodal.indexer.hubness import Penalties
     from crossmodal.indexer.settings import Settings
 
@@ -345,7 +348,56 @@ class ExactVectorsWriter:
         del self.vectors
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+PREFILTER_MAX_SHARE = 0.2  # selections of at most this share of the index are searched inside FAISS
+
+
+def search_selected(index: faiss.Index, queries: np.ndarray, k: int,
+                    selection: "Selection") -> tuple[np.ndarray, np.ndarray]:
+    """Top-k among the selected ids only: k results whenever k selected ids are indexed.
+
+    A selective filter pre-filters inside FAISS: an IDSelector over the selection, and for IVF every
+    list probed (the selected ids may lie in any list; codes outside the selection cost a bit test).
+    A broad one post-filters: the plain search asks for k / share candidates (twice that, for luck),
+    keeps the selected, and goes 4x deeper while a row is short, up to the whole index. A GPU index,
+    which takes no selector, always post-filters. Rows are padded with id -1.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = max(1, min(k, len(selection.ids)))
+    if not len(selection.ids):
+        return np.full((len(queries), 1), -np.inf, np.float32), np.full((len(queries), 1), -1, np.int64)
+    if selection.share <= PREFILTER_MAX_SHARE and _takes_selectors(index):
+        return search(index, queries, k, _selector_params(index, selection))
+    depth = min(index.ntotal, max(k, math.ceil(2 * k / max(selection.share, 1e-9))))
+    while True:
+        scores, ids = search(index, queries, depth)
+        kept = selection.contains(ids)
+        if kept.sum(axis=1).min() >= k or depth >= index.ntotal:
+            break
+        depth = min(index.ntotal, depth * 4)
+    if kept.sum(axis=1).min() < k and _takes_selectors(index):  # IVF's probed lists held too few
+        return search(index, queries, k, _selector_params(index, selection))
+    order = np.argsort(~kept, axis=1, kind="stable")[:, :k]  # the kept ones first, in rank order
+    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    return np.where(np.take_along_axis(kept, order, 1), scores, -np.inf), np.where(
+        np.take_along_axis(kept, order, 1), ids, -1)
+
+
+def _takes_selectors(index: faiss.Index) -> bool:
+    return "Gpu" not in type(faiss.downcast_index(index)).__name__
+
+
+def _selector_params(index: faiss.Index, selection: "Selection") -> faiss.SearchParameters:
+    ivf = faiss.try_extract_index_ivf(index)
+    params = faiss.SearchParametersIVF() if ivf is not None else faiss.SearchParameters()
+    if ivf is not None:
+        params.nprobe = ivf.nlist
+    params.sel = selection.selector()
+    params.referenced = selection  # the selector points into the selection's bitmap
+    return params
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int,
+           params: faiss.SearchParameters | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids); ids of -1 (fewer than k vectors) are dropped by callers.
 
     One query runs on the calling thread alone. FAISS's OpenMP team gains nothing on a single
@@ -358,11 +410,11 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     k = max(1, min(k, index.ntotal)) if index.ntotal else 1
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if len(queries) != 1 or _splits_scans(index):
-        return index.search(queries, k)
+        return index.search(queries, k, params=params)
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        return index.search(queries, k)
+        return index.search(queries, k, params=params)
     finally:
         faiss.omp_set_num_threads(threads)
 

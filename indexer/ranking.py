@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 
 from crossmodal.indexer import faiss_index, hubness
+from crossmodal.indexer.attributes import Selection
 from crossmodal.indexer.hubness import Penalties
 from crossmodal.indexer.store import Store
 
@@ -26,14 +27,17 @@ def exact_lookup(files: faiss_index.ExactVectors | None, store: Store, model: st
 
 
 def ranked(index: faiss.Index, index_type: str, queries: np.ndarray, depth: int, exact: ExactLookup | None,
-           penalties: Penalties | None = None,
-           timings: dict[str, float] | None = None) -> list[list[tuple[int, float]]]:
-    """For each query row, the top `depth` (id, score), best first; `timings` gets the seconds
-    spent in "faiss" and in "rerank" (the service's metrics)."""
+           penalties: Penalties | None = None, timings: dict[str, float] | None = None,
+           selection: Selection | None = None) -> list[list[tuple[int, float]]]:
+    """For each query row, the top `depth` (id, score), best first, among the `selection` where one
+    is given (a filter); `timings` gets the seconds spent in "faiss" and in "rerank" (the service's metrics)."""
     rerank = faiss_index.rerank_depth(index_type)
     candidates = max(depth, rerank, hubness.CANDIDATES if penalties is not None else 0)
     start = time.perf_counter()
-    scores, ids = faiss_index.search(index, queries, candidates)
+    if selection is None:
+        scores, ids = faiss_index.search(index, queries, candidates)
+    else:
+        scores, ids = faiss_index.search_selected(index, queries, candidates, selection)
     searched = time.perf_counter()
     results = []
     for query, row_scores, row_ids in zip(np.asarray(queries, dtype=np.float32), scores, ids):
@@ -46,3 +50,16 @@ def ranked(index: faiss.Index, index_type: str, queries: np.ndarray, depth: int,
     if timings is not None:
         timings["faiss"], timings["rerank"] = searched - start, time.perf_counter() - searched
     return results
+
+
+RRF_K = 60  # reciprocal-rank fusion's constant (Cormack et al. 2009): a rank's weight is 1 / (RRF_K + rank)
+
+
+def fused(rankings: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Reciprocal-rank fusion: each id scores the sum of 1 / (RRF_K + its rank) over the rankings it is in
+    (ranks from 1); best first, ties by id. Scores of different kinds (cosine, BM25) need no scaling."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, (item, _) in enumerate(ranking, start=1):
+            scores[item] = scores.get(item, 0.0) + 1.0 / (RRF_K + rank)
+    return sorted(scores.items(), key=lambda item: (-item[1], item[0]))

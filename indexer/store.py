@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
                         UniqueConstraint, create_engine, delete, event, insert, inspect, select, text, update)
+from sqlalchemy import text as text_sql
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload, sessionmaker
 
@@ -31,7 +33,7 @@ from crossmodal.indexer.prefetch import read_ahead_in_child_process
 
 # The newest revision in migrations/versions (a test holds the two equal). Checked with one
 # query at open; Alembic itself is imported only when an upgrade is due (it costs 0.3-0.6 s).
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 
 
 class BuildInProgress(RuntimeError):
@@ -83,6 +85,11 @@ class ImageRow(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     mtime: Mapped[float] = mapped_column(Float)
+    # Photo facts (collection.PhotoFacts), for filters; taken_from NULL: not read yet (rows from before 0003)
+    taken_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    taken_from: Mapped[str | None] = mapped_column(String(8), nullable=True)  # exif|mtime
+    camera_make: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    camera_model: Mapped[str | None] = mapped_column(String(128), nullable=True)
     build_id: Mapped[int] = mapped_column(ForeignKey("builds.id"))
     captions: Mapped[list["CaptionRow"]] = relationship(
         back_populates="image", cascade="all, delete-orphan", order_by="CaptionRow.id")
@@ -123,6 +130,31 @@ class JobRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+# The keyword index (hybrid search) is not a model: on SQLite it is an FTS5 virtual table with
+# shadow tables, on PostgreSQL a table with a GIN full-text index; migration 0003 creates it.
+# Documents: one per caption (doc id = caption id), one per image file name (doc id = -image id).
+KEYWORDS = "keywords"
+STOPWORDS = frozenset("a an and are as at be by for from has in into is it its of on or the their to with".split())
+
+
+def described_by_models(name: str | None, type_: str, _parent: object) -> bool:
+    """Alembic's include_name: autogenerate compares the models' tables, not the keyword index's
+    (made by hand in 0003; FTS5 adds shadow tables keywords_data, keywords_idx, ...)."""
+    return not (type_ == "table" and (name == KEYWORDS or (name or "").startswith(KEYWORDS + "_")))
+
+
+def path_keywords(path: str) -> str:
+    """The words of a file's path ("dogs/rex_on_beach.jpg" -> "dogs rex on beach jpg")."""
+    return " ".join(re.split(r"[\W_]+", path)).strip()
+
+
+def query_words(text: str) -> list[str]:
+    """A query's words for the keyword index: letters and digits only (nothing reaches it as syntax),
+    no stopwords (BM25 barely weighs them, and they match nearly every caption)."""
+    words = [w for w in re.findall(r"\w+", text.lower()) if w not in STOPWORDS]
+    return list(dict.fromkeys(words))[:32]
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -406,6 +438,41 @@ class Store:
                 Embedding.key.in_(set(keys.values())))).all())
         return {i: np.frombuffer(blobs[key], dtype=np.float32) for i, key in keys.items() if key in blobs}
 
+    def photo_attributes(self, ids: set[int], caption_ids: set[int] | None = None) -> tuple[list[tuple], set[int]]:
+        """((id, path, width, height, taken_at, taken_from, camera_make, camera_model) of these image rows,
+        the ids among them that have a caption, of `caption_ids` where given): what attributes.py
+        tabulates for filters."""
+        with self.engine.connect() as connection:
+            rows = [tuple(row) for row in connection.execute(
+                select(ImageRow.id, ImageRow.path, ImageRow.width, ImageRow.height, ImageRow.taken_at,
+                       ImageRow.taken_from, ImageRow.camera_make, ImageRow.camera_model)) if row[0] in ids]
+            captioned = {image_id for caption_id, image_id in connection.execute(
+                select(CaptionRow.id, CaptionRow.image_id)) if caption_ids is None or caption_id in caption_ids} & ids
+        return rows, captioned
+
+    def keyword_search(self, text: str, limit: int, exclude_doc: int | None = None) -> list[tuple[int, float]]:
+        """(image id, score) of the images whose captions or file name best match `text`'s words,
+        best first: BM25 on SQLite (FTS5), ts_rank on PostgreSQL. An image scores by its best document;
+        `exclude_doc` leaves one document out (eval: the query's own caption)."""
+        words = query_words(text)
+        if not words:
+            return []
+        params = {"limit": limit, "exclude": exclude_doc if exclude_doc is not None else 0}
+        if self.engine.dialect.name == "sqlite":
+            params["match"] = " OR ".join(f'"{w}"' for w in words)
+            query = text_sql("SELECT image_id, -min(bm) AS score FROM (SELECT image_id, bm25(keywords) AS bm "
+                             "FROM keywords WHERE keywords MATCH :match AND rowid != :exclude ORDER BY bm "
+                             "LIMIT :depth) GROUP BY image_id ORDER BY score DESC, image_id LIMIT :limit")
+            params["depth"] = limit * 8
+        else:
+            params["match"] = " | ".join(words)
+            query = text_sql("SELECT image_id, max(ts_rank(to_tsvector('english', text), q)) AS score "
+                             "FROM keywords, to_tsquery('english', :match) AS q "
+                             "WHERE to_tsvector('english', text) @@ q AND doc_id != :exclude "
+                             "GROUP BY image_id ORDER BY score DESC, image_id LIMIT :limit")
+        with self.engine.connect() as connection:
+            return [(int(i), float(score)) for i, score in connection.execute(query, params)]
+
     # -- rebuild jobs ------------------------------------------------------------------------------
 
     def add_job(self, job: JobRow, stale_before: datetime) -> bool:
@@ -482,7 +549,8 @@ def embedding_keys(session: Session, model: str, kind: str, keys: list[str]) -> 
 
 
 def image_row_ids(s: Session, files: list[dict[str, Any]]) -> list[int]:
-    """Row ids of these files (path, content_hash, bytes, mtime, width, height, build_id), in order.
+    """Row ids of these files (path, content_hash, bytes, mtime, width, height, build_id and the
+    photo facts taken_at, taken_from, camera_make, camera_model), in order.
 
     A file whose (path, content) has a row keeps it (its size and mtime updated); a changed
     file gets a new row. One query and one bulk insert of plain rows: with the vectors' single
@@ -495,15 +563,35 @@ def image_row_ids(s: Session, files: list[dict[str, Any]]) -> list[int]:
     for f in files:
         key = (f["path"], f["content_hash"])
         if key in existing:
-            touched[existing[key]] = {"id": existing[key], "bytes": f["bytes"], "mtime": f["mtime"]}
+            touched[existing[key]] = {"id": existing[key], "bytes": f["bytes"], "mtime": f["mtime"],
+                                      **{name: f[name] for name in _FACTS}}
         else:
             new[key] = f
     if touched:
         s.execute(update(ImageRow), list(touched.values()))
     if new:
-        ids = s.scalars(insert(ImageRow).returning(ImageRow.id, sort_by_parameter_order=True), list(new.values()))
+        ids = list(s.scalars(insert(ImageRow).returning(ImageRow.id, sort_by_parameter_order=True),
+                             list(new.values())))
         existing.update(zip(new, ids))
+        add_keyword_docs(s, [(-i, i, path_keywords(path)) for (path, _), i in zip(new, ids)])
     return [existing[(f["path"], f["content_hash"])] for f in files]
+
+
+_FACTS = ("taken_at", "taken_from", "camera_make", "camera_model")
+
+
+def add_keyword_docs(s: Session, docs: list[tuple[int, int, str]]) -> None:
+    """(doc id, image id, text) into the keyword index, in the caller's transaction with their rows."""
+    if docs:
+        column = "rowid" if s.get_bind().dialect.name == "sqlite" else "doc_id"
+        s.execute(text_sql(f"INSERT INTO {KEYWORDS} ({column}, image_id, text) VALUES (:doc, :image, :text)"),
+                  [{"doc": doc, "image": image, "text": words} for doc, image, words in docs])
+
+
+def _delete_keyword_docs(s: Session, docs: list[int]) -> None:
+    column = "rowid" if s.get_bind().dialect.name == "sqlite" else "doc_id"
+    for chunk in _chunks(docs):
+        s.execute(text_sql(f"DELETE FROM {KEYWORDS} WHERE {column} IN ({','.join(str(int(d)) for d in chunk)})"))
 
 
 def image_sizes(s: Session, content_hashes: list[str]) -> dict[str, tuple[int, int]]:
@@ -525,9 +613,10 @@ def caption_row_ids(s: Session, wanted: list[tuple[int, str]]) -> dict[tuple[int
         select(CaptionRow.id, CaptionRow.image_id, CaptionRow.text))}
     new = [key for key in wanted if key not in existing]
     if new:
-        ids = s.scalars(insert(CaptionRow).returning(CaptionRow.id, sort_by_parameter_order=True),
-                        [{"image_id": image_id, "text": text, "key": caption_key(text)} for image_id, text in new])
+        ids = list(s.scalars(insert(CaptionRow).returning(CaptionRow.id, sort_by_parameter_order=True),
+                             [{"image_id": image_id, "text": text, "key": caption_key(text)} for image_id, text in new]))
         existing.update(zip(new, ids))
+        add_keyword_docs(s, [(caption_id, image_id, text) for (image_id, text), caption_id in zip(new, ids)])
     return {key: existing[key] for key in wanted}
 
 
@@ -537,7 +626,10 @@ def publish_build(s: Session, build_id: int, images: dict[int, str], captions: d
     not use go, the previous build is superseded, this one published with `fields`. Returns
     the number of image rows removed."""
     stale_images = [i for i in s.scalars(select(ImageRow.id)) if i not in images]
-    stale_captions = [i for i in s.scalars(select(CaptionRow.id)) if i not in captions]
+    stale_image_set = set(stale_images)
+    stale_captions = [i for i, image_id in s.execute(select(CaptionRow.id, CaptionRow.image_id))
+                      if i not in captions or image_id in stale_image_set]
+    _delete_keyword_docs(s, stale_captions + [-i for i in stale_images])
     for chunk in _chunks(stale_captions):
         s.execute(delete(CaptionRow).where(CaptionRow.id.in_(chunk)))
     for chunk in _chunks(stale_images):

@@ -22,6 +22,7 @@ from crossmodal.indexer.store import Store
 from crossmodal.search.engine import SearchEngine
 from crossmodal.search.jobs import JobManager
 from crossmodal.search.metrics import Metrics
+from crossmodal.search.options import SearchOptions
 from crossmodal.search.queries import InvalidQuery, clean_query
 
 
@@ -160,5 +161,6 @@ def checked_page(service: Service, k: int, offset: int) -> Page:
 
 
 TextQuery = Annotated[str, Depends(text_query)]
+OptionsDep = Annotated[SearchOptions, Query()]  # filters, sort and mode, as query parameters
 PageDep = Annotated[Page, Depends(page)]
 ImageId = Annotated[int, PathParam(ge=0, le=2**63 - 1, description="Image id (from a search result).")]

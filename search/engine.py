@@ -11,7 +11,7 @@ import os
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -23,16 +23,23 @@ import numpy as np
 from PIL import Image
 
 from crossmodal.indexer import faiss_index, ranking
+from crossmodal.indexer.attributes import Attributes, Selection
 from crossmodal.indexer.collection import open_regular_file
 from crossmodal.indexer.hubness import Penalties
 from crossmodal.indexer.settings import Settings
 from crossmodal.indexer.store import Build, ImageRow, Store
 from crossmodal.search import expressions
+from crossmodal.search import filters
 from crossmodal.search.expressions import Term
+from crossmodal.search.options import SearchOptions
+from crossmodal.search.queries import InvalidQuery
 from crossmodal.search.metrics import Metrics
 
 if TYPE_CHECKING:  # torch and open_clip are imported with the model, so the service's port opens first
     from crossmodal.indexer.encoder import Encoder
+
+
+MAX_FACETS = 2000  # folders and cameras listed by facets(), each
 
 
 class NoIndex(RuntimeError):
@@ -51,6 +58,9 @@ class ImageHit:
     width: int
     height: int
     captions: list[str]
+    taken_at: float | None = None  # wall-clock seconds (options.py), from EXIF or else the file's mtime
+    taken_from: str | None = None  # exif|mtime
+    camera: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,7 @@ class Snapshot:
     caption_penalties: Penalties | None = None  # ... and of image -> caption search
     image_vectors: faiss_index.ExactVectors | None = None  # a lossy index's re-rank vectors
     caption_vectors: faiss_index.ExactVectors | None = None
+    attributes: Attributes | None = None  # what filters and the date sort look at
 
 
 @dataclass
@@ -158,6 +169,7 @@ class SearchEngine:
         self._reload_lock = threading.Lock()
         self._snapshot: Snapshot | None = None
         self.text_cache = TextCache()
+        self._facets: tuple[int, dict] | None = None
         self.reload()
         self.store.prefetch_into_page_cache()  # each query reads rows at random places
 
@@ -197,9 +209,11 @@ class SearchEngine:
             return False
         opened = faiss_index.open_build(self.settings, build.id)
         manifest = opened.manifest
+        attributes = Attributes.open(opened.build_dir) or Attributes.tabulate(*self.store.photo_attributes(
+            set(faiss_index.indexed_ids(opened.images, opened.image_vectors).tolist())))  # a build from before them
         snapshot = Snapshot(build, manifest, opened.images, opened.captions, Path(build.collection_root),
                             opened.image_penalties, opened.caption_penalties, opened.image_vectors,
-                            opened.caption_vectors)
+                            opened.caption_vectors, attributes)
         if self._encoder is not None and self._encoder.name != manifest.model:
             self._encoder = None  # the new build was made with another model
         swapped = self._snapshot is not None
@@ -257,19 +271,69 @@ class SearchEngine:
 
     # -- searches ----------------------------------------------------------------------------
 
-    def images_by_vector(self, vector: np.ndarray, k: int = 10, offset: int = 0,
-                         exclude: int | None = None, from_text: bool = False) -> list[ImageHit]:
-        """`from_text`: the vector is a text's, so the images' hubness penalties apply."""
+    def images_by_vector(self, vector: np.ndarray | None, k: int = 10, offset: int = 0, exclude: int | None = None,
+                         from_text: bool = False, options: SearchOptions | None = None,
+                         keywords: str | None = None) -> list[ImageHit]:
+        """A page of images for a query vector, narrowed and ordered by `options` (options.py).
+
+        `from_text`: the vector is a text's, so the images' hubness penalties apply. `keywords`: the
+        query's text, for the keyword and hybrid modes. Every page of one query is cut from one ranking
+        of a fixed depth, so paging never repeats or skips a result: offset + k for plain relevance,
+        `top` for a date sort, and the service's deepest page for a fusion.
+        """
+        options = options or SearchOptions()
         snapshot = self.snapshot
+        selection = filters.select(options, snapshot.attributes)
         extra = 1 if exclude is not None else 0
+        if options.mode != "vector" and not keywords:
+            raise InvalidQuery(f"mode={options.mode} needs words to look for: a text term")
+        if options.mode == "hybrid":
+            depth = self.settings.max_offset + self.settings.max_k + extra
+        else:
+            depth = (options.top if options.sort != "relevance" else k + offset) + extra
+        ranked = [] if options.mode == "keyword" else self._ranked_images(vector, depth, from_text, selection)
+        if options.mode != "vector":
+            found = self._keyword_ranking(keywords, depth, selection)
+            ranked = found if options.mode == "keyword" else ranking.fused([ranked, found])[:depth]
+        ranked = filters.ordered([(i, s) for i, s in ranked if i != exclude], options, snapshot.attributes)
+        return self._image_hits(ranked[offset:offset + k])
+
+    def _ranked_images(self, vector: np.ndarray, depth: int, from_text: bool,
+                       selection: Selection | None) -> list[tuple[int, float]]:
+        snapshot = self.snapshot
         exact = ranking.exact_lookup(snapshot.image_vectors, self.store, snapshot.manifest.model, "image")
         timings: dict[str, float] = {}
-        ranked = ranking.ranked(snapshot.images, snapshot.manifest.image_index_type, vector[None, :],
-                                k + offset + extra, exact, snapshot.image_penalties if from_text else None, timings)[0]
+        ranked = ranking.ranked(snapshot.images, snapshot.manifest.image_index_type, vector[None, :], depth, exact,
+                                snapshot.image_penalties if from_text else None, timings, selection)[0]
         self._observe(timings)
-        page = [(i, s) for i, s in ranked if i != exclude][offset:offset + k]
+        return ranked
+
+    def _keyword_ranking(self, text: str, depth: int, selection: Selection | None) -> list[tuple[int, float]]:
+        """BM25 over captions and file names, kept to the served build's images (the keyword index may
+        already hold a newer build's rows) and to the selection."""
+        found = self.store.keyword_search(text, depth * 2)
+        if not found:
+            return []
+        ids = np.array([i for i, _ in found], dtype=np.int64)
+        keep = self.snapshot.attributes.positions(ids)[1]
+        if selection is not None:
+            keep &= selection.contains(ids)
+        return [item for item, kept in zip(found, keep) if kept][:depth]
+
+    def _image_hits(self, page: list[tuple[int, float]]) -> list[ImageHit]:
+        attributes = self.snapshot.attributes
         rows = self.store.image_hits([i for i, _ in page])
-        return [ImageHit(i, s, *rows[i]) for i, s in page if i in rows]
+        positions, found = attributes.positions(np.array([i for i, _ in page], dtype=np.int64))
+        hits = []
+        for (i, score), row, known in zip(page, positions.tolist(), found.tolist()):
+            if i not in rows:
+                continue
+            facts = attributes.rows[row] if known else None
+            taken = float(facts["taken_at"]) if facts is not None and not np.isnan(facts["taken_at"]) else None
+            camera = attributes.cameras[facts["camera"]] if facts is not None and facts["camera"] >= 0 else None
+            hits.append(ImageHit(i, score, *rows[i], taken_at=taken, camera=camera,
+                                 taken_from=None if taken is None else ("exif" if facts["taken_from_exif"] else "mtime")))
+        return hits
 
     def captions_by_vector(self, vector: np.ndarray, k: int = 10, offset: int = 0,
                            from_image: bool = False) -> list[CaptionHit]:
@@ -289,33 +353,43 @@ class SearchEngine:
             for stage, seconds in timings.items():
                 self.metrics.search_stage.labels(stage).observe(seconds)
 
-    def images_by_text(self, text: str, k: int = 10, offset: int = 0) -> list[ImageHit]:
-        return self.images_by_vector(self.text_vector(text), k, offset, from_text=True)
+    def images_by_text(self, text: str, k: int = 10, offset: int = 0,
+                       options: SearchOptions | None = None) -> list[ImageHit]:
+        return self.images_by_terms([Term(1.0, text=text)], k, offset, options=options)
 
     def captions_by_text(self, text: str, k: int = 10, offset: int = 0) -> list[CaptionHit]:
         return self.captions_by_vector(self.text_vector(text), k, offset)
 
-    def images_by_image(self, image: Image.Image, k: int = 10, offset: int = 0) -> list[ImageHit]:
-        return self.images_by_vector(self.image_vector(image), k, offset)
+    def images_by_image(self, image: Image.Image, k: int = 10, offset: int = 0,
+                        options: SearchOptions | None = None) -> list[ImageHit]:
+        _vector_mode(options)
+        return self.images_by_vector(self.image_vector(image), k, offset, options=options)
 
     def captions_by_image(self, image: Image.Image, k: int = 10, offset: int = 0) -> list[CaptionHit]:
         return self.captions_by_vector(self.image_vector(image), k, offset, from_image=True)
 
     def images_by_terms(self, terms: list[Term], k: int = 10, offset: int = 0, more_like: Sequence[int] = (),
-                        less_like: Sequence[int] = (), uploads: Sequence[tuple[float, Image.Image]] = ()
-                        ) -> list[ImageHit]:
+                        less_like: Sequence[int] = (), uploads: Sequence[tuple[float, Image.Image]] = (),
+                        options: SearchOptions | None = None) -> list[ImageHit]:
         """Images for a query expression with relevance feedback (expressions.py).
 
-        Every image id is looked up before any text or upload is encoded, so a wrong id costs no
-        model time; `uploads` are (weight, image) terms from uploaded files.
+        Every image id is looked up, and the filters checked, before any text or upload is encoded,
+        so a wrong id or filter value costs no model time; `uploads` are (weight, image) terms from
+        uploaded files. The keyword mode reads the positive text terms and encodes nothing.
         """
+        options = options or SearchOptions()
+        filters.select(options, self.snapshot.attributes)  # a bad filter value fails first
+        keywords = " ".join(t.text for t in terms if t.text is not None and t.weight > 0)
+        if options.mode == "keyword":
+            return self.images_by_vector(None, k, offset, options=options, keywords=keywords)
         ids = [t.image_id for t in terms if t.image_id is not None]
         stored = {i: self.indexed_vector(i) for i in dict.fromkeys([*ids, *more_like, *less_like])}
         weighted = [(t.weight, stored[t.image_id] if t.image_id is not None else self.text_vector(t.text))
                     for t in terms]
         weighted += [(weight, self.image_vector(image)) for weight, image in uploads]
         query = expressions.combine(weighted, [stored[i] for i in more_like], [stored[i] for i in less_like])
-        return self.images_by_vector(query, k, offset, from_text=expressions.from_text(terms))
+        return self.images_by_vector(query, k, offset, from_text=expressions.from_text(terms), options=options,
+                                     keywords=keywords)
 
     def indexed_vector(self, image_id: int) -> np.ndarray:
         """The exact stored vector of an indexed image: queries by id need no re-encoding."""
@@ -333,15 +407,42 @@ class SearchEngine:
             raise NotFound(f"image {image_id} has no stored embedding")
         return stored[int(image_id)]
 
-    def similar_images(self, image_id: int, k: int = 10, offset: int = 0) -> list[ImageHit]:
+    def similar_images(self, image_id: int, k: int = 10, offset: int = 0,
+                       options: SearchOptions | None = None) -> list[ImageHit]:
         """Neighbours of an indexed image, itself excluded."""
-        return self.images_by_vector(self.indexed_vector(image_id), k, offset, exclude=int(image_id))
+        _vector_mode(options)
+        return self.images_by_vector(self.indexed_vector(image_id), k, offset, exclude=int(image_id), options=options)
 
     def captions_for_image(self, image_id: int, k: int = 10, offset: int = 0) -> list[CaptionHit]:
         """Captions that describe an indexed image, from the whole collection."""
         return self.captions_by_vector(self.indexed_vector(image_id), k, offset, from_image=True)
 
     # -- metadata ------------------------------------------------------------------------------
+
+    def facets(self) -> dict:
+        """What the filters can take in the served build: folders (every depth) and cameras with their
+        image counts, the range of dates, how many are dated by EXIF and have captions. Counted once a build."""
+        snapshot = self.snapshot
+        cached = self._facets
+        if cached is not None and cached[0] == snapshot.build.id:
+            return cached[1]
+        attributes = snapshot.attributes
+        folders: Counter[str] = Counter()
+        for path in attributes.paths.tolist():
+            parts = path.decode().split("/")[:-1]
+            folders.update("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+        rows = attributes.rows
+        cameras = Counter(rows["camera"][rows["camera"] >= 0].tolist())
+        taken = rows["taken_at"][~np.isnan(rows["taken_at"])]
+        facets = {
+            "folders": [{"folder": f, "images": n} for f, n in sorted(folders.items())][:MAX_FACETS],
+            "cameras": [{"camera": attributes.cameras[c], "images": n} for c, n in cameras.most_common(MAX_FACETS)],
+            "taken_first": float(taken.min()) if len(taken) else None,
+            "taken_last": float(taken.max()) if len(taken) else None,
+            "taken_from_exif": int(rows["taken_from_exif"].sum()), "with_captions": int(rows["captioned"].sum()),
+            "images": len(rows)}
+        self._facets = (snapshot.build.id, facets)
+        return facets
 
     def image(self, image_id: int) -> ImageRow:
         row = self.store.image(image_id)
@@ -366,6 +467,11 @@ class SearchEngine:
             handle.close()
             raise NotFound(f"file of image {image_id} is not available")
         return handle
+
+
+def _vector_mode(options: SearchOptions | None) -> None:
+    if options is not None and options.mode != "vector":
+        raise InvalidQuery(f"mode={options.mode} needs words to look for; an image query is ranked by vector only")
 
 
 def _opened_path(fd: int, path: Path) -> Path:

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from crossmodal.search.expressions import MAX_FEEDBACK, MAX_TERMS, MAX_WEIGHT
+from crossmodal.search.options import SearchOptions
 
 
 class ImageResult(BaseModel):
@@ -16,6 +17,10 @@ class ImageResult(BaseModel):
     width: int
     height: int
     captions: list[str]
+    taken_at: datetime | None = Field(None, description="When it was taken (wall clock, no zone): EXIF "
+                                      "DateTimeOriginal, else the file's modification time.")
+    taken_from: Literal["exif", "mtime"] | None = None
+    camera: str | None = None
     url: str
     thumbnail_url: str
 
@@ -57,8 +62,9 @@ class QueryTerm(BaseModel):
         return self
 
 
-class ImageQuery(BaseModel):
-    """A query expression and relevance feedback, as a JSON body of POST /v1/images/search."""
+class ImageQuery(SearchOptions):
+    """A query expression and relevance feedback, as a JSON body of POST /v1/images/search, with the
+    filters, sort and mode of SearchOptions as fields."""
 
     model_config = ConfigDict(extra="forbid")
     terms: list[QueryTerm] = Field(default=[], max_length=MAX_TERMS, description="Weighted text and image terms.")
@@ -85,6 +91,28 @@ class ImageDetail(BaseModel):
     captions: list[CaptionOut]
     url: str
     thumbnail_url: str
+
+
+class FolderCount(BaseModel):
+    folder: str
+    images: int
+
+
+class CameraCount(BaseModel):
+    camera: str
+    images: int
+
+
+class Facets(BaseModel):
+    """What the filters can take in the served index (the UI's sidebar choices)."""
+
+    folders: list[FolderCount] = Field(description="Every folder holding images, at any depth, with its image count.")
+    cameras: list[CameraCount]
+    taken_first: datetime | None
+    taken_last: datetime | None
+    taken_from_exif: int = Field(description="Images dated by EXIF; the others by their file's mtime.")
+    with_captions: int
+    images: int
 
 
 class Stats(BaseModel):

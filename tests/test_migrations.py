@@ -20,7 +20,7 @@ from crossmodal.indexer import store as store_module
 from crossmodal.indexer.builder import IndexBuilder
 from crossmodal.indexer.settings import get_settings
 from crossmodal.indexer.store import (SCHEMA_REVISION, Base, CaptionRow, SchemaError, Store, caption_key,
-                                      create_db_engine, schema_revision)
+                                      create_db_engine, described_by_models, schema_revision)
 from crossmodal.search.engine import SearchEngine
 from tests.conftest import BOTH_DATABASES, free_port
 
@@ -54,7 +54,9 @@ def test_a_new_database_is_created_at_head_exactly_as_the_models_say(database):
     store = Store(database)
     assert schema_revision(store.engine) == SCHEMA_REVISION
     with store.engine.connect() as connection:
-        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+        context = MigrationContext.configure(connection, opts={"include_name": described_by_models})
+        assert compare_metadata(context, Base.metadata) == []
+        assert store.keyword_search("anything", 5) == []  # the keyword index exists, empty
     store.close()
 
 

@@ -12,6 +12,7 @@ from datetime import datetime
 import streamlit as st
 
 from crossmodal.search import schemas
+from crossmodal.search.options import SearchOptions
 from crossmodal.ui.client import (RebuildRunning, Rejected, SearchClient, ServiceDown, ServiceError, ServiceNotReady,
                                   Upload)
 from crossmodal.ui.settings import get_ui_settings
@@ -21,6 +22,11 @@ PAGE_SIZES = (8, 12, 24, 48)
 GRID_COLUMNS = 4
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"]
 EXAMPLES = ("a dog running on the grass", "a man with a camera", "a horse", "a cup of coffee")
+SORTS = {"relevance": "Best match first", "date_desc": "Newest first", "date_asc": "Oldest first"}
+MODES = {"vector": "Meaning (vector search)", "hybrid": "Meaning and words (hybrid)",
+         "keyword": "Words in captions and file names"}
+ANY = "Any"
+CAPTIONED = {ANY: None, "With captions": True, "Without captions": False}
 
 
 # -- service access (cached per API URL) -------------------------------------------------------
@@ -53,6 +59,15 @@ def show_thumbnail(image_id: int, width: int | None = None) -> None:
         st.image(data, width="stretch")
 
 
+@st.cache_data(ttl=30, show_spinner=False)
+def facets(api_url: str) -> schemas.Facets | None:
+    """The filters' choices (folders, cameras, dates), re-read every 30 s: a rebuild changes them."""
+    try:
+        return _client(api_url).facets()
+    except ServiceError:
+        return None
+
+
 def guarded(action: Callable, *args, **kwargs):
     """Run a service call; show its failure as a message and return None instead of raising."""
     try:
@@ -68,15 +83,19 @@ def guarded(action: Callable, *args, **kwargs):
 
 # -- shared pieces ------------------------------------------------------------------------------
 
-def image_grid(hits: list[schemas.ImageResult], key: str, feedback: bool = False) -> None:
+def image_grid(hits: list[schemas.ImageResult], key: str, feedback: bool = False, dates: bool = False) -> None:
     """Thumbnails with score, path and first caption; each can be opened or used as a query, and
-    with `feedback`, refine the current query ("more like this" / "less like this")."""
+    with `feedback`, refine the current query ("more like this" / "less like this"). `dates`: show
+    when each was taken (a date sort)."""
     for row_start in range(0, len(hits), GRID_COLUMNS):
         columns = st.columns(GRID_COLUMNS)
         for column, hit in zip(columns, hits[row_start:row_start + GRID_COLUMNS]):
             with column, st.container(border=True):
                 show_thumbnail(hit.id)
                 st.markdown(f"**{hit.score:.3f}** · {code(hit.path)}")
+                if dates and hit.taken_at is not None:
+                    st.caption(f"taken {hit.taken_at:%Y-%m-%d %H:%M}" + (" (file date)" if hit.taken_from == "mtime"
+                                                                        else ""))
                 if hit.captions:
                     st.caption(plain(hit.captions[0]))
                 left, right = st.columns(2)
@@ -187,28 +206,54 @@ def text_view(api: SearchClient) -> None:
                          "`image:ID` is a result's image · **More like** / **Less like** on a result "
                          "refines the query.")
     page_size = size_column.selectbox("Results per page", PAGE_SIZES, index=1, key="page_size")
+    options = search_options(api)
     detail_panel(api)
     similar_to = st.session_state.get("similar_to")
     if similar_to is not None:
-        similar_results(api, similar_to, page_size)
+        similar_results(api, similar_to, page_size, options)
     elif not query:
         st.info("Type what you are looking for, for example: " + " · ".join(f"*{e}*" for e in EXAMPLES))
     else:
-        text_results(api, query, page_size)
+        text_results(api, query, page_size, options)
 
 
-def _search_text(api: SearchClient, query: str, k: int, offset: int, feedback: dict):
+def search_options(api: SearchClient) -> SearchOptions:
+    """The sidebar's filters, sort and match mode; every search of the text view uses them."""
+    found = facets(api.api_url)
+    with st.sidebar.expander("Filters and order", expanded=True):
+        folder = st.selectbox("Folder", [ANY, *(f.folder for f in found.folders)] if found else [ANY],
+                              key="filter_folder", format_func=lambda f: "All folders" if f == ANY else f)
+        camera = st.selectbox("Camera", [ANY, *(c.camera for c in found.cameras)] if found else [ANY],
+                              key="filter_camera")
+        dates = None
+        if found and found.taken_first and st.checkbox("Only photos taken between", key="filter_dates"):
+            dates = st.date_input("Dates taken", value=(found.taken_first.date(), found.taken_last.date()),
+                                  key="filter_date_range")
+        orientation = st.selectbox("Orientation", [ANY, "landscape", "portrait", "square"], key="filter_orientation")
+        captions = st.selectbox("Captions", list(CAPTIONED), key="filter_captions")
+        sort = st.selectbox("Order", list(SORTS), format_func=SORTS.get, key="sort",
+                            help="Newest or oldest first: the 100 best matches, sorted by the date they were taken.")
+        mode = st.selectbox("Match", list(MODES), format_func=MODES.get, key="mode")
+    dates = tuple(dates or ())
+    return SearchOptions(folder=None if folder == ANY else folder, camera=None if camera == ANY else camera,
+                         taken_after=dates[0] if dates else None, taken_before=dates[-1] if dates else None,
+                         orientation=None if orientation == ANY else orientation, has_captions=CAPTIONED[captions],
+                         sort=sort, mode=mode)
+
+
+def _search_text(api: SearchClient, query: str, k: int, offset: int, feedback: dict, options: SearchOptions):
     if feedback["more"] or feedback["less"]:
-        return api.images_by_query(query, k, offset, feedback["more"], feedback["less"])
-    return api.images_by_text(query, k, offset)
+        return api.images_by_query(query, k, offset, feedback["more"], feedback["less"], options)
+    return api.images_by_text(query, k, offset, options)
 
 
-def text_results(api: SearchClient, query: str, page_size: int) -> None:
+def text_results(api: SearchClient, query: str, page_size: int, options: SearchOptions) -> None:
     feedback = st.session_state.setdefault("feedback", {"more": [], "less": []})
-    wanted = {"query": query, "page_size": page_size, "more": list(feedback["more"]), "less": list(feedback["less"])}
+    wanted = {"query": query, "page_size": page_size, "more": list(feedback["more"]), "less": list(feedback["less"]),
+              "options": options.model_dump(mode="json")}
     state = st.session_state.get("text_results")
     if not state or any(state[key] != value for key, value in wanted.items()):
-        response = guarded(_search_text, api, query, page_size, 0, feedback)
+        response = guarded(_search_text, api, query, page_size, 0, feedback, options)
         if response is None:
             return
         state = {**wanted, "hits": response.results, "took_ms": response.took_ms,
@@ -216,14 +261,16 @@ def text_results(api: SearchClient, query: str, page_size: int) -> None:
         st.session_state.text_results = state
     hits = state["hits"]
     if not hits:
-        st.warning(f"No images match “{plain(query)}”: the index is empty. Build one in the Index view.")
+        st.warning(f"No images match “{plain(query)}” with these filters: widen them in the sidebar."
+                   if options.has_filters() or options.mode == "keyword" else
+                   f"No images match “{plain(query)}”: the index is empty. Build one in the Index view.")
         return
     refined = f" · refined: more like {len(state['more'])}, less like {len(state['less'])}" \
         if state["more"] or state["less"] else ""
     st.caption(f"{len(hits)} images for “{plain(query)}” · {state['took_ms']:.0f} ms{refined}")
     if refined:
         st.button("Clear refinements", key="feedback-clear", on_click=_clear_feedback)
-    image_grid(hits, "text", feedback=True)
+    image_grid(hits, "text", feedback=True, dates=options.sort != "relevance")
     if not state["exhausted"]:
         st.button("More results", key="more", on_click=_more_text, args=(api,))
 
@@ -231,7 +278,8 @@ def text_results(api: SearchClient, query: str, page_size: int) -> None:
 def _more_text(api: SearchClient) -> None:
     state = st.session_state.text_results
     try:
-        response = _search_text(api, state["query"], state["page_size"], len(state["hits"]), state)
+        response = _search_text(api, state["query"], state["page_size"], len(state["hits"]), state,
+                                SearchOptions(**state["options"]))
     except Rejected:  # paged past the service's limit (CROSSMODAL_MAX_OFFSET): the end of the list
         state["exhausted"] = True
         return
@@ -242,15 +290,15 @@ def _more_text(api: SearchClient) -> None:
     state["exhausted"] = len(response.results) < state["page_size"]
 
 
-def similar_results(api: SearchClient, image_id: int, page_size: int) -> None:
+def similar_results(api: SearchClient, image_id: int, page_size: int, options: SearchOptions) -> None:
     detail = guarded(api.image, image_id)
     title = detail.path if detail else f"image {image_id}"
     header, back = st.columns([4, 1], vertical_alignment="bottom")
     header.subheader(f"Images similar to {plain(title)}")
     back.button("Back to text search", key="similar-back", on_click=_set, args=("similar_to", None))
-    response = guarded(api.similar_images, image_id, page_size)
+    response = guarded(api.similar_images, image_id, page_size, 0, options)
     if response is not None:
-        image_grid(response.results, "similar")
+        image_grid(response.results, "similar", dates=options.sort != "relevance")
 
 
 def image_view(api: SearchClient) -> None:

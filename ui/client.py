@@ -13,6 +13,7 @@ import httpx
 from pydantic import TypeAdapter
 
 from crossmodal.search import schemas
+from crossmodal.search.options import SearchOptions
 
 
 class ServiceError(Exception):
@@ -92,16 +93,21 @@ class SearchClient:
 
     # -- searches ----------------------------------------------------------------------------
 
-    def images_by_text(self, query: str, k: int = 12, offset: int = 0) -> schemas.ImageSearchResponse:
+    def facets(self) -> schemas.Facets:
+        return self._json("GET", "/v1/facets", schemas.Facets)
+
+    def images_by_text(self, query: str, k: int = 12, offset: int = 0,
+                       options: SearchOptions | None = None) -> schemas.ImageSearchResponse:
         return self._json("GET", "/v1/images/search", schemas.ImageSearchResponse,
-                          params={"q": query, "k": k, "offset": offset})
+                          params={"q": query, "k": k, "offset": offset, **_params(options)})
 
     def images_by_query(self, query: str, k: int = 12, offset: int = 0, more_like: list[int] = (),
-                        less_like: list[int] = ()) -> schemas.ImageSearchResponse:
+                        less_like: list[int] = (), options: SearchOptions | None = None) -> schemas.ImageSearchResponse:
         """A query expression refined by relevance feedback (the JSON body of POST /v1/images/search)."""
-        body = schemas.ImageQuery(q=query, k=k, offset=offset, more_like=list(more_like), less_like=list(less_like))
+        body = schemas.ImageQuery(q=query, k=k, offset=offset, more_like=list(more_like), less_like=list(less_like),
+                                  **(options.model_dump() if options else {}))
         return self._json("POST", "/v1/images/search", schemas.ImageSearchResponse,
-                          json=body.model_dump(exclude_defaults=True))
+                          json=body.model_dump(mode="json", exclude_defaults=True))
 
     def images_by_image(self, upload: Upload, k: int = 12) -> schemas.ImageSearchResponse:
         return self._json("POST", "/v1/images/search", schemas.ImageSearchResponse, params={"k": k},
@@ -111,9 +117,10 @@ class SearchClient:
         return self._json("POST", "/v1/captions/search", schemas.CaptionSearchResponse, params={"k": k},
                           files={"file": (upload.name, upload.data, upload.content_type)})
 
-    def similar_images(self, image_id: int, k: int = 12, offset: int = 0) -> schemas.ImageSearchResponse:
+    def similar_images(self, image_id: int, k: int = 12, offset: int = 0,
+                       options: SearchOptions | None = None) -> schemas.ImageSearchResponse:
         return self._json("GET", f"/v1/images/{image_id}/similar", schemas.ImageSearchResponse,
-                          params={"k": k, "offset": offset})
+                          params={"k": k, "offset": offset, **_params(options, vector_only=True)})
 
     def captions_for_image(self, image_id: int, k: int = 10) -> schemas.CaptionSearchResponse:
         return self._json("GET", f"/v1/images/{image_id}/captions", schemas.CaptionSearchResponse, params={"k": k})
@@ -144,6 +151,16 @@ class SearchClient:
 
     def jobs(self, token: str = "") -> list[schemas.Job]:
         return self._json("GET", "/v1/index/jobs", list[schemas.Job], headers=_bearer(token))
+
+
+def _params(options: SearchOptions | None, vector_only: bool = False) -> dict[str, str]:
+    """Filters, sort and mode as query parameters (only those not at their default)."""
+    if options is None:
+        return {}
+    params = options.model_dump(mode="json", exclude_defaults=True)
+    if vector_only:
+        params.pop("mode", None)
+    return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in params.items()}
 
 
 def _bearer(token: str) -> dict[str, str]:

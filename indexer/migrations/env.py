@@ -9,7 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from crossmodal.indexer.store import Base
+from crossmodal.indexer.store import Base, described_by_models
 
 config = context.config
 
@@ -17,7 +17,7 @@ config = context.config
 def run(connection: Connection) -> None:
     # Batch mode: SQLite alters a table by copying it, which plain ALTER cannot do.
     context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
-                      transaction_per_migration=True)
+                      transaction_per_migration=True, include_name=described_by_models)
     with context.begin_transaction():
         context.run_migrations()
 

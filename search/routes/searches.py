@@ -6,17 +6,20 @@ collection.decode_reduced); the app includes this router with the upload body li
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Annotated
 
-from fastapi import APIRouter, File, HTTPException, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from crossmodal.indexer.collection import BadImage, decode_reduced
 from crossmodal.search import schemas
 from crossmodal.search import expressions
-from crossmodal.search.dependencies import EngineDep, ImageId, PageDep, Service, ServiceDep, TextQuery, checked_page
+from crossmodal.search.dependencies import (EngineDep, ImageId, OptionsDep, PageDep, Service, ServiceDep, TextQuery,
+                                           checked_page)
 from crossmodal.search.engine import CaptionHit, ImageHit, NotFound, SearchEngine
+from crossmodal.search.options import SearchOptions
 from crossmodal.search.queries import InvalidQuery, clean_query
 
 router = APIRouter(tags=["search"])
@@ -25,24 +28,27 @@ Upload = Annotated[UploadFile, File(description="An image file (JPEG, PNG, WebP,
 
 
 @router.get("/v1/images/search", response_model=schemas.ImageSearchResponse)
-def images_by_text(service: ServiceDep, engine: EngineDep, q: TextQuery, page: PageDep):
+def images_by_text(service: ServiceDep, engine: EngineDep, q: TextQuery, page: PageDep, options: OptionsDep):
     """Text to images. `q` may be a query expression: `beach +2:sunset -people`, `image:42 -dog`
-    (see POST /v1/images/query)."""
+    (see POST /v1/images/query); filters, sort and mode narrow and order the results."""
     start = time.perf_counter()
     terms = query_terms(q, [], service)
-    return images_response(search_terms(engine, terms, page.k, page.offset), start)
+    return images_response(search_terms(engine, terms, page.k, page.offset, options=options), start)
 
 
 @query_router.post("/v1/images/query", response_model=schemas.ImageSearchResponse)
 def images_by_query(service: ServiceDep, engine: EngineDep, body: schemas.ImageQuery):
     """Weighted text and image terms, and relevance feedback ("more like these, less like those"),
-    combined into one query. Also answered at POST /v1/images/search with a JSON body."""
+    combined into one query, with filters, sort and mode as fields. Also answered at POST
+    /v1/images/search with a JSON body."""
     start = time.perf_counter()
     page = checked_page(service, body.k, body.offset)
     terms = query_terms(body.q, body.terms, service)
     if not terms and not body.more_like:
         raise HTTPException(422, "the query is empty: give `q`, `terms` or `more_like`")
-    return images_response(search_terms(engine, terms, page.k, page.offset, body.more_like, body.less_like), start)
+    options = SearchOptions.model_validate(body.model_dump(include=set(SearchOptions.model_fields)))
+    return images_response(search_terms(engine, terms, page.k, page.offset, body.more_like, body.less_like,
+                                        options=options), start)
 
 
 def query_terms(q: str | None, terms: list[schemas.QueryTerm], service: Service) -> list[expressions.Term]:
@@ -59,10 +65,11 @@ def query_terms(q: str | None, terms: list[schemas.QueryTerm], service: Service)
 
 
 def search_terms(engine: SearchEngine, terms: list[expressions.Term], k: int, offset: int,
-                 more_like: list[int] = (), less_like: list[int] = ()) -> list[ImageHit]:
-    """Terms and feedback to images (a plain query is one text term); its mistakes as 422s."""
+                 more_like: list[int] = (), less_like: list[int] = (), uploads: list[tuple[float, Image.Image]] = (),
+                 options: SearchOptions | None = None) -> list[ImageHit]:
+    """Terms, uploads and feedback to images (a plain query is one text term); its mistakes as 422s."""
     try:
-        return engine.images_by_terms(terms, k, offset, more_like, less_like)
+        return engine.images_by_terms(terms, k, offset, more_like, less_like, uploads, options)
     except NotFound as err:
         raise HTTPException(422, f"{err}: use an id from a search result") from err
     except InvalidQuery as err:
@@ -70,18 +77,31 @@ def search_terms(engine: SearchEngine, terms: list[expressions.Term], k: int, of
 
 
 @router.post("/v1/images/search", response_model=schemas.ImageSearchResponse)
-async def images_by_image(service: ServiceDep, engine: EngineDep, file: Upload, page: PageDep):
-    """Image to images."""
+async def images_by_image(service: ServiceDep, engine: EngineDep, file: Upload, page: PageDep, options: OptionsDep,
+                          q: Annotated[str | None, Form(description="More terms beside the upload, as an "
+                                                                    "expression: `+sunset -people`.")] = None,
+                          weight: Annotated[float, Form(ge=-expressions.MAX_WEIGHT, le=expressions.MAX_WEIGHT,
+                                                        description="The upload's weight among the terms.")] = 1.0):
+    """Image to images: the upload is a term of the query, with `q`'s terms beside it where given."""
     start = time.perf_counter()
+    if weight == 0:
+        raise HTTPException(422, "the upload's weight must not be 0")
+    terms = query_terms(q, [], service) if q else []
+    if options.mode != "vector":
+        raise HTTPException(422, f"mode={options.mode} needs words to look for; an image query is ranked by vector")
     image = await uploaded_image(file, service)
-    return images_response(await run_in_threadpool(engine.images_by_image, image, page.k, page.offset), start)
+    return images_response(await run_in_threadpool(search_terms, engine, terms, page.k, page.offset, (), (),
+                                                   [(weight, image)], options), start)
 
 
 @router.get("/v1/images/{image_id}/similar", response_model=schemas.ImageSearchResponse)
-def similar_images(engine: EngineDep, image_id: ImageId, page: PageDep):
+def similar_images(engine: EngineDep, image_id: ImageId, page: PageDep, options: OptionsDep):
     """Indexed image to images (itself excluded)."""
     start = time.perf_counter()
-    return images_response(engine.similar_images(image_id, page.k, page.offset), start)
+    try:
+        return images_response(engine.similar_images(image_id, page.k, page.offset, options), start)
+    except InvalidQuery as err:
+        raise HTTPException(422, str(err)) from err
 
 
 @router.get("/v1/captions/search", response_model=schemas.CaptionSearchResponse)
@@ -121,7 +141,8 @@ async def uploaded_image(file: UploadFile, service: Service) -> Image.Image:
 
 
 def image_result(hit: ImageHit) -> schemas.ImageResult:
-    return schemas.ImageResult(**hit.__dict__, url=f"/v1/images/{hit.id}/file",
+    taken = datetime.fromtimestamp(hit.taken_at, timezone.utc).replace(tzinfo=None) if hit.taken_at is not None else None
+    return schemas.ImageResult(**{**hit.__dict__, "taken_at": taken}, url=f"/v1/images/{hit.id}/file",
                                thumbnail_url=f"/v1/images/{hit.id}/thumbnail")
 
 

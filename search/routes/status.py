@@ -1,6 +1,8 @@
 """Liveness, readiness, what is served, and the metrics."""
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -31,6 +33,15 @@ def stats(engine: EngineDep):
                          dim=manifest.dim, image_index_type=manifest.image_index_type,
                          caption_index_type=manifest.caption_index_type, build_id=build.id,
                          built_at=build.finished_at, collection_root=str(snapshot.collection_root))
+
+
+@router.get("/v1/facets", response_model=schemas.Facets)
+def facets(engine: EngineDep):
+    """What the filters can take: folders and cameras with their counts, the dates' range."""
+    found = engine.facets()
+    when = {key: datetime.fromtimestamp(found[key], timezone.utc).replace(tzinfo=None) if found[key] is not None
+            else None for key in ("taken_first", "taken_last")}
+    return schemas.Facets(**{**found, **when})
 
 
 @router.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
