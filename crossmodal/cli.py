@@ -243,17 +243,25 @@ def evaluate(
     zero_shot: Annotated[bool, typer.Option(
         "--zero-shot", help="Zero-shot classes protocol: one caption per image naming its class "
                             "(a folder like caltech101-dev); prints precision@10 and top-1 per class.")] = False,
+    modes: Annotated[bool, typer.Option(
+        "--modes", help="Text-to-image Recall@K of each search mode (vector, keyword, hybrid), with the query's "
+                        "own caption held out of the keyword index, and with all of its photo's.")] = False,
 ) -> None:
     """Retrieval quality of the indexed, captioned collection, ranked exactly as the service ranks.
 
     Default: Recall@1/5/10 both ways (Flickr 1k protocol). --zero-shot: text-to-image precision@10
-    over classes and image-to-caption top-1 (zero-shot classification accuracy).
+    over classes and image-to-caption top-1 (zero-shot classification accuracy). --modes: text-to-image
+    recall of the vector, keyword and hybrid modes.
     """
-    from crossmodal.indexer.evaluate import evaluate_classes, evaluate_published, format_class_table, format_table
+    from crossmodal.indexer.evaluate import (evaluate_classes, evaluate_modes, evaluate_published, format_class_table,
+                                             format_modes_table, format_table)
 
     settings = _settings(index_dir=index_dir)
+    if zero_shot and modes:
+        _fail("--zero-shot and --modes are two protocols: give one", code=2)
     try:
-        result = evaluate_classes(settings) if zero_shot else evaluate_published(settings)
+        result = evaluate_classes(settings) if zero_shot else evaluate_modes(settings) if modes \
+            else evaluate_published(settings)
     except (RuntimeError, ValueError) as err:
         _fail(str(err))
     if json_out:
@@ -266,7 +274,7 @@ def evaluate(
               f"image->caption top-1: {result['image_to_caption_top1']:.3f}")
         return
     _echo(f"model {result['model']}, {result['n_images']} images, {result['n_captions']} captions")
-    _echo(format_table(result["recall"]))
+    _echo(format_modes_table(result) if modes else format_table(result["recall"]))
 
 
 @app.command()

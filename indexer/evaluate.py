@@ -123,6 +123,60 @@ def evaluate_published(settings) -> dict:
             "n_captions": len(rows), "recall": recall_from_ranks(t2i_ranks, i2t_ranks)}
 
 
+MODES = ("vector", "keyword", "hybrid")
+
+
+def evaluate_modes(settings, chunk: int = 256) -> dict:
+    """Text-to-image Recall@K of each search mode, ranked as the service ranks (ranking.fused over
+    fusion_depth), in two settings of the keyword index: each query caption held out of it (the photo
+    keeps its other captions: a captioned collection), and every caption of the query's photo held out
+    (the photos searched for have no captions; the rest of the collection keeps theirs)."""
+    from crossmodal.indexer import faiss_index
+    from crossmodal.indexer.ranking import exact_lookup, fused, fusion_depth, ranked
+
+    store, opened, rows = _published_rows(settings)
+    manifest = opened.manifest
+    texts = {i: hit[0] for i, hit in store.caption_hits([r[0] for r in rows]).items()}
+    captions_of: dict[int, list[int]] = {}
+    for caption_id, image_id, _, _ in rows:
+        captions_of.setdefault(image_id, []).append(caption_id)
+    depth = fusion_depth(settings)
+    indexed = set(faiss_index.indexed_ids(opened.images, opened.image_vectors).tolist())
+    exact = exact_lookup(opened.image_vectors, store, manifest.model, "image")
+    vector_lists = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        queries = _stored_vectors(store, manifest, "text", [r[2] for r in part])
+        vector_lists += ranked(opened.images, manifest.image_index_type, queries, depth, exact, opened.image_penalties)
+    wanted = [{r[1]} for r in rows]
+    result = {"model": manifest.model, "n_images": len(captions_of), "n_captions": len(rows),
+              "vector": _recall(vector_lists, wanted)}
+    for setting, held_out in (("query_caption_held_out", lambda r: [r[0]]),
+                              ("query_photo_uncaptioned", lambda r: captions_of[r[1]])):
+        keyword_lists = [[(i, s) for i, s in store.keyword_search(texts[r[0]], depth, held_out(r)) if i in indexed]
+                         for r in rows]
+        result[setting] = {"keyword": _recall(keyword_lists, wanted),
+                           "hybrid": _recall([fused([v, k]) for v, k in zip(vector_lists, keyword_lists)], wanted)}
+    return result
+
+
+def _recall(rankings: list[list[tuple[int, float]]], wanted: list[set[int]]) -> dict[str, float]:
+    top = np.array([[i for i, _ in found[:max(KS)]] + [-1] * (max(KS) - len(found[:max(KS)])) for found in rankings])
+    ranks = _first_hit(top.reshape(len(rankings), max(KS)), wanted)
+    return {f"R@{k}": float((ranks < k).mean() * 100) for k in KS}
+
+
+def format_modes_table(result: dict) -> str:
+    lines = [f"{'text -> image':<44}" + "".join(f"{'R@' + str(k):>8}" for k in KS)]
+    rows = [("vector", result["vector"])]
+    for setting, label in (("query_caption_held_out", "captioned (query's own caption held out)"),
+                           ("query_photo_uncaptioned", "query photos uncaptioned")):
+        rows += [(f"{mode}, {label}", result[setting][mode]) for mode in ("keyword", "hybrid")]
+    for name, recall in rows:
+        lines.append(f"{name[:43]:<44}" + "".join(f"{recall[f'R@{k}']:>8.1f}" for k in KS))
+    return "\n".join(lines)
+
+
 def evaluate_classes(settings) -> dict:
     """Zero-shot classification figures of the published build (see the module docstring)."""
     store, opened, rows = _published_rows(settings)

@@ -52,6 +52,12 @@ def ranked(index: faiss.Index, index_type: str, queries: np.ndarray, depth: int,
     return results
 
 
+def fusion_depth(settings) -> int:
+    """How deep each ranking goes into a fusion: the service's deepest page, so every page of a hybrid
+    query is cut from one fused list (and `eval` fuses exactly as the service does)."""
+    return settings.max_offset + settings.max_k
+
+
 RRF_K = 60  # reciprocal-rank fusion's constant (Cormack et al. 2009): a rank's weight is 1 / (RRF_K + rank)
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -450,25 +450,26 @@ class Store:
                 select(CaptionRow.id, CaptionRow.image_id)) if caption_ids is None or caption_id in caption_ids} & ids
         return rows, captioned
 
-    def keyword_search(self, text: str, limit: int, exclude_doc: int | None = None) -> list[tuple[int, float]]:
+    def keyword_search(self, text: str, limit: int, exclude_docs: Sequence[int] = ()) -> list[tuple[int, float]]:
         """(image id, score) of the images whose captions or file name best match `text`'s words,
         best first: BM25 on SQLite (FTS5), ts_rank on PostgreSQL. An image scores by its best document;
-        `exclude_doc` leaves one document out (eval: the query's own caption)."""
+        `exclude_docs` leaves documents out (eval: the query's own caption, or all its photo's)."""
         words = query_words(text)
         if not words:
             return []
-        params = {"limit": limit, "exclude": exclude_doc if exclude_doc is not None else 0}
+        excluded = ",".join(str(int(doc)) for doc in exclude_docs) or "0"  # doc ids are never 0
+        params = {"limit": limit}
         if self.engine.dialect.name == "sqlite":
             params["match"] = " OR ".join(f'"{w}"' for w in words)
             query = text_sql("SELECT image_id, -min(bm) AS score FROM (SELECT image_id, bm25(keywords) AS bm "
-                             "FROM keywords WHERE keywords MATCH :match AND rowid != :exclude ORDER BY bm "
+                             f"FROM keywords WHERE keywords MATCH :match AND rowid NOT IN ({excluded}) ORDER BY bm "
                              "LIMIT :depth) GROUP BY image_id ORDER BY score DESC, image_id LIMIT :limit")
             params["depth"] = limit * 8
         else:
             params["match"] = " | ".join(words)
             query = text_sql("SELECT image_id, max(ts_rank(to_tsvector('english', text), q)) AS score "
                              "FROM keywords, to_tsquery('english', :match) AS q "
-                             "WHERE to_tsvector('english', text) @@ q AND doc_id != :exclude "
+                             f"WHERE to_tsvector('english', text) @@ q AND doc_id NOT IN ({excluded}) "
                              "GROUP BY image_id ORDER BY score DESC, image_id LIMIT :limit")
         with self.engine.connect() as connection:
             return [(int(i), float(score)) for i, score in connection.execute(query, params)]

@@ -288,7 +288,7 @@ class SearchEngine:
         if options.mode != "vector" and not keywords:
             raise InvalidQuery(f"mode={options.mode} needs words to look for: a text term")
         if options.mode == "hybrid":
-            depth = self.settings.max_offset + self.settings.max_k + extra
+            depth = ranking.fusion_depth(self.settings) + extra
         else:
             depth = (options.top if options.sort != "relevance" else k + offset) + extra
         ranked = [] if options.mode == "keyword" else self._ranked_images(vector, depth, from_text, selection)
