@@ -81,11 +81,11 @@ class Attributes:
         return self.rows["id"]
 
     def folder_rows(self, folder: str) -> np.ndarray:
-        """Rows of the images under `folder` (a path prefix ending at a '/'), found by bisection."""
+        """Rows of the images under `folder` (a path prefix ending at a '/'), found by bisection (unsorted)."""
         prefix = folder.strip("/").encode() + b"/"
         start = np.searchsorted(self.paths, prefix, side="left")
         end = np.searchsorted(self.paths, prefix[:-1] + b"0", side="left")  # '0' is the byte after '/'
-        return np.sort(self.path_rows[start:end])
+        return self.path_rows[start:end]
 
     def positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, found) of these ids in the table."""

@@ -348,7 +348,7 @@ class ExactVectorsWriter:
         del self.vectors
 
 
-PREFILTER_MAX_SHARE = 0.2  # selections of at most this share of the index are searched inside FAISS
+PREFILTER_MAX_SHARE = 0.2  # exhaustive indexes: selections of at most this share are searched with a selector
 
 
 def search_selected(index: faiss.Index, queries: np.ndarray, k: int,
@@ -365,7 +365,7 @@ def search_selected(index: faiss.Index, queries: np.ndarray, k: int,
     k = max(1, min(k, len(selection.ids)))
     if not len(selection.ids):
         return np.full((len(queries), 1), -np.inf, np.float32), np.full((len(queries), 1), -1, np.int64)
-    if selection.share <= PREFILTER_MAX_SHARE and _takes_selectors(index):
+    if prefilters(index, selection, k):
         return search(index, queries, k, _selector_params(index, selection))
     depth = min(index.ntotal, max(k, math.ceil(2 * k / max(selection.share, 1e-9))))
     while True:
@@ -380,6 +380,21 @@ def search_selected(index: faiss.Index, queries: np.ndarray, k: int,
     scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
     return np.where(np.take_along_axis(kept, order, 1), scores, -np.inf), np.where(
         np.take_along_axis(kept, order, 1), ids, -1)
+
+
+def prefilters(index: faiss.Index, selection: "Selection", k: int) -> bool:
+    """Whether a selection is searched with a selector (else post-filtered). IVF: when the lists a
+    plain search probes would hold fewer than 2k selected codes, since the selector search probes
+    every list (at 100k, IVF256 at nprobe 16: below 3.2 % of the collection for k = 100; a 10 %
+    filter took 5.3 ms in the engine with the selector, 1.9 ms post-filtered). Exhaustive indexes:
+    up to PREFILTER_MAX_SHARE, where skipping the unselected saves more than it costs."""
+    if not _takes_selectors(index):
+        return False
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return selection.share <= PREFILTER_MAX_SHARE
+    probed = ivf.ntotal * min(ivf.nprobe, ivf.nlist) / max(1, ivf.nlist)
+    return selection.share * probed < 2 * k
 
 
 def _takes_selectors(index: faiss.Index) -> bool:

@@ -54,17 +54,23 @@ def test_a_filtered_search_returns_the_best_k_selected_in_both_regimes(index_typ
             assert [i for i, _ in found] == best
         else:  # IVF-PQ re-ranked by exact vectors: the same set, up to a rare miss of the approximate stage
             assert len(set(i for i, _ in found) & set(best)) >= len(best) - 1
-    assert bool(prefiltered) == (share <= faiss_index.PREFILTER_MAX_SHARE)  # the regime the share calls for
+    # The regime the share calls for: a selector while the probed lists would hold too few selected codes
+    # (this IVF probes all 16 lists: under 2 x 100 candidates of 4,000), post-filtering beyond.
+    assert bool(prefiltered) == (share <= faiss_index.PREFILTER_MAX_SHARE if index_type == "Flat" else share * n < 200)
 
 
 def test_a_post_filter_that_finds_too_few_in_the_probed_lists_falls_back_to_the_selector():
     n = 4000
     vectors, ids = _vectors(n), np.arange(n, dtype=np.int64)
     index = faiss_index.build_index(vectors, ids, "IVF64,Flat", use_gpu=False)
-    faiss_index.apply_search_params(index, {"nprobe": 1})  # one list of 64 probed: a broad filter starves
-    selection = Selection.of(ids[::2], n)  # half the collection: the post-filter regime
-    scores, found = faiss_index.search_selected(index, _vectors(1, seed=3), 200, selection)
-    assert (found >= 0).sum() == 200 and np.all(found % 2 == 0)
+    faiss_index.apply_search_params(index, {"nprobe": 4})
+    query = _vectors(1, seed=3)
+    _, probed = faiss_index.search(index, query, n)  # every id in the 4 lists this query probes
+    selection = Selection.of(np.setdiff1d(ids, probed[probed >= 0]), n)  # a broad filter, none of them
+    assert not faiss_index.prefilters(index, selection, 50)  # the rule expects enough in the probed lists
+    _, found = faiss_index.search_selected(index, query, 50, selection)
+    best = selection.ids[np.argsort(-(vectors[selection.ids] @ query[0]))[:50]]
+    assert found[0].tolist() == best.tolist()  # found by the selector over every list
 
 
 def test_an_empty_selection_finds_nothing():

@@ -99,6 +99,27 @@ def test_more_like_this_refines_the_query_and_an_expression_works(app_for, live_
     assert "at most 10" in texts(at.error)  # the service's 422, as a message
 
 
+def test_sidebar_filters_sort_and_mode_narrow_the_results(app_for, live_server):
+    at = app_for(live_server).run()
+    assert at.selectbox(key="filter_folder").options == ["All folders", "generated"]  # from /v1/facets
+    at.text_input(key="query").input("a red square").run()
+    assert "12 images for" in texts(at.caption)
+    at.selectbox(key="filter_folder").set_value("generated").run()
+    at.selectbox(key="sort").set_value("date_desc").run()
+    assert not at.exception and not at.error
+    assert "2 images for “a red square”" in texts(at.caption)
+    paths = [shown(m.value) for m in at.markdown if "generated/" in shown(m.value)]
+    assert len(paths) == 2 and "generated/blue.jpg" in paths[0]  # written after red.png: newest first
+    assert sum("taken " in shown(c.value) and "(file date)" in shown(c.value) for c in at.caption) == 2
+    at.selectbox(key="filter_captions").set_value("With captions").run()
+    assert "with these filters: widen them" in texts(at.warning)  # nothing generated has captions
+    at.selectbox(key="filter_folder").set_value("Any").run()
+    at.selectbox(key="sort").set_value("relevance").run()
+    at.selectbox(key="mode").set_value("keyword").run()
+    at.text_input(key="query").input("tabby").run()
+    assert "1 images for “tabby”" in texts(at.caption)  # only the cat's caption has the word
+
+
 def test_a_new_query_leaves_similar_results_and_the_opened_result(app_for, live_server):
     """Issue 20, items 1 and 3: typing a new query while "Similar" results or an opened result are
     showing shows the new query's results, not the old state."""

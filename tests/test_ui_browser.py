@@ -140,6 +140,28 @@ def test_three_flows_in_a_real_browser(browser, ui_url, collection):
     page.close()
 
 
+def choose(page, label: str, option: str) -> None:
+    """Pick an option of a Streamlit selectbox, as a person does: open it, click the option."""
+    page.locator("[data-testid=stSelectbox]", has_text=label).click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_a_filtered_sorted_query_and_relevance_feedback_in_a_real_browser(browser, ui_url):
+    page = open_ui(browser, ui_url)
+    choose(page, "Folder", "generated")
+    choose(page, "Order", "Newest first")
+    search_text(page, "a red square")
+    page.get_by_text("2 images for “a red square”").wait_for()
+    expect(page.locator(THUMBNAILS)).to_have_count(2)
+    expect(page.locator("code", has_text="generated/blue.jpg")).to_be_visible()
+    expect(page.get_by_text("taken ").first).to_be_visible()  # a date sort shows each photo's date
+    shot(page, "filtered-sorted")
+    page.get_by_role("button", name="Less like").first.click()  # feedback keeps the filters
+    page.get_by_text("refined: more like 0, less like 1").wait_for()
+    expect(page.locator(THUMBNAILS)).to_have_count(2)
+    page.close()
+
+
 def test_captions_are_shown_as_text_not_rendered_as_markdown(browser, ui_url, live_server):
     results = httpx.get(f"{live_server}/v1/images/search", params={"q": "a black horse silhouette", "k": 18}).json()
     horse = next(r["id"] for r in results["results"] if r["path"] == "horse.png")

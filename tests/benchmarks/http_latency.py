@@ -23,21 +23,25 @@ def load_queries(path: str, n: int) -> list[str]:
     return texts[:n]
 
 
-def run(api: str, queries: list[str], clients: int, k: int) -> dict:
+def run(api: str, queries: list[str], clients: int, k: int, params: dict | None = None) -> dict:
+    """`params`: more query parameters on every request (filters, sort, mode)."""
     latencies: list[float] = []
-    errors = 0
+    errors = short = 0  # short: answered with fewer than k results
     lock = threading.Lock()
     chunks = [queries[i::clients] for i in range(clients)]
 
     def worker(chunk: list[str]) -> None:
-        nonlocal errors
+        nonlocal errors, short
         with httpx.Client(base_url=api, timeout=30) as http:
             for text in chunk:
                 start = time.perf_counter()
-                ok = http.get("/v1/images/search", params={"q": text, "k": k}).status_code == 200
+                response = http.get("/v1/images/search", params={"q": text, "k": k, **(params or {})})
+                elapsed = time.perf_counter() - start
+                ok = response.status_code == 200
                 with lock:
-                    latencies.append(time.perf_counter() - start)
+                    latencies.append(elapsed)
                     errors += not ok
+                    short += ok and len(response.json()["results"]) < k
 
     start = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(c,)) for c in chunks]
@@ -48,7 +52,7 @@ def run(api: str, queries: list[str], clients: int, k: int) -> dict:
     wall = time.perf_counter() - start
     ms = sorted(x * 1000 for x in latencies)
     pct = lambda p: ms[min(len(ms) - 1, int(p / 100 * len(ms)))]
-    return {"clients": clients, "requests": len(ms), "errors": errors, "p50_ms": pct(50), "p95_ms": pct(95),
+    return {"clients": clients, "requests": len(ms), "errors": errors, "short": short, "p50_ms": pct(50), "p95_ms": pct(95),
             "p99_ms": pct(99), "mean_ms": statistics.mean(ms), "qps": len(ms) / wall}
 
 
