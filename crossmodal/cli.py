@@ -193,7 +193,8 @@ def search(
         query = decode_reduced(image.read_bytes(), settings.max_image_pixels, settings.max_image_pixels) \
             if image is not None else None
         if image is not None and not terms and not more_like and not less_like:
-            result = {"query": {"image": str(image)}, "captions": engine.captions_by_image(query, k, offset),
+            by_relevance = options.model_copy(update={"sort": "relevance", "mode": "vector"})  # captions' only order
+            result = {"query": {"image": str(image)}, "captions": engine.captions_by_image(query, k, offset, by_relevance),
                       "images": engine.images_by_image(query, k, offset, options)}
         else:
             uploads = [(1.0, query)] if query is not None else []

@@ -8,6 +8,8 @@ takes well under a millisecond; the matching ids out of SQL took tens). Files in
     images.paths.npy        the images' paths, sorted (UTF-8 bytes): a folder is a range, found by bisection
     images.path_rows.npy    for each sorted path, its row in images.attributes.npy
     images.cameras.json     camera names; a row's `camera` is an index into them (-1: none recorded)
+    captions.images.npy     [caption id, image id] of every caption, sorted by caption id: caption
+                              searches are filtered by their image's attributes
 
 All are memory-mapped when opened: an index larger than memory keeps its table on disk too.
 """
@@ -25,7 +27,7 @@ from crossmodal.indexer.faiss_index import find_sorted
 ROW_TYPE = np.dtype([("id", "<i8"), ("taken_at", "<f8"), ("taken_from_exif", "?"), ("width", "<i4"),
                      ("height", "<i4"), ("camera", "<i4"), ("captioned", "?")])
 FILES = {"rows": "images.attributes.npy", "paths": "images.paths.npy", "path_rows": "images.path_rows.npy",
-         "cameras": "images.cameras.json"}
+         "cameras": "images.cameras.json", "captions": "captions.images.npy"}
 
 
 def camera_name(make: str | None, model: str | None) -> str | None:
@@ -42,12 +44,14 @@ class Attributes:
     paths: np.ndarray  # bytes (S), sorted
     path_rows: np.ndarray  # int64
     cameras: list[str]
+    captions: np.ndarray  # int64 [n, 2]: caption id, its image id; sorted by caption id
 
     @classmethod
-    def tabulate(cls, images: list[tuple], captioned: set[int]) -> "Attributes":
-        """From (id, path, width, height, taken_at, taken_from, camera_make, camera_model) rows
-        (store.photo_attributes)."""
+    def tabulate(cls, images: list[tuple], captions: list[tuple[int, int]]) -> "Attributes":
+        """From (id, path, width, height, taken_at, taken_from, camera_make, camera_model) rows and
+        (caption id, image id) pairs (store.photo_attributes)."""
         images = sorted(images)
+        captioned = {image_id for _, image_id in captions}
         names = [camera_name(make, model) for *_, make, model in images]
         cameras = sorted({name for name in names if name})
         camera_ids = {name: i for i, name in enumerate(cameras)}
@@ -59,12 +63,14 @@ class Attributes:
             row["camera"], row["captioned"] = camera_ids.get(name, -1), image_id in captioned
         paths = np.array([path.encode() for _, path, *_ in images], dtype=bytes) if images else np.zeros(0, "S1")
         order = np.argsort(paths, kind="stable")
-        return cls(rows, paths[order], order.astype(np.int64), cameras)
+        pairs = np.array(sorted(captions), dtype=np.int64).reshape(-1, 2)
+        return cls(rows, paths[order], order.astype(np.int64), cameras, pairs)
 
     def write(self, build_dir: Path) -> None:
         np.save(build_dir / FILES["rows"], self.rows)
         np.save(build_dir / FILES["paths"], self.paths)
         np.save(build_dir / FILES["path_rows"], self.path_rows)
+        np.save(build_dir / FILES["captions"], self.captions)
         (build_dir / FILES["cameras"]).write_text(json.dumps(self.cameras, ensure_ascii=False))
 
     @classmethod
@@ -72,9 +78,9 @@ class Attributes:
         """None for a build written before filters existed (the engine tabulates it from the database)."""
         if not all((build_dir / name).is_file() for name in FILES.values()):
             return None
-        rows, paths, path_rows = (np.load(build_dir / FILES[name], mmap_mode="r")
-                                  for name in ("rows", "paths", "path_rows"))
-        return cls(rows, paths, path_rows, json.loads((build_dir / FILES["cameras"]).read_text()))
+        rows, paths, path_rows, captions = (np.load(build_dir / FILES[name], mmap_mode="r")
+                                            for name in ("rows", "paths", "path_rows", "captions"))
+        return cls(rows, paths, path_rows, json.loads((build_dir / FILES["cameras"]).read_text()), captions)
 
     @property
     def ids(self) -> np.ndarray:
@@ -95,6 +101,10 @@ class Attributes:
 
     def selection(self, mask: np.ndarray) -> "Selection":
         return Selection.of(np.asarray(self.ids[mask]), len(self.rows))
+
+    def caption_selection(self, images: "Selection") -> "Selection":
+        """The captions of the selected images: a caption search filtered by its images' attributes."""
+        return Selection.of(np.asarray(self.captions[images.contains(self.captions[:, 1]), 0]), len(self.captions))
 
 
 @dataclass(frozen=True)

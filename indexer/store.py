@@ -438,17 +438,18 @@ class Store:
                 Embedding.key.in_(set(keys.values())))).all())
         return {i: np.frombuffer(blobs[key], dtype=np.float32) for i, key in keys.items() if key in blobs}
 
-    def photo_attributes(self, ids: set[int], caption_ids: set[int] | None = None) -> tuple[list[tuple], set[int]]:
+    def photo_attributes(self, ids: set[int], caption_ids: set[int] | None = None) -> tuple[list[tuple], list[tuple]]:
         """((id, path, width, height, taken_at, taken_from, camera_make, camera_model) of these image rows,
-        the ids among them that have a caption, of `caption_ids` where given): what attributes.py
+        (caption id, image id) of their captions, of `caption_ids` where given): what attributes.py
         tabulates for filters."""
         with self.engine.connect() as connection:
             rows = [tuple(row) for row in connection.execute(
                 select(ImageRow.id, ImageRow.path, ImageRow.width, ImageRow.height, ImageRow.taken_at,
                        ImageRow.taken_from, ImageRow.camera_make, ImageRow.camera_model)) if row[0] in ids]
-            captioned = {image_id for caption_id, image_id in connection.execute(
-                select(CaptionRow.id, CaptionRow.image_id)) if caption_ids is None or caption_id in caption_ids} & ids
-        return rows, captioned
+            captions = [(caption_id, image_id) for caption_id, image_id in connection.execute(
+                select(CaptionRow.id, CaptionRow.image_id))
+                if image_id in ids and (caption_ids is None or caption_id in caption_ids)]
+        return rows, captions
 
     def keyword_search(self, text: str, limit: int, exclude_docs: Sequence[int] = ()) -> list[tuple[int, float]]:
         """(image id, score) of the images whose captions or file name best match `text`'s words,

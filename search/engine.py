@@ -213,7 +213,8 @@ class SearchEngine:
         opened = faiss_index.open_build(self.settings, build.id)
         manifest = opened.manifest
         attributes = Attributes.open(opened.build_dir) or Attributes.tabulate(*self.store.photo_attributes(
-            set(faiss_index.indexed_ids(opened.images, opened.image_vectors).tolist())))  # a build from before them
+            set(faiss_index.indexed_ids(opened.images, opened.image_vectors).tolist()),
+            set(faiss_index.indexed_ids(opened.captions, opened.caption_vectors).tolist())))  # a build from before
         snapshot = Snapshot(build, manifest, opened.images, opened.captions, Path(build.collection_root),
                             opened.image_penalties, opened.caption_penalties, opened.image_vectors,
                             opened.caption_vectors, attributes)
@@ -357,16 +358,23 @@ class SearchEngine:
                                  taken_from=None if taken is None else ("exif" if facts["taken_from_exif"] else "mtime")))
         return hits
 
-    def captions_by_vector(self, vector: np.ndarray, k: int = 10, offset: int = 0,
-                           from_image: bool = False) -> list[CaptionHit]:
-        """`from_image`: the vector is an image's, so the captions' hubness penalties apply."""
+    def captions_by_vector(self, vector: np.ndarray, k: int = 10, offset: int = 0, from_image: bool = False,
+                           options: SearchOptions | None = None) -> list[CaptionHit]:
+        """`from_image`: the vector is an image's, so the captions' hubness penalties apply. `options`:
+        the filters keep captions whose image passes them, and `min_score` cuts; captions are ranked
+        by relevance only."""
         snapshot = self.snapshot
+        options = options or SearchOptions()
+        if options.sort != "relevance" or options.mode != "vector":
+            raise InvalidQuery("captions are ranked by relevance to the query: sort and mode apply to image searches")
+        images = self.selection(options)
+        selection = snapshot.attributes.caption_selection(images) if images is not None else None
         exact = ranking.exact_lookup(snapshot.caption_vectors, self.store, snapshot.manifest.model, "caption")
         timings: dict[str, float] = {}
         ranked = ranking.ranked(snapshot.captions, snapshot.manifest.caption_index_type, vector[None, :], k + offset,
-                                exact, snapshot.caption_penalties if from_image else None, timings)[0]
+                                exact, snapshot.caption_penalties if from_image else None, timings, selection)[0]
         self._observe(timings)
-        page = ranked[offset:offset + k]
+        page = filters.ordered(ranked, options, snapshot.attributes)[offset:offset + k]
         rows = self.store.caption_hits([i for i, _ in page])
         return [CaptionHit(i, score, *rows[i]) for i, score in page if i in rows]
 
@@ -379,16 +387,20 @@ class SearchEngine:
                        options: SearchOptions | None = None) -> list[ImageHit]:
         return self.images_by_terms([Term(1.0, text=text)], k, offset, options=options)
 
-    def captions_by_text(self, text: str, k: int = 10, offset: int = 0) -> list[CaptionHit]:
-        return self.captions_by_vector(self.text_vector(text), k, offset)
+    def captions_by_text(self, text: str, k: int = 10, offset: int = 0,
+                         options: SearchOptions | None = None) -> list[CaptionHit]:
+        self.selection(options or SearchOptions())  # a bad filter value fails before the encoder
+        return self.captions_by_vector(self.text_vector(text), k, offset, options=options)
 
     def images_by_image(self, image: Image.Image, k: int = 10, offset: int = 0,
                         options: SearchOptions | None = None) -> list[ImageHit]:
         _vector_mode(options)
         return self.images_by_vector(self.image_vector(image), k, offset, options=options)
 
-    def captions_by_image(self, image: Image.Image, k: int = 10, offset: int = 0) -> list[CaptionHit]:
-        return self.captions_by_vector(self.image_vector(image), k, offset, from_image=True)
+    def captions_by_image(self, image: Image.Image, k: int = 10, offset: int = 0,
+                          options: SearchOptions | None = None) -> list[CaptionHit]:
+        self.selection(options or SearchOptions())
+        return self.captions_by_vector(self.image_vector(image), k, offset, from_image=True, options=options)
 
     def images_by_terms(self, terms: list[Term], k: int = 10, offset: int = 0, more_like: Sequence[int] = (),
                         less_like: Sequence[int] = (), uploads: Sequence[tuple[float, Image.Image]] = (),
@@ -435,9 +447,10 @@ class SearchEngine:
         _vector_mode(options)
         return self.images_by_vector(self.indexed_vector(image_id), k, offset, exclude=int(image_id), options=options)
 
-    def captions_for_image(self, image_id: int, k: int = 10, offset: int = 0) -> list[CaptionHit]:
-        """Captions that describe an indexed image, from the whole collection."""
-        return self.captions_by_vector(self.indexed_vector(image_id), k, offset, from_image=True)
+    def captions_for_image(self, image_id: int, k: int = 10, offset: int = 0,
+                           options: SearchOptions | None = None) -> list[CaptionHit]:
+        """Captions that describe an indexed image, from the whole collection (or the filtered part)."""
+        return self.captions_by_vector(self.indexed_vector(image_id), k, offset, from_image=True, options=options)
 
     # -- metadata ------------------------------------------------------------------------------
 

@@ -229,6 +229,22 @@ def test_every_image_endpoint_takes_the_filters(client, photos):
     assert facets["taken_last"] > "2021-03-04T18:30:00" and facets["images"] == 22 and facets["with_captions"] == 16
 
 
+def test_caption_searches_keep_the_captions_of_photos_that_pass_the_filters(client):
+    wide = {r["id"] for r in _results(client.get("/v1/images/search", params={"q": "a photo", "k": 30}))
+            if r["width"] >= 600}
+    assert wide
+    image_id = next(iter(wide))
+    for path, params in (("/v1/captions/search", {"q": "a photo"}), (f"/v1/images/{image_id}/captions", {})):
+        everything = _results(client.get(path, params={**params, "k": 30}))
+        filtered = _results(client.get(path, params={**params, "k": 30, "min_width": 600}))
+        assert filtered == [r for r in everything if r["image_id"] in wide]  # the same order, only theirs
+        assert filtered and len(filtered) < len(everything)
+    response = client.get("/v1/captions/search", params={"q": "a photo", "sort": "date_desc"})
+    assert response.status_code == 422 and "sort and mode apply to image searches" in response.text
+    response = client.get("/v1/captions/search", params={"q": "a photo", "camera": "leica"})
+    assert response.status_code == 422 and "took no indexed photo" in response.text
+
+
 @pytest.mark.parametrize("params, fragment", [
     ({"camera": "leica"}, "camera 'leica' took no indexed photo (cameras in this collection: Canon EOS 5D, NIKON"),
     ({"folder": "nowhere"}, "folder 'nowhere': no indexed image is in it"),

@@ -89,6 +89,7 @@ async def images_by_image(service: ServiceDep, engine: EngineDep, file: Upload, 
     terms = query_terms(q, [], service) if q else []
     if options.mode != "vector":
         raise HTTPException(422, f"mode={options.mode} needs words to look for; an image query is ranked by vector")
+    _as_422(engine.selection, options)  # a bad filter value fails before the upload is decoded
     image = await uploaded_image(file, service)
     return images_response(await run_in_threadpool(search_terms, engine, terms, page.k, page.offset, (), (),
                                                    [(weight, image)], options), start)
@@ -98,32 +99,39 @@ async def images_by_image(service: ServiceDep, engine: EngineDep, file: Upload, 
 def similar_images(engine: EngineDep, image_id: ImageId, page: PageDep, options: OptionsDep):
     """Indexed image to images (itself excluded)."""
     start = time.perf_counter()
-    try:
-        return images_response(engine.similar_images(image_id, page.k, page.offset, options), start)
-    except InvalidQuery as err:
-        raise HTTPException(422, str(err)) from err
+    return images_response(_as_422(engine.similar_images, image_id, page.k, page.offset, options), start)
 
 
 @router.get("/v1/captions/search", response_model=schemas.CaptionSearchResponse)
-def captions_by_text(engine: EngineDep, q: TextQuery, page: PageDep):
-    """Text to captions."""
+def captions_by_text(engine: EngineDep, q: TextQuery, page: PageDep, options: OptionsDep):
+    """Text to captions; the filters keep captions whose image passes them."""
     start = time.perf_counter()
-    return captions_response(engine.captions_by_text(q, page.k, page.offset), start)
+    return captions_response(_as_422(engine.captions_by_text, q, page.k, page.offset, options), start)
 
 
 @router.post("/v1/captions/search", response_model=schemas.CaptionSearchResponse)
-async def captions_by_image(service: ServiceDep, engine: EngineDep, file: Upload, page: PageDep):
-    """Image to captions."""
+async def captions_by_image(service: ServiceDep, engine: EngineDep, file: Upload, page: PageDep, options: OptionsDep):
+    """Image to captions; the filters keep captions whose image passes them."""
     start = time.perf_counter()
+    _as_422(engine.selection, options)  # a bad filter value fails before the upload is decoded
     image = await uploaded_image(file, service)
-    return captions_response(await run_in_threadpool(engine.captions_by_image, image, page.k, page.offset), start)
+    return captions_response(await run_in_threadpool(_as_422, engine.captions_by_image, image, page.k, page.offset,
+                                                     options), start)
 
 
 @router.get("/v1/images/{image_id}/captions", response_model=schemas.CaptionSearchResponse)
-def captions_for_image(engine: EngineDep, image_id: ImageId, page: PageDep):
-    """Indexed image to captions (from the whole collection, its own included)."""
+def captions_for_image(engine: EngineDep, image_id: ImageId, page: PageDep, options: OptionsDep):
+    """Indexed image to captions (from the whole collection, its own included, or the filtered part)."""
     start = time.perf_counter()
-    return captions_response(engine.captions_for_image(image_id, page.k, page.offset), start)
+    return captions_response(_as_422(engine.captions_for_image, image_id, page.k, page.offset, options), start)
+
+
+def _as_422(search, *args):
+    """A search whose mistakes (a filter value, an option that does not apply) are 422s."""
+    try:
+        return search(*args)
+    except InvalidQuery as err:
+        raise HTTPException(422, str(err)) from err
 
 
 async def uploaded_image(file: UploadFile, service: Service) -> Image.Image:
