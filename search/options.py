@@ -46,10 +46,13 @@ class SearchOptions(BaseModel):
 
     @model_validator(mode="after")
     def bounds_in_order(self) -> "SearchOptions":
-        for low, high in (("taken_after", "taken_before"), ("min_width", "max_width"), ("min_height", "max_height")):
+        if self.taken_after is not None and self.taken_before is not None and \
+                first_second(self.taken_after) > last_second(self.taken_before):
+            raise ValueError(f"taken_after ({self.taken_after}) is after taken_before ({self.taken_before})")
+        for low, high in (("min_width", "max_width"), ("min_height", "max_height")):
             a, b = getattr(self, low), getattr(self, high)
-            if a is not None and b is not None and first_second(a) > last_second(b):
-                raise ValueError(f"{low} ({a}) is after {high} ({b})")
+            if a is not None and b is not None and a > b:
+                raise ValueError(f"{low} ({a}) is above {high} ({b})")
         return self
 
     def has_filters(self) -> bool:
