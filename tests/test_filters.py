@@ -254,6 +254,7 @@ def test_caption_searches_keep_the_captions_of_photos_that_pass_the_filters(clie
     ({"sort": "random"}, "'relevance', 'date_desc' or 'date_asc'"),
     ({"mode": "fuzzy"}, "'vector', 'keyword' or 'hybrid'"),
     ({"min_width": 0}, "greater than or equal to 1"),
+    ({"min_width": 500, "max_width": 100}, "min_width (500) is above max_width (100)"),
 ])
 def test_bad_filter_values_are_422s_that_name_the_part_and_reach_no_model(client, monkeypatch, params, fragment):
     engine = client.app.state.service.engine
