@@ -30,7 +30,9 @@ def streamlit_command(host: str, port: int, max_upload_bytes: int, allowed_hosts
             "--server.address", host, "--server.port", str(port), "--server.headless", "true",
             "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
             "--server.maxUploadSize", str(max(1, math.ceil(max_upload_bytes / 2**20))),
-            "--client.toolbarMode", "minimal", *hosts]
+            "--client.toolbarMode", "minimal",
+            # Blue, not Streamlit's red: a red border around the focused query box read as an error.
+            "--theme.primaryColor", "#1f5fbf", *hosts]
 
 
 def start_ui(ui: UISettings, max_upload_bytes: int, allowed_hosts: list[str]) -> subprocess.Popen:

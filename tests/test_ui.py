@@ -1,6 +1,7 @@
 """The Streamlit app's logic (streamlit.testing AppTest) against a real search service over HTTP."""
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -58,13 +59,13 @@ def test_text_search_grid_open_similar_and_more(app_for, live_server):
     assert shown(at.subheader[0].value) == "camera.png"  # the opened result, large, with its captions
     assert any("photographer" in m.value for m in at.markdown)
 
-    at.button(key="detail-similar").click().run()
-    assert shown(at.subheader[1].value) == "Images similar to camera.png"
+    at.button(key="detail-similar").click().run()  # closes the opened result, lists its neighbours
+    assert [shown(s.value) for s in at.subheader] == ["Images similar to camera.png"]
     similar_keys = [b.key for b in at.button if b.key and b.key.startswith("similar-open-")]
     assert len(similar_keys) == 12 and f"similar-open-{camera_id}" not in similar_keys
+    assert at.query_params["similar"] == str(camera_id) and "open" not in at.query_params
 
     at.button(key="similar-back").click().run()
-    at.button(key="detail-close").click().run()
     at.selectbox(key="page_size").set_value(8).run()
     assert "8 images for" in texts(at.caption)
     at.button(key="more").click().run()
@@ -97,6 +98,8 @@ def test_more_like_this_refines_the_query_and_an_expression_works(app_for, live_
     assert "refined" not in texts(at.caption)  # a new query starts unrefined
     at.text_input(key="query").input("a cup +11:coffee").run()
     assert "at most 10" in texts(at.error)  # the service's 422, as a message
+    at.text_input(key="query").input("a horse " * 75).run()  # 600 characters
+    assert "the query must be at most 500 characters long" in texts(at.error)  # said plainly
 
 
 def test_sidebar_filters_sort_and_mode_narrow_the_results(app_for, live_server):
@@ -120,6 +123,41 @@ def test_sidebar_filters_sort_and_mode_narrow_the_results(app_for, live_server):
     assert "1 images for “tabby”" in texts(at.caption)  # only the cat's caption has the word
 
 
+def test_the_view_state_lives_in_the_url_and_survives_switching_views(app_for, live_server):
+    """Issue 20, items 2 and 4: switching views kept nothing; Open in the image view did nothing visible."""
+    at = app_for(live_server).run()
+    at.text_input(key="query").input("a horse").run()
+    at.selectbox(key="sort").set_value("date_desc").run()
+    assert at.query_params["q"] == "a horse" and at.query_params["sort"] == "date_desc"
+    before = [b.key for b in at.button if b.key and b.key.startswith("text-open-")]
+    at.radio(key="view").set_value("Index").run()
+    assert at.query_params["view"] == "index" and at.query_params["q"] == "a horse"
+    at.radio(key="view").set_value("Text → images").run()
+    assert at.text_input(key="query").value == "a horse" and at.selectbox(key="sort").value == "date_desc"
+    assert [b.key for b in at.button if b.key and b.key.startswith("text-open-")] == before  # results kept
+
+    # A bookmarked URL opens the same view: query, order, page size and the opened result.
+    horse = next(r["id"] for r in httpx.get(f"{live_server}/v1/images/search", params={"q": "a horse", "k": 18})
+                 .json()["results"] if r["path"] == "horse.png")
+    again = app_for(live_server)
+    again.query_params.update({"q": "a horse", "k": "8", "open": str(horse), "sort": "date_desc", "bogus": "1"})
+    again.run()
+    assert not again.exception and again.text_input(key="query").value == "a horse"
+    assert again.selectbox(key="page_size").value == 8 and again.selectbox(key="sort").value == "date_desc"
+    assert "8 images for “a horse”" in texts(again.caption) and "horse.png" in shown(again.subheader[0].value)
+    again.button(key="detail-close").click().run()
+    assert "open" not in again.query_params and "detail-close" not in {b.key for b in again.button}
+
+    # Open on a result of the Image → captions view shows it, in the text view.
+    again.button(key=f"text-open-{horse}").click().run()
+    again.button(key="detail-describe").click().run()
+    assert again.radio(key="view").value == "Image → captions" and again.query_params["describe"] == str(horse)
+    opened = next(b.key for b in again.button if b.key and b.key.startswith("image-open-"))
+    again.button(key=opened).click().run()
+    assert again.radio(key="view").value == "Text → images"
+    assert again.subheader and shown(again.subheader[0].value).endswith((".png", ".jpg", ".webp"))  # the dialog
+
+
 def test_a_new_query_leaves_similar_results_and_the_opened_result(app_for, live_server):
     """Issue 20, items 1 and 3: typing a new query while "Similar" results or an opened result are
     showing shows the new query's results, not the old state."""
@@ -136,7 +174,7 @@ def test_a_new_query_leaves_similar_results_and_the_opened_result(app_for, live_
     assert "images for “a horse”" in texts(at.caption)
 
 
-def test_upload_an_image_to_get_its_captions_and_similar_images(app_for, live_server, collection):
+def test_upload_an_image_to_get_its_captions_and_similar_images(app_for, live_server, collection, monkeypatch):
     at = app_for(live_server).run()
     at.radio(key="view").set_value("Image → captions").run()
     assert "Upload a photo" in texts(at.info)
@@ -148,6 +186,25 @@ def test_upload_an_image_to_get_its_captions_and_similar_images(app_for, live_se
     assert "camera.png" in texts(at.caption)
     assert "Most similar images" in [s.value for s in at.subheader]
     assert any("camera.png" in m.value and m.value.startswith("**1.0") for m in at.markdown)  # itself, score 1.0
+    assert "Captions that describe it" in [s.value for s in at.subheader]
+    assert "This photo is in your collection" in texts(at.caption)
+    requests = []
+    original = httpx.Client.request
+    monkeypatch.setattr(httpx.Client, "request", lambda self, *a, **kw: requests.append(a) or original(self, *a, **kw))
+    at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("image-similar-"))).click().run()
+    assert not [r for r in requests if r[0] == "POST"]  # the upload is not sent again (issue 20 item 2)
+    assert at.radio(key="view").value == "Text → images"  # Similar shows its list, in the text view
+    at.radio(key="view").set_value("Image → captions").run()
+
+    # A photo from elsewhere: the captions are other photos', said so, one thumbnail per photo.
+    buffer = io.BytesIO()
+    solid_image((250, 250, 240), (120, 90)).save(buffer, format="PNG")
+    at.file_uploader(key="upload").set_value(("white.png", buffer.getvalue(), "image/png")).run()
+    assert "Captions of similar photos in your collection" in [s.value for s in at.subheader]
+    ranked = [shown(m.value) for m in at.markdown if re.match(r"\d+\. ", shown(m.value))]
+    assert len(ranked) == 12  # the page size
+    photos = [c for c in texts(at.caption).splitlines() if c.startswith("image ")]
+    assert len(photos) == len(set(photos)) and len(photos) < 12  # grouped: each photo once
 
 
 def test_rejected_upload_is_a_message_not_a_traceback(app_for, live_server):
@@ -195,7 +252,8 @@ def test_index_view_rebuild_shows_progress_then_skipped_files(app_for, live_serv
     assert list(skipped["file"]) == ["broken.jpg"] and "corrupt" in skipped["reason"][0]
 
 
-def test_second_rebuild_from_the_form_is_explained(app_for, live_server, collection):
+def test_the_rebuild_button_is_disabled_while_a_rebuild_runs(app_for, live_server, collection):
+    """Issue 20 item 11: "Rebuild index" stayed clickable during a run (a second click got a 409, explained)."""
     for i in range(80):  # enough work that the job is surely still running while the app is driven
         solid_image((3 * i, 100, 250 - 3 * i), size=(224, 224)).save(collection / f"more{i:02d}.png")
     with httpx.Client(base_url=live_server) as http:
@@ -203,8 +261,8 @@ def test_second_rebuild_from_the_form_is_explained(app_for, live_server, collect
         at = app_for(live_server).run()
         at.radio(key="view").set_value("Index").run()
         assert f"Rebuild {job['id']}" in texts(at.subheader)  # the running job is found and followed
-        at.button[-1].click().run()
-        assert "already running" in texts(at.warning)
+        submit = at.button(key="FormSubmitter:rebuild-Rebuild index")
+        assert submit.proto.disabled and "A rebuild is running" in submit.proto.help
         deadline = time.time() + 180
         while http.get(f"/v1/index/jobs/{job['id']}").json()["state"] == "running" and time.time() < deadline:
             time.sleep(0.5)
@@ -269,3 +327,15 @@ def test_the_ui_never_loads_the_model_or_an_index(tmp_path):
                             cwd=APP.parents[1])
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_validation_errors_are_sentences():
+    """Issue 20 item 13: "q: String should have at most 500 characters" became a sentence."""
+    from crossmodal.ui.client import _plain_error
+
+    assert _plain_error({"type": "string_too_long", "loc": ["query", "q"], "msg": "String should have at most 500 "
+                         "characters", "ctx": {"max_length": 500}}) == "The query is too long: at most 500 characters"
+    assert _plain_error({"type": "less_than_equal", "loc": ["query", "k"], "msg": "", "ctx": {"le": 100}}) == \
+        "The number of results must be at most 100"
+    assert _plain_error({"type": "date_from_datetime_parsing", "loc": ["query", "taken_after"],
+                         "msg": "Input should be a valid date"}) == "Taken after: input should be a valid date"

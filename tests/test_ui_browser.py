@@ -119,7 +119,10 @@ def test_three_flows_in_a_real_browser(browser, ui_url, collection):
     shot(page, "more-like-this")
     page.locator("[class*=st-key-text-open] button").first.click()
     page.get_by_role("button", name="Describe it (captions)").wait_for()
+    expect(page.get_by_role("dialog")).to_be_in_viewport()  # over the page, wherever it was scrolled to
     shot(page, "opened-result")
+    page.keyboard.press("Escape")
+    expect(page.get_by_role("dialog")).to_have_count(0)
 
     # Image -> captions: upload a photo, see its ranked captions and similar images.
     page.get_by_text("Image → captions").click()
@@ -140,6 +143,17 @@ def test_three_flows_in_a_real_browser(browser, ui_url, collection):
     page.close()
 
 
+def contrast_on_white(css_colour: str) -> float:
+    """WCAG contrast ratio of an `rgb(r, g, b)` colour against white."""
+    def channel(value: float) -> float:
+        value /= 255
+        return value / 12.92 if value <= 0.03928 else ((value + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (float(v) for v in css_colour[css_colour.index("(") + 1:css_colour.index(")")].split(",")[:3])
+    luminance = 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+    return 1.05 / (luminance + 0.05)
+
+
 def choose(page, label: str, option: str) -> None:
     """Pick an option of a Streamlit selectbox, as a person does: open it, click the option."""
     page.locator("[data-testid=stSelectbox]", has_text=label).click()
@@ -156,9 +170,26 @@ def test_a_filtered_sorted_query_and_relevance_feedback_in_a_real_browser(browse
     expect(page.locator("code", has_text="generated/blue.jpg")).to_be_visible()
     expect(page.get_by_text("taken ").first).to_be_visible()  # a date sort shows each photo's date
     shot(page, "filtered-sorted")
+    # Accessibility (issue 20 item 13): captions at AA contrast, thumbnails with alt text.
+    colour = page.locator("[data-testid=stCaptionContainer]").first.evaluate("e => getComputedStyle(e).color")
+    assert contrast_on_white(colour) >= 4.5, colour
+    assert page.locator(THUMBNAILS).first.get_attribute("alt") == "photo generated/blue.jpg"
     page.get_by_role("button", name="Less like").first.click()  # feedback keeps the filters
     page.get_by_text("refined: more like 0, less like 1").wait_for()
     expect(page.locator(THUMBNAILS)).to_have_count(2)
+    page.close()
+
+
+def test_a_phone_sized_screen_shows_two_results_a_row_and_the_view_switcher(browser, ui_url):
+    """Issue 20 item 12: at 400x800, one card per screen and the views behind the sidebar's "»"."""
+    page = browser.new_page(viewport={"width": 400, "height": 800})
+    page.set_default_timeout(60_000)
+    page.goto(f"{ui_url}/?q=a+man+with+a+camera")  # a shared link: the query comes with it
+    page.get_by_text("images for “a man with a camera”").wait_for()
+    expect(page.get_by_text("Image → captions")).to_be_in_viewport()  # no sidebar to open first
+    boxes = [page.locator(THUMBNAILS).nth(i).bounding_box() for i in range(2)]
+    assert abs(boxes[0]["y"] - boxes[1]["y"]) < 2 and boxes[1]["x"] > boxes[0]["x"] + boxes[0]["width"]
+    shot(page, "phone")
     page.close()
 
 
@@ -168,7 +199,7 @@ def test_captions_are_shown_as_text_not_rendered_as_markdown(browser, ui_url, li
     requested: list[str] = []
     page = open_ui(browser, ui_url, on_request=lambda request: requested.append(request.url))
     search_text(page, "a black horse silhouette")
-    page.locator(f".st-key-text-open-{horse} button").click()
+    page.locator(f".st-key-text-open-{horse} button").first.click()  # (a help tooltip adds a second, hidden one)
     page.get_by_role("button", name="Describe it (captions)").wait_for()  # the opened result's panel
     shot(page, "hostile-caption")
     expect(page.get_by_text(HOSTILE_CAPTION)).to_be_visible()  # shown literally, every character of it

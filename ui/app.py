@@ -15,17 +15,18 @@ from crossmodal.search import schemas
 from crossmodal.search.options import SearchOptions
 from crossmodal.ui.client import (RebuildRunning, Rejected, SearchClient, ServiceDown, ServiceError, ServiceNotReady,
                                   Upload)
+from crossmodal.ui import view_state
 from crossmodal.ui.settings import get_ui_settings
 
 VIEWS = ("Text → images", "Image → captions", "Index")
 PAGE_SIZES = (8, 12, 24, 48)
 GRID_COLUMNS = 4
-UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"]
 EXAMPLES = ("a dog running on the grass", "a man with a camera", "a horse", "a cup of coffee")
 SORTS = {"relevance": "Best match first", "date_desc": "Newest first", "date_asc": "Oldest first"}
 MODES = {"vector": "Meaning (vector search)", "hybrid": "Meaning and words (hybrid)",
          "keyword": "Words in captions and file names"}
 ANY = "Any"
+SAME_PHOTO_SCORE = 0.98  # an upload this close to an indexed photo is that photo (re-encoded or resized)
 CAPTIONED = {ANY: None, "With captions": True, "Without captions": False}
 
 
@@ -49,14 +50,17 @@ def thumbnail(api_url: str, image_id: int) -> bytes | None:
         return None
 
 
-def show_thumbnail(image_id: int, width: int | None = None) -> None:
+def show_thumbnail(image_id: int, alt: str, width: int | None = None) -> None:
+    """A result's thumbnail; `alt` (its first caption, else its file name) is what a screen reader says."""
     data = thumbnail(client().api_url, image_id)
     if data is None:
         st.caption("(no preview: the file is no longer readable)")
-    elif width:
-        st.image(data, width=width)
     else:
-        st.image(data, width="stretch")
+        st.image(data, width=width or "stretch", alt=alt)
+
+
+def alt_text(hit: schemas.ImageResult) -> str:
+    return hit.captions[0] if hit.captions else f"photo {hit.path}"
 
 
 @st.cache_data(ttl=30, show_spinner=False)
@@ -83,15 +87,31 @@ def guarded(action: Callable, *args, **kwargs):
 
 # -- shared pieces ------------------------------------------------------------------------------
 
+STYLE = """<style>
+/* Captions at WCAG AA contrast: Streamlit's grey measured 3.9:1 on white, this is 7.8:1. */
+[data-testid="stCaptionContainer"], [data-testid="stCaptionContainer"] p { color: #4a4d55; }
+/* Phones: two result cards a row (Streamlit stacks columns one per row: 12 results were 7,600 px). */
+@media (max-width: 640px) {
+  [class*=st-key-results] [data-testid="stHorizontalBlock"] { flex-wrap: wrap; gap: 0.5rem; }
+  [class*=st-key-results] [data-testid="stColumn"] { flex: 1 1 calc(50% - 0.5rem) !important;
+                                               min-width: calc(50% - 0.5rem) !important; }
+}
+</style>"""
+
+
 def image_grid(hits: list[schemas.ImageResult], key: str, feedback: bool = False, dates: bool = False) -> None:
     """Thumbnails with score, path and first caption; each can be opened or used as a query, and
     with `feedback`, refine the current query ("more like this" / "less like this"). `dates`: show
-    when each was taken (a date sort)."""
+    when each was taken (a date sort). Outside the text view, Open and Similar lead to it."""
+    here = st.session_state.get("view") == VIEWS[0]
+    opened = (_set, ("selected",)) if here else (_in_text_view, ("selected",))
+    similar = (_set, ("similar_to",)) if here else (_in_text_view, ("similar_to",))
+    grid = st.container(key=f"results-{key}")
     for row_start in range(0, len(hits), GRID_COLUMNS):
-        columns = st.columns(GRID_COLUMNS)
+        columns = grid.columns(GRID_COLUMNS)
         for column, hit in zip(columns, hits[row_start:row_start + GRID_COLUMNS]):
             with column, st.container(border=True):
-                show_thumbnail(hit.id)
+                show_thumbnail(hit.id, alt_text(hit))
                 st.markdown(f"**{hit.score:.3f}** · {code(hit.path)}")
                 if dates and hit.taken_at is not None:
                     st.caption(f"taken {hit.taken_at:%Y-%m-%d %H:%M}" + (" (file date)" if hit.taken_from == "mtime"
@@ -99,25 +119,32 @@ def image_grid(hits: list[schemas.ImageResult], key: str, feedback: bool = False
                 if hit.captions:
                     st.caption(plain(hit.captions[0]))
                 left, right = st.columns(2)
-                left.button("Open", key=f"{key}-open-{hit.id}", on_click=_set, args=("selected", hit.id),
-                            width="stretch")
-                right.button("Similar", key=f"{key}-similar-{hit.id}", on_click=_set, args=("similar_to", hit.id),
-                             width="stretch")
+                name = hit.path.rsplit("/", 1)[-1]
+                left.button("Open", key=f"{key}-open-{hit.id}", on_click=opened[0], args=(*opened[1], hit.id),
+                            width="stretch", help=f"Open {name} large, with its captions")
+                right.button("Similar", key=f"{key}-similar-{hit.id}", on_click=similar[0],
+                             args=(*similar[1], hit.id), width="stretch", help=f"Photos like {name}")
                 if feedback:
                     left, right = st.columns(2)
                     left.button("More like", key=f"{key}-morelike-{hit.id}", on_click=_feedback,
-                                args=("more", hit.id), width="stretch", help="More like this: refine the query")
+                                args=("more", hit.id), width="stretch", help=f"More like {name}: refine the query")
                     right.button("Less like", key=f"{key}-lesslike-{hit.id}", on_click=_feedback,
-                                 args=("less", hit.id), width="stretch", help="Less like this: refine the query")
+                                 args=("less", hit.id), width="stretch", help=f"Less like {name}: refine the query")
 
 
 def caption_list(hits: list[schemas.CaptionResult]) -> None:
+    """Ranked captions grouped by their photo: one thumbnail per photo, its matching captions beside it
+    (a photo with three matching captions was shown three times)."""
+    groups: dict[int, list[tuple[int, schemas.CaptionResult]]] = {}
     for rank, hit in enumerate(hits, 1):
+        groups.setdefault(hit.image_id, []).append((rank, hit))
+    for image_id, ranked in groups.items():
         thumb, text = st.columns([1, 5], vertical_alignment="center")
         with thumb:
-            show_thumbnail(hit.image_id, width=96)
-        text.markdown(f"{rank}\\. **{hit.score:.3f}** · {plain(hit.text)}")
-        text.caption(f"image {code(hit.image_path)} (id {hit.image_id})")
+            show_thumbnail(image_id, alt=ranked[0][1].text, width=96)
+        for rank, hit in ranked:
+            text.markdown(f"{rank}\\. **{hit.score:.3f}** · {plain(hit.text)}")
+        text.caption(f"image {code(ranked[0][1].image_path)} (id {image_id})")
 
 
 MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|$:<>~&=^])")
@@ -144,16 +171,19 @@ def _set(key: str, value) -> None:
 
 def _feedback(side: str, image_id: int) -> None:
     """Refine the current text query with this result (relevance feedback); one side per image."""
-    feedback = st.session_state.setdefault("feedback", {"more": [], "less": []})
+    state = st.session_state
     other = "less" if side == "more" else "more"
-    if image_id in feedback[other]:
-        feedback[other].remove(image_id)
-    if image_id not in feedback[side]:
-        feedback[side].append(image_id)
+    state[f"feedback_{other}"] = [i for i in state.get(f"feedback_{other}", []) if i != image_id]
+    if image_id not in state.get(f"feedback_{side}", []):
+        state[f"feedback_{side}"] = [*state.get(f"feedback_{side}", []), image_id]
+
+
+def _feedback_now() -> dict[str, list[int]]:
+    return {side: list(st.session_state.get(f"feedback_{side}", [])) for side in ("more", "less")}
 
 
 def _clear_feedback() -> None:
-    st.session_state.feedback = {"more": [], "less": []}
+    st.session_state.feedback_more, st.session_state.feedback_less = [], []
 
 
 def _new_query() -> None:
@@ -167,32 +197,62 @@ def _new_query() -> None:
 def _describe(image_id: int) -> None:
     """Jump to Image → captions with this collection image as the query."""
     st.session_state.describe_id = image_id
+    st.session_state.selected = None
     st.session_state.view = VIEWS[1]
 
 
+def _in_text_view(key: str, image_id: int) -> None:
+    """Open, or list images similar to, a result of the Image → captions view: both are shown in the
+    Text → images view, so go there (they did nothing visible where they were clicked, issue 20 item 2)."""
+    st.session_state[key] = image_id
+    st.session_state.view = VIEWS[0]
+
+
 def detail_panel(api: SearchClient) -> None:
-    """The opened result, large, with its captions; from here it can be described or used as a query."""
+    """The opened result, in a dialog over the page: where it is seen whatever the scroll position (drawn at
+    the top of the page, it was out of sight for a result further down, issue 20 item 3)."""
     image_id = st.session_state.get("selected")
     if image_id is None:
-        return
+        st.session_state.pop("_leave_result", None)  # left by a full rerun of the page: nothing to leave
+    else:
+        _opened_result(api, image_id)
+
+
+def _dismissed() -> None:
+    st.session_state.selected = None
+
+
+@st.dialog("Result", width="large", on_dismiss=_dismissed)
+def _opened_result(api: SearchClient, image_id: int) -> None:
+    """The opened result, large, with its captions; from here it can be described or used as a query."""
+    if st.session_state.pop("_leave_result", False):
+        st.rerun()  # a button below changed the page: a click in a dialog reruns only the dialog
     detail = guarded(api.image, image_id)
     if detail is None:
-        st.session_state.selected = None
         return
-    with st.container(border=True):
-        picture, info = st.columns([3, 2])
-        data = guarded(api.image_file, image_id)
-        if data is not None:
-            picture.image(data, width="stretch")
-        info.subheader(plain(detail.path))
-        info.caption(f"id {detail.id} · {detail.width}×{detail.height} px · {detail.bytes:,} bytes")
-        for caption in detail.captions:
-            info.markdown(f"- {plain(caption.text)}")
-        if not detail.captions:
-            info.caption("No captions for this image.")
-        info.button("Similar images", key="detail-similar", on_click=_set, args=("similar_to", image_id))
-        info.button("Describe it (captions)", key="detail-describe", on_click=_describe, args=(image_id,))
-        info.button("Close", key="detail-close", on_click=_set, args=("selected", None))
+    picture, info = st.columns([3, 2])
+    data = guarded(api.image_file, image_id)
+    if data is not None:
+        picture.image(data, width="stretch", alt=detail.captions[0].text if detail.captions else f"photo {detail.path}")
+    info.subheader(plain(detail.path))
+    info.caption(f"id {detail.id} · {detail.width}×{detail.height} px · {detail.bytes:,} bytes")
+    for caption in detail.captions:
+        info.markdown(f"- {plain(caption.text)}")
+    if not detail.captions:
+        info.caption("No captions for this image.")
+    info.button("Similar images", key="detail-similar", on_click=_leave_result, args=("similar_to", image_id))
+    info.button("Describe it (captions)", key="detail-describe", on_click=_leave_result, args=("describe_id", image_id))
+    info.button("Close", key="detail-close", on_click=_leave_result)
+
+
+def _leave_result(key: str | None = None, image_id: int | None = None) -> None:
+    """Close the opened result, and show images similar to it or describe it."""
+    state = st.session_state
+    state.selected, state._leave_result = None, True
+    if key == "similar_to":
+        state.similar_to = image_id
+    elif key == "describe_id":
+        _describe(image_id)
 
 
 # -- views --------------------------------------------------------------------------------------
@@ -205,7 +265,7 @@ def text_view(api: SearchClient) -> None:
     query_column.caption("Combine terms: `beach +2:sunset -people` (weights up to 10; `-` steers away) · "
                          "`image:ID` is a result's image · **More like** / **Less like** on a result "
                          "refines the query.")
-    page_size = size_column.selectbox("Results per page", PAGE_SIZES, index=1, key="page_size")
+    page_size = size_column.selectbox("Results per page", PAGE_SIZES, key="page_size")
     options = search_options(api)
     detail_panel(api)
     similar_to = st.session_state.get("similar_to")
@@ -220,15 +280,19 @@ def text_view(api: SearchClient) -> None:
 def search_options(api: SearchClient) -> SearchOptions:
     """The sidebar's filters, sort and match mode; every search of the text view uses them."""
     found = facets(api.api_url)
+    folders = [ANY, *(f.folder for f in found.folders)] if found else [ANY]
+    cameras = [ANY, *(c.camera for c in found.cameras)] if found else [ANY]
+    _choices_of("filter_folder", folders)
+    _choices_of("filter_camera", cameras)
     with st.sidebar.expander("Filters and order", expanded=True):
-        folder = st.selectbox("Folder", [ANY, *(f.folder for f in found.folders)] if found else [ANY],
-                              key="filter_folder", format_func=lambda f: "All folders" if f == ANY else f)
-        camera = st.selectbox("Camera", [ANY, *(c.camera for c in found.cameras)] if found else [ANY],
-                              key="filter_camera")
+        folder = st.selectbox("Folder", folders, key="filter_folder",
+                              format_func=lambda f: "All folders" if f == ANY else f)
+        camera = st.selectbox("Camera", cameras, key="filter_camera")
         dates = None
         if found and found.taken_first and st.checkbox("Only photos taken between", key="filter_dates"):
-            dates = st.date_input("Dates taken", value=(found.taken_first.date(), found.taken_last.date()),
-                                  key="filter_date_range")
+            if len(st.session_state.get("filter_date_range") or ()) != 2:
+                st.session_state.filter_date_range = (found.taken_first.date(), found.taken_last.date())
+            dates = st.date_input("Dates taken", key="filter_date_range")
         orientation = st.selectbox("Orientation", [ANY, "landscape", "portrait", "square"], key="filter_orientation")
         captions = st.selectbox("Captions", list(CAPTIONED), key="filter_captions")
         sort = st.selectbox("Order", list(SORTS), format_func=SORTS.get, key="sort",
@@ -241,6 +305,12 @@ def search_options(api: SearchClient) -> SearchOptions:
                          sort=sort, mode=mode)
 
 
+def _choices_of(key: str, choices: list[str]) -> None:
+    """A kept or bookmarked choice the collection no longer has (a folder since removed) becomes Any."""
+    if st.session_state.get(key) not in choices:
+        st.session_state[key] = ANY
+
+
 def _search_text(api: SearchClient, query: str, k: int, offset: int, feedback: dict, options: SearchOptions):
     if feedback["more"] or feedback["less"]:
         return api.images_by_query(query, k, offset, feedback["more"], feedback["less"], options)
@@ -248,12 +318,13 @@ def _search_text(api: SearchClient, query: str, k: int, offset: int, feedback: d
 
 
 def text_results(api: SearchClient, query: str, page_size: int, options: SearchOptions) -> None:
-    feedback = st.session_state.setdefault("feedback", {"more": [], "less": []})
+    feedback = _feedback_now()
     wanted = {"query": query, "page_size": page_size, "more": list(feedback["more"]), "less": list(feedback["less"]),
               "options": options.model_dump(mode="json")}
     state = st.session_state.get("text_results")
     if not state or any(state[key] != value for key, value in wanted.items()):
-        response = guarded(_search_text, api, query, page_size, 0, feedback, options)
+        with st.spinner("Searching…"):
+            response = guarded(_search_text, api, query, page_size, 0, feedback, options)
         if response is None:
             return
         state = {**wanted, "hits": response.results, "took_ms": response.took_ms,
@@ -296,7 +367,8 @@ def similar_results(api: SearchClient, image_id: int, page_size: int, options: S
     header, back = st.columns([4, 1], vertical_alignment="bottom")
     header.subheader(f"Images similar to {plain(title)}")
     back.button("Back to text search", key="similar-back", on_click=_set, args=("similar_to", None))
-    response = guarded(api.similar_images, image_id, page_size, 0, options)
+    with st.spinner("Finding similar photos…"):
+        response = guarded(api.similar_images, image_id, page_size, 0, options)
     if response is not None:
         image_grid(response.results, "similar", dates=options.sort != "relevance")
 
@@ -304,13 +376,14 @@ def similar_results(api: SearchClient, image_id: int, page_size: int, options: S
 def image_view(api: SearchClient) -> None:
     st.header("Find captions for an image")
     upload_column, k_column = st.columns([4, 1])
-    upload = upload_column.file_uploader("Upload an image", type=UPLOAD_TYPES, key="upload")
+    # Any file is taken, and the service judges its bytes: the uploader's own refusal of a type was a
+    # small red "!" whose reason showed on hover only (issue 20 item 7); the service's is said in words.
+    upload = upload_column.file_uploader("Upload an image (JPEG, PNG, WebP, GIF, BMP or TIFF)", key="upload")
     k = k_column.selectbox("Results", PAGE_SIZES, index=1, key="image_k")
     describe_id = st.session_state.get("describe_id")
     if upload is not None:
         query = Upload(upload.name, upload.getvalue(), upload.type or "application/octet-stream")
-        captions = guarded(api.captions_by_image, query, k)  # the service judges the bytes first
-        images = guarded(api.images_by_image, query, k) if captions is not None else None
+        captions, images = _image_query_results(api, query, (upload.file_id, k), k)
         if images is None:
             return
         left, right = st.columns([1, 3])
@@ -318,17 +391,26 @@ def image_view(api: SearchClient) -> None:
     elif describe_id is not None:
         left, right = st.columns([1, 3])
         with left:
-            show_thumbnail(describe_id)
+            show_thumbnail(describe_id, alt="the collection photo being described")
             st.button("Clear", key="describe-clear", on_click=_set, args=("describe_id", None))
-        captions = guarded(api.captions_for_image, describe_id, k)
-        images = guarded(api.similar_images, describe_id, k) if captions is not None else None
+        with st.spinner("Searching…"):
+            captions = guarded(api.captions_for_image, describe_id, k)
+            images = guarded(api.similar_images, describe_id, k) if captions is not None else None
     else:
         st.info("Upload a photo, or press **Open → Describe it** on a search result to use an indexed image.")
         return
     if captions is None or images is None:
         return
+    own = describe_id is not None and upload is None
     with right:
-        st.subheader("Captions that describe it")
+        if own or (images.results and images.results[0].score >= SAME_PHOTO_SCORE):
+            st.subheader("Captions that describe it")
+            if not own:
+                st.caption(f"This photo is in your collection: {code(images.results[0].path)}.")
+        else:
+            st.subheader("Captions of similar photos in your collection")
+            st.caption("This photo is not in the collection: these captions were written for the photos most "
+                       "like it, grouped by photo.")
         if captions.results:
             caption_list(captions.results)
         else:
@@ -337,8 +419,25 @@ def image_view(api: SearchClient) -> None:
     image_grid(images.results, "image")
 
 
-def index_view(api: SearchClient) -> None:
+def _image_query_results(api: SearchClient, query: Upload, key: tuple, k: int):
+    """(captions, images) for an upload, asked once per upload and size: a click elsewhere on the page
+    (a button of a result) re-sent the photo every time."""
+    kept = st.session_state.get("image_results")
+    if kept and kept["key"] == key:
+        return kept["captions"], kept["images"]
+    with st.spinner("Reading the photo and searching…"):
+        captions = guarded(api.captions_by_image, query, k)  # the service judges the bytes first
+        images = guarded(api.images_by_image, query, k) if captions is not None else None
+    if images is not None:
+        st.session_state.image_results = {"key": key, "captions": captions, "images": images}
+    return captions, images
+
+
+def index_view(api: SearchClient, status: str) -> None:
     st.header("Index")
+    if status == "down":  # said once, in the sidebar; nothing here can work until it is back
+        st.info("The Index view needs the service (see the sidebar).")
+        return
     stats = None
     try:
         stats = api.stats()
@@ -348,8 +447,10 @@ def index_view(api: SearchClient) -> None:
         st.error(str(err))
     if stats is not None:
         show_stats(stats)
-    rebuild_form(api, stats)
     job_id = st.session_state.get("job_id") or _running_job_id(api)
+    running = job_id is not None and _job_state(api, job_id) in ("queued", "running")
+    rebuild_form(api, stats, running)
+    job_id = st.session_state.get("job_id") or job_id  # the form may have just started one
     if job_id:
         job_panel(api, job_id)
 
@@ -365,7 +466,8 @@ def show_stats(stats: schemas.Stats) -> None:
                 f"{code(stats.caption_index_type)} · built {built}  \nCollection {code(stats.collection_root)}")
 
 
-def rebuild_form(api: SearchClient, stats: schemas.Stats | None) -> None:
+def rebuild_form(api: SearchClient, stats: schemas.Stats | None, running: bool = False) -> None:
+    """The rebuild form; its button is disabled while a rebuild runs (its progress is shown below)."""
     with st.form("rebuild"):
         st.subheader("Rebuild")
         collection = st.text_input("Collection folder (on the server)", value=stats.collection_root if stats else "",
@@ -375,7 +477,8 @@ def rebuild_form(api: SearchClient, stats: schemas.Stats | None) -> None:
         st.text_input("Admin token", type="password", key="admin_token",
                       help="The service's CROSSMODAL_ADMIN_TOKEN, when it has one. The UI holds no token of its "
                            "own: it sends yours for this browser session only.")
-        submitted = st.form_submit_button("Rebuild index")
+        submitted = st.form_submit_button("Rebuild index", disabled=running,
+                                          help="A rebuild is running: its progress is below." if running else None)
     if not submitted:
         return
     if not collection.strip():
@@ -398,6 +501,14 @@ def rebuild_form(api: SearchClient, stats: schemas.Stats | None) -> None:
 def _token() -> str:
     """The admin token the user typed in this browser session (empty: none)."""
     return st.session_state.get("admin_token", "").strip()
+
+
+def _job_state(api: SearchClient, job_id: str) -> str | None:
+    """A job's state, quietly (the job panel below says what went wrong, once)."""
+    try:
+        return api.job(job_id, _token()).state
+    except ServiceError:
+        return None
 
 
 def _running_job_id(api: SearchClient) -> str | None:
@@ -460,50 +571,64 @@ def _duration(seconds: float) -> str:
 
 # -- page ---------------------------------------------------------------------------------------
 
-def sidebar(api: SearchClient) -> tuple[str, bool]:
-    """Navigation and service status; returns (view, whether search can run)."""
+def sidebar(api: SearchClient) -> tuple[str, tuple[str, str | None]]:
+    """Navigation and the service's status, kept current; returns (view, status) (see service_status)."""
+    # The view switcher sits on top of the page, not in the sidebar: on a phone the sidebar folds away
+    # behind an unlabelled "»", and it stayed over the content after a view was picked (issue 20 item 12).
+    view = st.radio("View", VIEWS, key="view", horizontal=True, label_visibility="collapsed")
     with st.sidebar:
         st.title("crossmodal")
-        view = st.radio("View", VIEWS, key="view")
-        st.divider()
-        try:
-            ready = api.ready()
-        except ServiceDown as err:
-            st.error(str(err))
-            st.button("Try again", key="retry")
-            return view, False
-        if ready.ready:
-            st.success("Service ready")
-        else:
-            st.warning(f"Service not ready: {plain(ready.reason or '')}")
-            wait_until_ready(api)
-        st.caption(f"API `{api.api_url}`")
-        return view, ready.ready
+        status = _status(api)
+        service_status(api, status)
+        return view, status
 
 
-@st.fragment(run_every=2.0)
-def wait_until_ready(api: SearchClient) -> None:
-    """While the service loads (or has no index yet), re-check quietly and reload the page once it is ready."""
+def _status(api: SearchClient) -> tuple[str, str | None]:
+    """("ready", None), ("loading", why: loading, or no index yet) or ("down", message)."""
     try:
-        if api.ready().ready:
-            st.rerun()
-    except ServiceError:
-        pass
+        ready = api.ready()
+    except ServiceDown as err:
+        return "down", str(err)
+    return ("ready", None) if ready.ready else ("loading", ready.reason or "")
+
+
+@st.fragment(run_every=3.0)
+def service_status(api: SearchClient, drawn: tuple[str, str | None]) -> None:
+    """The status, re-checked every 3 s: when it changes (the service went down, came back, finished
+    loading), the whole page is drawn again, so it never says "ready" about a service that is gone and
+    recovers by itself (issue 20 item 8)."""
+    if _status(api) != drawn:
+        st.rerun()
+    state, detail = drawn
+    if state == "ready":
+        st.success("Service ready")
+    elif state == "loading":
+        st.warning(f"Service not ready: {plain(detail or '')}")
+    else:
+        st.error(f"{detail} This page reconnects by itself.")
+        st.button("Try again now", key="retry")
+    st.caption(f"API `{api.api_url}`")
 
 
 def main() -> None:
     st.set_page_config(page_title="crossmodal search", page_icon="🔎", layout="wide")
+    st.html(STYLE)
+    view_state.restore(VIEWS)  # from the URL on a first visit, else as the controls left it
     api = client()
-    view, searchable = sidebar(api)
+    view, (status, reason) = sidebar(api)
     if view == VIEWS[2]:
-        index_view(api)
-    elif not searchable:
-        st.info("Search is unavailable until the service is ready (see the sidebar). "
-                "The Index view can build the first index.")
+        index_view(api, status)
+    elif status == "down":
+        st.info("Search is unavailable while the service cannot be reached (see the sidebar); your query and "
+                "results come back when it does.")
+    elif status == "loading":
+        st.info("Search is unavailable until the service is ready (see the sidebar)."
+                + (" The Index view can build the first index." if "no index" in (reason or "") else ""))
     elif view == VIEWS[0]:
         text_view(api)
     else:
         image_view(api)
+    view_state.publish(VIEWS)
 
 
 main()

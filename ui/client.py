@@ -61,7 +61,7 @@ class SearchClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as err:
-            raise ServiceDown(f"The search service at {self.api_url} is not reachable ({type(err).__name__}). "
+            raise ServiceDown(f"The search service at {self.api_url} is not reachable. "
                               "Start it with `crossmodal serve`, or point the UI at it with `--api URL`.") from err
         if response.status_code < 400:
             return response
@@ -174,5 +174,27 @@ def _detail(response: httpx.Response) -> str:
     except ValueError:
         return response.text or response.reason_phrase
     if isinstance(detail, list):
-        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
+        return "; ".join(dict.fromkeys(_plain_error(d) for d in detail))  # one sentence per distinct mistake
     return str(detail)
+
+
+FIELD_NAMES = {"q": "The query", "k": "The number of results", "offset": "The page", "file": "The upload"}
+
+
+def _plain_error(error: dict) -> str:
+    """A validation error as a sentence: "The query is too long: at most 500 characters", not
+    "q: String should have at most 500 characters"."""
+    loc = [str(part) for part in error.get("loc", [])[1:2]]
+    field = FIELD_NAMES.get(loc[0], loc[0].replace("_", " ").capitalize()) if loc else "The request"
+    context = error.get("ctx") or {}
+    kind = error.get("type", "")
+    if kind == "string_too_long":
+        return f"{field} is too long: at most {context.get('max_length')} characters"
+    if kind == "string_too_short":
+        return f"{field} is empty"
+    if kind in ("less_than_equal", "greater_than_equal"):
+        bound = "at most" if kind == "less_than_equal" else "at least"
+        return f"{field} must be {bound} {context.get('le', context.get('ge'))}"
+    if kind == "literal_error":
+        return f"{field} must be one of {context.get('expected')}"
+    return f"{field}: {str(error.get('msg', '')).lower()}"
