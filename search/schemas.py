@@ -158,8 +158,20 @@ class Job(BaseModel):
     build_id: int | None = None
     images: int | None = None
     captions_indexed: int | None = None
+    removed: int | None = Field(None, description="Indexed photos the rebuild removed (no longer in the folder).")
     skipped: list[SkippedItem] = []
     bad_caption_rows: list[SkippedItem] = []
+
+
+class RebuildPreview(BaseModel):
+    """What a rebuild over a folder would do to the served index (GET /v1/index/preview), before it starts."""
+
+    collection: str
+    indexed_from: str | None = Field(description="The folder the served index was built from.")
+    indexed: int = Field(description="Photos in the served index.")
+    found: int = Field(description="Image files in the folder.")
+    would_remove: int = Field(description="Indexed photos without a file at their path in the folder: the "
+                                          "rebuild removes them.")
 
 
 class Health(BaseModel):

@@ -52,3 +52,22 @@ def test_a_job_whose_service_died_is_reported_failed_and_blocks_nothing(indexed,
         client.app.state.service.jobs.wait(120)
         assert client.get(f"/v1/index/jobs/{started.json()['id']}").json()["state"] == "done"
         assert store.job("orphan").state == "failed"  # marked so in the database, once a new job came
+
+
+def test_a_rebuild_preview_counts_the_photos_it_would_remove(indexed, encoder, collection, tmp_path):
+    (collection / "cat.jpg").unlink()
+    (collection / "generated" / "red.png").rename(collection / "generated" / "red2.png")  # moved: gone at its path
+    with TestClient(create_app(indexed, SearchEngine(indexed, encoder=encoder))) as client:
+        preview = client.get("/v1/index/preview", params={"collection": str(collection)}).json()
+        assert preview == {"collection": str(collection.resolve()), "indexed_from": str(collection.resolve()),
+                           "indexed": 18, "found": 17, "would_remove": 2}
+        (tmp_path / "empty").mkdir()
+        elsewhere = client.get("/v1/index/preview", params={"collection": str(tmp_path / "empty")}).json()
+        assert elsewhere["would_remove"] == 18 and elsewhere["found"] == 0
+        assert client.get("/v1/index/preview", params={"collection": str(tmp_path / "no")}).status_code == 400
+        job = client.post("/v1/index/jobs", json={"collection": str(collection)}).json()
+        deadline = time.time() + 120
+        while (seen := client.get(f"/v1/index/jobs/{job['id']}").json())["state"] not in ("done", "failed") \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        assert seen["state"] == "done" and seen["removed"] == 2 and seen["images"] == 17

@@ -252,6 +252,34 @@ def test_index_view_rebuild_shows_progress_then_skipped_files(app_for, live_serv
     assert list(skipped["file"]) == ["broken.jpg"] and "corrupt" in skipped["reason"][0]
 
 
+def test_a_rebuild_that_would_remove_photos_says_how_many_and_asks(app_for, live_server, tmp_path):
+    """Issue 20 item 5: a rebuild over another folder replaced 300 photos with 50, without a word."""
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(2):
+        solid_image((90 * i, 60, 200), size=(96, 64)).save(other / f"o{i}.png")
+    at = app_for(live_server).run()
+    at.radio(key="view").set_value("Index").run()
+    at.text_input(key="rebuild_collection").set_value(str(other))  # a form: its values go with the submit
+    at.button(key="FormSubmitter:rebuild-Rebuild index").click().run()
+    assert not at.error, texts(at.error)
+    assert "would remove **18 of the 18 indexed photos**" in texts(at.warning) and "2 image files" in texts(at.warning)
+    assert "Rebuild and remove 18 photos" in [b.label for b in at.button]
+    with httpx.Client(base_url=live_server) as http:
+        assert http.get("/v1/index/jobs").json() == []  # nothing started before the answer
+    at.button(key="rebuild-cancel").click().run()
+    assert not at.warning and "rebuild-confirm" not in {b.key for b in at.button}
+
+    at.text_input(key="rebuild_collection").set_value(str(other))
+    at.button(key="FormSubmitter:rebuild-Rebuild index").click().run()
+    at.button(key="rebuild-confirm").click().run()
+    deadline = time.time() + 120
+    while time.time() < deadline and not at.success[1:]:
+        time.sleep(0.3)
+        at.run()
+    assert "published: 2 images, 0 captions. 18 photos no longer in the folder were removed." in texts(at.success)
+
+
 def test_the_rebuild_button_is_disabled_while_a_rebuild_runs(app_for, live_server, collection):
     """Issue 20 item 11: "Rebuild index" stayed clickable during a run (a second click got a 409, explained)."""
     for i in range(80):  # enough work that the job is surely still running while the app is driven

@@ -479,21 +479,62 @@ def rebuild_form(api: SearchClient, stats: schemas.Stats | None, running: bool =
                            "own: it sends yours for this browser session only.")
         submitted = st.form_submit_button("Rebuild index", disabled=running,
                                           help="A rebuild is running: its progress is below." if running else None)
-    if not submitted:
+    pending = st.session_state.get("pending_rebuild")
+    if submitted:
+        if not collection.strip():
+            st.error("Name the collection folder to index.")
+            return
+        pending = {"collection": collection.strip(), "captions": captions.strip() or None, "confirmed": False}
+        st.session_state.pending_rebuild = pending
+    if pending is None or running:
         return
-    if not collection.strip():
-        st.error("Name the collection folder to index.")
+    if not pending["confirmed"] and not _removal_confirmed(api, pending):
         return
+    st.session_state.pending_rebuild = None
+    _start_rebuild(api, pending["collection"], pending["captions"])
+
+
+def _removal_confirmed(api: SearchClient, pending: dict) -> bool:
+    """A rebuild that would remove indexed photos says how many, and starts only once the user agrees
+    (a rebuild over another folder silently replaced 300 photos with 50, issue 20 item 5)."""
     try:
-        job = api.start_rebuild(collection.strip(), captions.strip() or None, token=_token())
+        preview = api.preview_rebuild(pending["collection"], token=_token())
+    except ServiceError as err:
+        st.session_state.pending_rebuild = None
+        _rebuild_refused(err)
+        return False
+    if not preview.would_remove:
+        return True
+    elsewhere = f" (indexed from {code(preview.indexed_from)})" if preview.indexed_from != preview.collection else ""
+    st.warning(f"This rebuild would remove **{preview.would_remove:,} of the {preview.indexed:,} indexed photos**"
+               f"{elsewhere}: {code(preview.collection)} has no file at their paths. It holds "
+               f"{preview.found:,} image files.")
+    go, cancel = st.columns(2)
+    go.button(f"Rebuild and remove {preview.would_remove:,} photos", key="rebuild-confirm", type="primary",
+              on_click=_confirm_rebuild)
+    cancel.button("Cancel", key="rebuild-cancel", on_click=_set, args=("pending_rebuild", None))
+    return False
+
+
+def _rebuild_refused(err: ServiceError) -> None:
+    if err.status == 401:
+        st.error("This service needs its admin token for rebuilds: enter it in the form above.")
+    else:
+        st.error(f"The rebuild could not start: {plain(str(err))}")
+
+
+def _confirm_rebuild() -> None:
+    st.session_state.pending_rebuild = {**st.session_state.pending_rebuild, "confirmed": True}
+
+
+def _start_rebuild(api: SearchClient, collection: str, captions: str | None) -> None:
+    try:
+        job = api.start_rebuild(collection, captions, token=_token())
     except RebuildRunning as err:
         st.warning(f"{plain(str(err))}. Its progress is shown below.")
         return
     except ServiceError as err:
-        if err.status == 401:
-            st.error("This service needs its admin token for rebuilds: enter it in the form above.")
-        else:
-            st.error(f"The rebuild could not start: {plain(str(err))}")
+        _rebuild_refused(err)
         return
     st.session_state.job_id = job.id
 
@@ -552,7 +593,9 @@ def show_job(job: schemas.Job) -> None:
             st.progress(min(1.0, progress.done / progress.total),
                         text=f"{progress.phase}: {progress.done:,} / {progress.total:,} · {progress.rate:.1f}/s{eta}")
     elif job.state == "done":
-        st.success(f"Build {job.build_id} published: {job.images:,} images, {job.captions_indexed:,} captions.")
+        removed = f" {job.removed:,} photos no longer in the folder were removed." if job.removed else ""
+        st.success(f"Build {job.build_id} published: {job.images:,} images, {job.captions_indexed:,} captions."
+                   + removed)
     else:
         st.error(f"The rebuild failed: {plain(job.error or '')}")
     for title, items in (("Skipped files", job.skipped), ("Bad caption rows", job.bad_caption_rows)):

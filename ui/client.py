@@ -146,6 +146,10 @@ class SearchClient:
         return self._json("POST", "/v1/index/jobs", schemas.Job, json=body.model_dump(exclude_none=True),
                           headers=_bearer(token))
 
+    def preview_rebuild(self, collection: str, token: str = "") -> schemas.RebuildPreview:
+        return self._json("GET", "/v1/index/preview", schemas.RebuildPreview, params={"collection": collection},
+                          headers=_bearer(token))
+
     def job(self, job_id: str, token: str = "") -> schemas.Job:
         return self._json("GET", f"/v1/index/jobs/{job_id}", schemas.Job, headers=_bearer(token))
 

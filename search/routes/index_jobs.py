@@ -26,6 +26,17 @@ def start_job(service: ServiceDep, body: schemas.JobRequest):
         raise HTTPException(409, str(err)) from err
 
 
+@router.get("/v1/index/preview", response_model=schemas.RebuildPreview)
+def preview_rebuild(service: ServiceDep, collection: str):
+    """How many indexed photos a rebuild over `collection` would remove, before starting it (the UI asks)."""
+    if service.jobs is None:
+        raise HTTPException(503, "the service is still starting")
+    try:
+        return service.jobs.preview(Path(collection))
+    except FileNotFoundError as err:
+        raise HTTPException(400, str(err)) from err
+
+
 @router.get("/v1/index/jobs", response_model=list[schemas.Job])
 def list_jobs(service: ServiceDep):
     """Rebuild jobs since the service started, newest first."""
