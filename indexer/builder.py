@@ -64,6 +64,8 @@ class Progress:
     total: int = 0
     rate: float = 0.0  # items per second in this phase
     eta_seconds: float | None = None
+    overall: float = 0.0  # the whole build's share done (all phases), 0..1
+    overall_eta_seconds: float | None = None  # time left for the whole build
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -97,25 +99,71 @@ class BuildReport:
         return data
 
 
-class _Meter:
-    """Rate and ETA for one phase."""
+class _BuildProgress:
+    """One progress over the whole build. Each phase's time is estimated from its item count and a cost
+    per item: measured once the phase has done some, a prior until then. So the bar does not start
+    again at each phase, and the time left covers every phase still to come (a bar per phase said
+    "about 0 s left" 20 s before the end, issue 20 item 11)."""
 
-    def __init__(self, phase: str, total: int, callback: ProgressCallback | None):
-        self.phase, self.total, self.callback = phase, total, callback
+    PHASES = ("images", "captions", "indexing")
+    PRIOR_SECONDS = {"images": 1 / 60, "captions": 1 / 300, "indexing": 2e-4}  # per item, on a 2-core CPU
+
+    def __init__(self, callback: ProgressCallback | None):
+        self.callback, self.start = callback, time.perf_counter()
+        self.items = dict.fromkeys(self.PHASES, 0)
+        self.meters: dict[str, _Meter] = {}
+
+    def expect(self, phase: str, items: int) -> None:
+        """The items a later phase will have, as far as known now (its meter gives the exact count)."""
+        self.items[phase] = items
+
+    def meter(self, phase: str, total: int) -> "_Meter":
+        if phase in self.items:
+            self.items[phase] = total
+        meter = self.meters[phase] = _Meter(phase, total, self)
+        meter.report()
+        return meter
+
+    def report(self, meter: "_Meter") -> None:
+        if self.callback is None:
+            return
+        elapsed = time.perf_counter() - meter.start
+        rate = meter.done / elapsed if elapsed > 0 and meter.done else 0.0
+        eta = (meter.total - meter.done) / rate if rate else None
+        left = self.seconds_left()
+        spent = time.perf_counter() - self.start
+        overall = 1.0 if meter.phase == "done" else spent / (spent + left) if spent + left > 0 else 0.0
+        self.callback(Progress(meter.phase, meter.done, meter.total, rate, eta, overall,
+                               None if meter.phase == "done" else left))
+
+    def seconds_left(self) -> float:
+        left = 0.0
+        for phase in self.PHASES:
+            meter = self.meters.get(phase)
+            if meter is None:
+                left += self.items[phase] * self.PRIOR_SECONDS[phase]
+            elif meter.total:
+                share_left = max(0.0, 1 - meter.done / meter.total)
+                per_item = (time.perf_counter() - meter.start) / meter.done if meter.done and phase != "indexing" \
+                    else self.PRIOR_SECONDS[phase]
+                left += share_left * self.items[phase] * per_item if phase == "indexing" \
+                    else (meter.total - meter.done) * per_item
+        return left
+
+
+class _Meter:
+    """Rate and ETA for one phase, reported with the whole build's (_BuildProgress)."""
+
+    def __init__(self, phase: str, total: int, build: _BuildProgress):
+        self.phase, self.total, self.build = phase, total, build
         self.done, self.start = 0, time.perf_counter()
-        self.report()
 
     def advance(self, n: int) -> None:
         self.done += n
         self.report()
 
     def report(self) -> None:
-        if self.callback is None:
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / elapsed if elapsed > 0 and self.done else 0.0
-        eta = (self.total - self.done) / rate if rate else None
-        self.callback(Progress(self.phase, self.done, self.total, rate, eta))
+        self.build.report(self)
 
 
 class IndexBuilder:
@@ -157,11 +205,15 @@ class IndexBuilder:
         known_dim = previous.dim if previous and previous.model == model else None
         lazy = _LazyEncoder(self, model, known_dim)
         try:
-            _Meter("scanning", 0, progress)
+            tracker = _BuildProgress(progress)
+            tracker.meter("scanning", 0)
             entries, report.skipped = scan(root)
-            images = self._index_images(entries, lazy, build_id, report, progress)
-            captions = self._index_captions(parsed, images, lazy, report, progress)
-            self._write_and_publish(build_id, lazy, images, captions, report, progress, start)
+            captions_expected = len(parsed.rows) if parsed else 0
+            tracker.expect("captions", captions_expected)
+            tracker.expect("indexing", len(entries) + captions_expected)
+            images = self._index_images(entries, lazy, build_id, report, tracker)
+            captions = self._index_captions(parsed, images, lazy, report, tracker)
+            self._write_and_publish(build_id, lazy, images, captions, report, tracker, start)
         except BaseException as err:
             self._fail(build_id, err)
             raise
@@ -190,7 +242,7 @@ class IndexBuilder:
     # -- images ----------------------------------------------------------------------------
 
     def _index_images(self, entries: list[FileEntry], lazy: "_LazyEncoder", build_id: int, report: BuildReport,
-                      progress: ProgressCallback | None) -> dict[int, str]:
+                      tracker: _BuildProgress) -> dict[int, str]:
         """Returns {image row id: content hash} of every image in the new build."""
         known = self.store.image_rows_by_path()
         with self.store.session() as s:
@@ -204,7 +256,7 @@ class IndexBuilder:
         live = {row.id: row.content_hash for row in unchanged.values() if row.content_hash in have}
         report.n_reused = len(live)
         todo = [e for e in entries if not (e.path in unchanged and unchanged[e.path].id in live)]
-        meter = _Meter("images", len(todo), progress)
+        meter = tracker.meter("images", len(todo))
         if not todo:
             report.n_images = len(live)
             return live
@@ -224,8 +276,9 @@ class IndexBuilder:
                     report.skipped.append(SkippedFile(entry.path, reason))
                 else:
                     loaded.append(result)
-            live.update(self._store_images(loaded, encoder, build_id, report))
-            meter.advance(len(batch))
+            before = meter.done
+            live.update(self._store_images(loaded, encoder, build_id, report, meter))
+            meter.advance(len(batch) - (meter.done - before))  # the skipped and the already embedded
         report.n_images = len(live)
         return live
 
@@ -236,8 +289,9 @@ class IndexBuilder:
         return image, encoder.prepare(image.pixels)
 
     def _store_images(self, loaded: list[tuple[LoadedImage, torch.Tensor]], encoder: Encoder, build_id: int,
-                      report: BuildReport) -> dict[int, str]:
-        """Embed what is new, write rows and vectors in one transaction (a resumable step)."""
+                      report: BuildReport, meter: _Meter) -> dict[int, str]:
+        """Embed what is new, write rows and vectors in one transaction (a resumable step); the meter moves
+        with each encoder pass, so a build of fewer photos than a transaction still shows progress."""
         from crossmodal.indexer import pixels
 
         if not loaded:
@@ -251,8 +305,10 @@ class IndexBuilder:
                     new[item.content_hash] = prepared
             if new:
                 keys, size = list(new), encoder.image_batch_size
-                vectors = [encoder.encode_image_tensors(pixels.stack([new[k] for k in keys[start:start + size]]))
-                           for start in range(0, len(keys), size)]
+                vectors = []
+                for start in range(0, len(keys), size):
+                    vectors.append(encoder.encode_image_tensors(pixels.stack([new[k] for k in keys[start:start + size]])))
+                    meter.advance(len(vectors[-1]))
                 save_embeddings(s, encoder.name, "image", keys, np.concatenate(vectors))  # one insert
             report.n_embedded += len(new)
             report.n_reused += sum(1 for item, _ in loaded if item.content_hash in have)
@@ -345,7 +401,7 @@ class IndexBuilder:
     # -- captions --------------------------------------------------------------------------
 
     def _index_captions(self, parsed: Captions | None, images: dict[int, str], lazy: "_LazyEncoder",
-                        report: BuildReport, progress: ProgressCallback | None) -> dict[int, str]:
+                        report: BuildReport, tracker: _BuildProgress) -> dict[int, str]:
         """Returns {caption row id: text hash} of every caption in the new build.
 
         The phase starts before the caption rows are written, so writing them is timed (and
@@ -358,7 +414,7 @@ class IndexBuilder:
             wanted = self._wanted_captions(s, parsed, images, report)
             have = embedding_keys(s, lazy.name, "text", list(set(wanted.values())))
         todo = {key: text for (_, text), key in wanted.items() if key not in have}
-        meter = _Meter("captions", len(todo), progress)
+        meter = tracker.meter("captions", len(todo))
         with self.store.session() as s, s.begin():
             live = self._caption_rows(s, wanted)
         self._embed_texts(todo, lazy, meter)
@@ -439,9 +495,10 @@ class IndexBuilder:
         return index_type
 
     def _write_and_publish(self, build_id: int, encoder: "_LazyEncoder", images: dict[int, str],
-                           captions: dict[int, str], report: BuildReport, progress: ProgressCallback | None,
+                           captions: dict[int, str], report: BuildReport, tracker: _BuildProgress,
                            start: float) -> None:
-        _Meter("indexing", 2, progress)
+        tracker.expect("indexing", len(images) + len(captions))
+        indexing = tracker.meter("indexing", 2)
         settings = self.settings
         build_dir = faiss_index.build_dir_for(settings.index_dir, build_id)
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -454,6 +511,7 @@ class IndexBuilder:
             else:
                 index_type = self._write_index(build_dir, file_name, kind, rows, encoder.name, encoder.dim, bank)
             log.info("%s index: %d vectors, type %s", kind, len(rows), index_type)
+            indexing.advance(1)
             params.update(faiss_index.default_search_params(index_type))
             if kind == "image":
                 report.image_index_type = index_type
@@ -467,7 +525,7 @@ class IndexBuilder:
         self._publish(build_id, encoder, images, captions, report)
         # Keep the new build and the one it replaced (readers may still be mid-swap); drop older ones.
         faiss_index.remove_unpublished(settings.index_dir, keep={build_id, *self._previous_published(build_id)})
-        _Meter("done", 0, progress)
+        tracker.meter("done", 0)
 
     def _collection_bank(self, bank: "HubnessBank | None", images: dict[int, str],
                          encoder: "_LazyEncoder") -> "HubnessBank | None":

@@ -104,7 +104,8 @@ class JobManager:
                 return
             last_write[:] = [now, p.phase]
             self.store.update_job(job_id, progress=JobProgress(
-                phase=p.phase, done=p.done, total=p.total, rate=p.rate, eta_seconds=p.eta_seconds).model_dump())
+                phase=p.phase, done=p.done, total=p.total, rate=p.rate, eta_seconds=p.eta_seconds, overall=p.overall,
+                overall_eta_seconds=p.overall_eta_seconds).model_dump())
 
         # Reuse the service's loaded model when the build uses the same one.
         encoder = self.engine.encoder if self.engine.has_index else None

@@ -139,6 +139,8 @@ class JobProgress(BaseModel):
     total: int
     rate: float = Field(description="Items per second in this phase.")
     eta_seconds: float | None
+    overall: float = Field(0.0, description="The whole build's share done, over every phase (0 to 1).")
+    overall_eta_seconds: float | None = Field(None, description="Time left for the whole build.")
 
 
 class SkippedItem(BaseModel):

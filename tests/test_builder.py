@@ -50,6 +50,12 @@ def test_text_finds_images_and_an_image_finds_its_captions(settings, encoder, co
     assert {p.phase for p in phases} >= {"scanning", "images", "captions", "done"}
     last_images = [p for p in phases if p.phase == "images"][-1]
     assert last_images.done == last_images.total == 18 and last_images.rate > 0
+    # One progress over the whole build (issue 20 item 11): it moves within a transaction of 18 photos,
+    # counts the phases still to come in its time left, and ends at 1.
+    assert len({p.done for p in phases if p.phase == "images"}) >= 4  # each encoder pass of 4 photos
+    assert all(p.overall_eta_seconds > 0 for p in phases if p.phase == "images" and p.done < p.total)
+    assert 0 < last_images.overall < 1 and last_images.overall_eta_seconds > 0  # captions and indexing to come
+    assert phases[-1].phase == "done" and phases[-1].overall == 1.0 and phases[-1].overall_eta_seconds is None
 
     engine = SearchEngine(settings, encoder=encoder)
     for query, expected in [("a man with a camera", "camera.png"), ("a horse", "horse.png")]:

@@ -585,13 +585,13 @@ def show_job(job: schemas.Job) -> None:
     st.caption(code(job.collection) + (f" with captions {code(job.captions)}" if job.captions else ""))
     if job.state in ("queued", "running"):
         progress = job.progress
-        if progress is None or not progress.total:
-            phase = progress.phase if progress else "queued"
-            st.progress(0.0, text=f"{phase}…")
-        else:
-            eta = f" · about {_duration(progress.eta_seconds)} left" if progress.eta_seconds is not None else ""
-            st.progress(min(1.0, progress.done / progress.total),
-                        text=f"{progress.phase}: {progress.done:,} / {progress.total:,} · {progress.rate:.1f}/s{eta}")
+        if progress is None:
+            st.progress(0.0, text="queued…")
+        else:  # one bar over the whole build; the phase's count and rate beside it
+            left = f" · about {_duration(progress.overall_eta_seconds)} left" \
+                if progress.overall_eta_seconds is not None else ""
+            count = f": {progress.done:,} / {progress.total:,} · {progress.rate:.1f}/s" if progress.total else "…"
+            st.progress(min(1.0, progress.overall), text=f"{progress.phase}{count}{left}")
     elif job.state == "done":
         removed = f" {job.removed:,} photos no longer in the folder were removed." if job.removed else ""
         st.success(f"Build {job.build_id} published: {job.images:,} images, {job.captions_indexed:,} captions."
