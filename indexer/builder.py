@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy.orm import Session
 
-from crossmodal.indexer import faiss_index, hubness
+from crossmodal.indexer import faiss_index, hubness, ranking
 from crossmodal.indexer.attributes import Attributes
 from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, PhotoFacts, SkippedFile,
                                            find_captions_file, hash_bytes, load_image, nfc, photo_facts, read_captions,
@@ -478,7 +478,12 @@ class IndexBuilder:
         index = faiss_index.build_index(vectors, ids, index_type, self.settings.use_gpu_faiss)
         faiss_index.write_build_index(build_dir, file_name, index, index_type, ids, vectors)
         if bank is not None:
-            Penalties.of(ids, bank.penalties(vectors, kind)).save(build_dir / faiss_index.PENALTY_FILES[file_name])
+            penalties = Penalties.of(ids, bank.penalties(vectors, kind))
+            penalties.save(build_dir / faiss_index.PENALTY_FILES[file_name])
+            if kind == "image" and len(ids):
+                self._score_scale = ranking.score_scale(index, index_type, bank.text,
+                                                        _lookup(ids, vectors) if faiss_index.is_lossy(index_type)
+                                                        else None, penalties)
         return index_type
 
     def _write_ondisk_index(self, build_dir: Path, file_name: str, kind: str, rows: dict[int, str], model: str,
@@ -503,6 +508,7 @@ class IndexBuilder:
         build_dir = faiss_index.build_dir_for(settings.index_dir, build_id)
         build_dir.mkdir(parents=True, exist_ok=True)
         params = {}
+        self._score_scale: dict[str, float] = {}  # set with the image index, where the model has a bank
         bank = self._collection_bank(load_bank(encoder.name), images, encoder)  # a small file: no model loaded
         for kind, rows, file_name in (("image", images, faiss_index.IMAGES_FILE),
                                       ("text", captions, faiss_index.CAPTIONS_FILE)):
@@ -520,7 +526,7 @@ class IndexBuilder:
         Attributes.tabulate(*self.store.photo_attributes(set(images), set(captions))).write(build_dir)
         faiss_index.Manifest(build_id, encoder.name, encoder.dim, report.image_index_type,
                              report.caption_index_type, len(images), len(captions), params,
-                             bank.describe() if bank else {}).write(build_dir)
+                             bank.describe() if bank else {}, self._score_scale).write(build_dir)
         report.seconds = time.perf_counter() - start
         self._publish(build_id, encoder, images, captions, report)
         # Keep the new build and the one it replaced (readers may still be mid-swap); drop older ones.
@@ -549,6 +555,12 @@ class IndexBuilder:
                 "n_captions": report.n_captions, "n_embedded": report.n_embedded, "n_reused": report.n_reused,
                 "n_skipped": len(report.skipped), "seconds": report.seconds})
             set_build_report(s, build_id, report.to_dict())  # with n_removed, known only now
+
+
+def _lookup(ids: np.ndarray, vectors: np.ndarray):
+    """An exact-vector lookup (ranking.ExactLookup) over vectors in memory."""
+    rows = dict(zip(ids.tolist(), vectors))
+    return lambda wanted: {i: rows[i] for i in wanted if i in rows}
 
 
 def write_ondisk_index(build_dir: Path, file_name: str, index_type: str, ids: np.ndarray, sample: np.ndarray,

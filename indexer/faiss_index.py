@@ -18,7 +18,7 @@ Layout of an index directory:
         images.paths.npy ...        and the sorted paths for folder filters (see attributes.py)
         images.penalty.npz        hubness penalty per image id (models with a hubness bank only)
         captions.penalty.npz      hubness penalty per caption id (see hubness.py)
-        manifest.json             model, dim, index types, counts, search parameters, hubness
+        manifest.json             model, dim, index types, counts, search parameters, hubness, score scale
 
 A build writes its directory completely, then the indexer marks it `published` in the
 database in one transaction. Readers only open published builds, so they never see a
@@ -66,6 +66,7 @@ class Manifest:
     n_captions: int
     search_params: dict[str, int] = field(default_factory=dict)  # e.g. {"nprobe": 32, "efSearch": 64}
     hubness: dict = field(default_factory=dict)  # the correction's settings; empty: none
+    score_scale: dict = field(default_factory=dict)  # text->image best scores of typical queries (ranking.score_scale)
 
     def write(self, build_dir: Path) -> None:
         (build_dir / MANIFEST).write_text(json.dumps(asdict(self), indent=2))

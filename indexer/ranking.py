@@ -69,3 +69,19 @@ def fused(rankings: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
         for rank, (item, _) in enumerate(ranking, start=1):
             scores[item] = scores.get(item, 0.0) + 1.0 / (RRF_K + rank)
     return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+
+
+SCALE_QUERIES = 512  # typical queries whose best scores describe "a good match" in a collection
+
+
+def score_scale(index: faiss.Index, index_type: str, queries: np.ndarray, exact: ExactLookup | None,
+                penalties: Penalties | None) -> dict[str, float]:
+    """What a best match scores in this collection, for typical text queries (the hubness bank's texts):
+    the median best score, and the 10th percentile under which a query's best match is weak. Scores are
+    model- and collection-specific (crossmodal-lite's, hubness-corrected, run from about -0.1 to 0.3), so
+    a raw score says little to a person; these two put it on a scale (issue 20 item 9)."""
+    sample = queries[np.random.default_rng(0).permutation(len(queries))[:SCALE_QUERIES]]
+    best = [found[0][1] for found in ranked(index, index_type, sample, 1, exact, penalties) if found]
+    if not best:
+        return {}
+    return {"typical_best": float(np.median(best)), "weak_below": float(np.percentile(best, 10))}

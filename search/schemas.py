@@ -125,6 +125,10 @@ class Stats(BaseModel):
     build_id: int
     built_at: datetime | None
     collection_root: str
+    typical_best_score: float | None = Field(None, description="The median best text->image score of typical "
+                                             "queries in this collection (models with a hubness bank).")
+    weak_below_score: float | None = Field(None, description="A best match under this is weak: 9 in 10 typical "
+                                           "queries find a better one.")
 
 
 class JobRequest(BaseModel):

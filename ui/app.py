@@ -64,6 +64,36 @@ def alt_text(hit: schemas.ImageResult) -> str:
 
 
 @st.cache_data(ttl=30, show_spinner=False)
+def served_stats(api_url: str) -> schemas.Stats | None:
+    """What is served, re-read every 30 s: the score scale of its build (for match bars)."""
+    try:
+        return _client(api_url).stats()
+    except ServiceError:
+        return None
+
+
+def match_scale(hits: list[schemas.ImageResult], text_query: bool) -> tuple[float, float]:
+    """(weak, strong) scores for the match bars: for a text query ranked by vector, the served build's
+    scale of typical queries (ranking.score_scale); otherwise (image queries, keyword and hybrid scores,
+    a model without a scale) the spread of these results."""
+    stats = served_stats(client().api_url)
+    if text_query and stats is not None and stats.typical_best_score is not None \
+            and stats.weak_below_score is not None:
+        return stats.weak_below_score, stats.typical_best_score
+    scores = [h.score for h in hits] or [0.0]
+    return min(scores), max(scores)
+
+
+def match_bar(score: float, scale: tuple[float, float]) -> None:
+    """A bar a person can read: full at a typical best match, empty at a weak one; the raw score in words."""
+    weak, strong = scale
+    share = 1.0 if strong <= weak else min(1.0, max(0.0, (score - weak) / (strong - weak)))
+    label = "strong match" if share >= 1.0 else "good match" if share >= 0.5 else "fair match" if share > 0 \
+        else "weak match"
+    st.progress(share, text=f"{label} · score {score:.3f}")
+
+
+@st.cache_data(ttl=30, show_spinner=False)
 def facets(api_url: str) -> schemas.Facets | None:
     """The filters' choices (folders, cameras, dates), re-read every 30 s: a rebuild changes them."""
     try:
@@ -99,11 +129,13 @@ STYLE = """<style>
 </style>"""
 
 
-def image_grid(hits: list[schemas.ImageResult], key: str, feedback: bool = False, dates: bool = False) -> None:
+def image_grid(hits: list[schemas.ImageResult], key: str, feedback: bool = False, dates: bool = False,
+               text_query: bool = False) -> None:
     """Thumbnails with score, path and first caption; each can be opened or used as a query, and
     with `feedback`, refine the current query ("more like this" / "less like this"). `dates`: show
     when each was taken (a date sort). Outside the text view, Open and Similar lead to it."""
     here = st.session_state.get("view") == VIEWS[0]
+    scale = match_scale(hits, text_query)
     opened = (_set, ("selected",)) if here else (_in_text_view, ("selected",))
     similar = (_set, ("similar_to",)) if here else (_in_text_view, ("similar_to",))
     grid = st.container(key=f"results-{key}")
@@ -113,6 +145,7 @@ def image_grid(hits: list[schemas.ImageResult], key: str, feedback: bool = False
             with column, st.container(border=True):
                 show_thumbnail(hit.id, alt_text(hit))
                 st.markdown(f"**{hit.score:.3f}** · {code(hit.path)}")
+                match_bar(hit.score, scale)
                 if dates and hit.taken_at is not None:
                     st.caption(f"taken {hit.taken_at:%Y-%m-%d %H:%M}" + (" (file date)" if hit.taken_from == "mtime"
                                                                         else ""))
@@ -336,12 +369,18 @@ def text_results(api: SearchClient, query: str, page_size: int, options: SearchO
                    if options.has_filters() or options.mode == "keyword" else
                    f"No images match “{plain(query)}”: the index is empty. Build one in the Index view.")
         return
+    stats = served_stats(client().api_url)
+    if options.mode == "vector" and stats is not None and stats.weak_below_score is not None \
+            and hits[0].score < stats.weak_below_score:
+        st.warning(f"Weak matches: even the best result scores {hits[0].score:.3f}, below what 9 in 10 typical "
+                   f"queries find in this collection ({stats.weak_below_score:.3f}). Nothing here may be what you "
+                   "look for: try other words.")
     refined = f" · refined: more like {len(state['more'])}, less like {len(state['less'])}" \
         if state["more"] or state["less"] else ""
     st.caption(f"{len(hits)} images for “{plain(query)}” · {state['took_ms']:.0f} ms{refined}")
     if refined:
         st.button("Clear refinements", key="feedback-clear", on_click=_clear_feedback)
-    image_grid(hits, "text", feedback=True, dates=options.sort != "relevance")
+    image_grid(hits, "text", feedback=True, dates=options.sort != "relevance", text_query=options.mode == "vector")
     if not state["exhausted"]:
         st.button("More results", key="more", on_click=_more_text, args=(api,))
 

@@ -32,7 +32,9 @@ def stats(engine: EngineDep):
     return schemas.Stats(images=manifest.n_images, captions=manifest.n_captions, model=manifest.model,
                          dim=manifest.dim, image_index_type=manifest.image_index_type,
                          caption_index_type=manifest.caption_index_type, build_id=build.id,
-                         built_at=build.finished_at, collection_root=str(snapshot.collection_root))
+                         built_at=build.finished_at, collection_root=str(snapshot.collection_root),
+                         typical_best_score=manifest.score_scale.get("typical_best"),
+                         weak_below_score=manifest.score_scale.get("weak_below"))
 
 
 @router.get("/v1/facets", response_model=schemas.Facets)
