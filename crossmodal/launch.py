@@ -29,7 +29,9 @@ def streamlit_command(host: str, port: int, max_upload_bytes: int, allowed_hosts
     return [sys.executable, "-m", "streamlit", "run", str(APP_FILE),
             "--server.address", host, "--server.port", str(port), "--server.headless", "true",
             "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
-            "--server.maxUploadSize", str(max(1, math.ceil(max_upload_bytes / 2**20))),
+            # Twice the service's limit: a photo somewhat over it reaches the service, whose refusal says why
+            # in words; the uploader's own refusal is a small "!" explained on hover only (issue 20 item 7).
+            "--server.maxUploadSize", str(max(1, math.ceil(2 * max_upload_bytes / 2**20))),
             "--client.toolbarMode", "minimal",
             # Blue, not Streamlit's red: a red border around the focused query box read as an error.
             "--theme.primaryColor", "#1f5fbf", *hosts]

@@ -180,6 +180,22 @@ def test_a_filtered_sorted_query_and_relevance_feedback_in_a_real_browser(browse
     page.close()
 
 
+def test_a_refused_upload_says_why_in_words(browser, ui_url, indexed, tmp_path):
+    """Issue 20 item 7: a refused upload showed a small red "!" whose reason appeared on hover only."""
+    page = open_ui(browser, ui_url)
+    page.get_by_text("Image → captions").click()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo")
+    page.locator("input[type=file]").set_input_files(str(notes))
+    expect(page.get_by_text("not a usable image")).to_be_visible()
+    big = tmp_path / "big.jpg"  # over the service's limit, under the UI's (twice it)
+    big.write_bytes(b"\xff\xd8\xff" + os.urandom(indexed.max_upload_bytes + 1024))
+    page.locator("input[type=file]").set_input_files(str(big))
+    expect(page.get_by_text("upload larger than the limit")).to_be_visible()
+    shot(page, "refused-upload")
+    page.close()
+
+
 def test_a_phone_sized_screen_shows_two_results_a_row_and_the_view_switcher(browser, ui_url):
     """Issue 20 item 12: at 400x800, one card per screen and the views behind the sidebar's "»"."""
     page = browser.new_page(viewport={"width": 400, "height": 800})
