@@ -167,13 +167,13 @@ def _recall(rankings: list[list[tuple[int, float]]], wanted: list[set[int]]) -> 
 
 
 def format_modes_table(result: dict) -> str:
-    lines = [f"{'text -> image':<44}" + "".join(f"{'R@' + str(k):>8}" for k in KS)]
+    lines = [f"{'text -> image':<54}" + "".join(f"{'R@' + str(k):>8}" for k in KS)]
     rows = [("vector", result["vector"])]
     for setting, label in (("query_caption_held_out", "captioned (query's own caption held out)"),
                            ("query_photo_uncaptioned", "query photos uncaptioned")):
         rows += [(f"{mode}, {label}", result[setting][mode]) for mode in ("keyword", "hybrid")]
     for name, recall in rows:
-        lines.append(f"{name[:43]:<44}" + "".join(f"{recall[f'R@{k}']:>8.1f}" for k in KS))
+        lines.append(f"{name:<54}" + "".join(f"{recall[f'R@{k}']:>8.1f}" for k in KS))
     return "\n".join(lines)
 
 
