@@ -203,8 +203,11 @@ def test_a_phone_sized_screen_shows_two_results_a_row_and_the_view_switcher(brow
     page.goto(f"{ui_url}/?q=a+man+with+a+camera")  # a shared link: the query comes with it
     page.get_by_text("images for “a man with a camera”").wait_for()
     expect(page.get_by_text("Image → captions")).to_be_in_viewport()  # no sidebar to open first
-    boxes = [page.locator(THUMBNAILS).nth(i).bounding_box() for i in range(2)]
-    assert abs(boxes[0]["y"] - boxes[1]["y"]) < 2 and boxes[1]["x"] > boxes[0]["x"] + boxes[0]["width"]
+    # Side by side once the page's stylesheet and the thumbnails are in (both arrive after the caption).
+    page.wait_for_function(f"""() => {{
+        const [a, b] = [...document.querySelectorAll({THUMBNAILS!r})].map(img => img.getBoundingClientRect());
+        return a && b && a.height > 0 && Math.abs(a.top - b.top) < 2 && b.left >= a.right;
+    }}""", timeout=30_000)
     shot(page, "phone")
     page.close()
 
