@@ -118,8 +118,7 @@ class _BuildProgress:
         self.items[phase] = items
 
     def meter(self, phase: str, total: int) -> "_Meter":
-        if phase in self.items:
-            self.items[phase] = total
+        self.items[phase] = total
         meter = self.meters[phase] = _Meter(phase, total, self)
         meter.report()
         return meter
@@ -142,12 +141,10 @@ class _BuildProgress:
             meter = self.meters.get(phase)
             if meter is None:
                 left += self.items[phase] * self.PRIOR_SECONDS[phase]
-            elif meter.total:
-                share_left = max(0.0, 1 - meter.done / meter.total)
-                per_item = (time.perf_counter() - meter.start) / meter.done if meter.done and phase != "indexing" \
+            else:
+                per_item = (time.perf_counter() - meter.start) / meter.done if meter.done \
                     else self.PRIOR_SECONDS[phase]
-                left += share_left * self.items[phase] * per_item if phase == "indexing" \
-                    else (meter.total - meter.done) * per_item
+                left += (meter.total - meter.done) * per_item
         return left
 
 
@@ -502,8 +499,7 @@ class IndexBuilder:
     def _write_and_publish(self, build_id: int, encoder: "_LazyEncoder", images: dict[int, str],
                            captions: dict[int, str], report: BuildReport, tracker: _BuildProgress,
                            start: float) -> None:
-        tracker.expect("indexing", len(images) + len(captions))
-        indexing = tracker.meter("indexing", 2)
+        indexing = tracker.meter("indexing", len(images) + len(captions))  # counted in vectors indexed
         settings = self.settings
         build_dir = faiss_index.build_dir_for(settings.index_dir, build_id)
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -517,7 +513,7 @@ class IndexBuilder:
             else:
                 index_type = self._write_index(build_dir, file_name, kind, rows, encoder.name, encoder.dim, bank)
             log.info("%s index: %d vectors, type %s", kind, len(rows), index_type)
-            indexing.advance(1)
+            indexing.advance(len(rows))
             params.update(faiss_index.default_search_params(index_type))
             if kind == "image":
                 report.image_index_type = index_type

@@ -315,14 +315,21 @@ def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return width, height
 
 
+def _exif(data: bytes) -> Image.Exif | None:
+    """The EXIF block of an image file's bytes, parsing only its header; None where it has none.
+    Raises what Pillow raises on a broken block."""
+    if data.find(b"Exif\x00\x00", 0, 65536) < 0:
+        return None
+    return Image.open(io.BytesIO(data)).getexif()
+
+
 def _exif_orientation(data: bytes) -> int | None:
     """The EXIF orientation tag (1: as stored); None where Pillow cannot read the block."""
-    if data.find(b"Exif\x00\x00", 0, 65536) < 0:
-        return 1
     try:
-        return int(Image.open(io.BytesIO(data)).getexif().get(ExifTags.Base.Orientation, 1))
+        exif = _exif(data)
     except Exception:  # a broken EXIF block: decode_image handles (or reports) the file
         return None
+    return 1 if exif is None else int(exif.get(ExifTags.Base.Orientation, 1))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -380,9 +387,9 @@ _EXIF_DATE = "%Y:%m:%d %H:%M:%S"
 def photo_facts(data: bytes, mtime: float) -> PhotoFacts:
     """The date taken and camera from a file's EXIF block (only its header is parsed), else its mtime."""
     make = model = taken = None
-    if data.find(b"Exif\x00\x00", 0, 65536) >= 0:
-        with contextlib.suppress(Exception):  # a broken EXIF block is no date, never a skipped photo
-            exif = Image.open(io.BytesIO(data)).getexif()
+    with contextlib.suppress(Exception):  # a broken EXIF block is no date, never a skipped photo
+        exif = _exif(data)
+        if exif is not None:
             make, model = _exif_text(exif.get(ExifTags.Base.Make)), _exif_text(exif.get(ExifTags.Base.Model))
             raw = exif.get_ifd(ExifTags.IFD.Exif).get(_DATE_TAKEN) or exif.get(ExifTags.Base.DateTime)
             taken = _exif_time(raw)

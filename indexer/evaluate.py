@@ -59,12 +59,14 @@ def _top_ids(index, index_type: str, queries: np.ndarray, exact, penalties) -> n
     """Ids of the top max(KS) per query, ranked exactly as the search service ranks them."""
     from crossmodal.indexer.ranking import ranked
 
+    return _top_of(ranked(index, index_type, queries, max(KS), exact, penalties))
+
+
+def _top_of(rankings: list[list[tuple[int, float]]]) -> np.ndarray:
+    """The ids of each ranking's top max(KS), one row each, padded with -1."""
     depth = max(KS)
-    top = []
-    for row in ranked(index, index_type, queries, depth, exact, penalties):
-        best = [i for i, _ in row]
-        top.append(best + [-1] * (depth - len(best)))
-    return np.array(top).reshape(len(queries), depth)
+    top = [[i for i, _ in ranking[:depth]] for ranking in rankings]
+    return np.array([row + [-1] * (depth - len(row)) for row in top], dtype=np.int64).reshape(len(rankings), depth)
 
 
 def _published_rows(settings):
@@ -161,8 +163,7 @@ def evaluate_modes(settings, chunk: int = 256) -> dict:
 
 
 def _recall(rankings: list[list[tuple[int, float]]], wanted: list[set[int]]) -> dict[str, float]:
-    top = np.array([[i for i, _ in found[:max(KS)]] + [-1] * (max(KS) - len(found[:max(KS)])) for found in rankings])
-    ranks = _first_hit(top.reshape(len(rankings), max(KS)), wanted)
+    ranks = _first_hit(_top_of(rankings), wanted)
     return {f"R@{k}": float((ranks < k).mean() * 100) for k in KS}
 
 

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
                         UniqueConstraint, create_engine, delete, event, insert, inspect, select, text, update)
-from sqlalchemy import text as text_sql
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload, sessionmaker
 
@@ -451,29 +450,29 @@ class Store:
                 if image_id in ids and (caption_ids is None or caption_id in caption_ids)]
         return rows, captions
 
-    def keyword_search(self, text: str, limit: int, exclude_docs: Sequence[int] = ()) -> list[tuple[int, float]]:
-        """(image id, score) of the images whose captions or file name best match `text`'s words,
+    def keyword_search(self, query: str, limit: int, exclude_docs: Sequence[int] = ()) -> list[tuple[int, float]]:
+        """(image id, score) of the images whose captions or file name best match `query`'s words,
         best first: BM25 on SQLite (FTS5), ts_rank on PostgreSQL. An image scores by its best document;
         `exclude_docs` leaves documents out (eval: the query's own caption, or all its photo's)."""
-        words = query_words(text)
+        words = query_words(query)
         if not words:
             return []
         excluded = ",".join(str(int(doc)) for doc in exclude_docs) or "0"  # doc ids are never 0
         params = {"limit": limit}
         if self.engine.dialect.name == "sqlite":
             params["match"] = " OR ".join(f'"{w}"' for w in words)
-            query = text_sql("SELECT image_id, -min(bm) AS score FROM (SELECT image_id, bm25(keywords) AS bm "
-                             f"FROM keywords WHERE keywords MATCH :match AND rowid NOT IN ({excluded}) ORDER BY bm "
-                             "LIMIT :depth) GROUP BY image_id ORDER BY score DESC, image_id LIMIT :limit")
+            sql = text("SELECT image_id, -min(bm) AS score FROM (SELECT image_id, bm25(keywords) AS bm "
+                       f"FROM keywords WHERE keywords MATCH :match AND rowid NOT IN ({excluded}) ORDER BY bm "
+                       "LIMIT :depth) GROUP BY image_id ORDER BY score DESC, image_id LIMIT :limit")
             params["depth"] = limit * 8
         else:
             params["match"] = " | ".join(words)
-            query = text_sql("SELECT image_id, max(ts_rank(to_tsvector('english', text), q)) AS score "
-                             "FROM keywords, to_tsquery('english', :match) AS q "
-                             f"WHERE to_tsvector('english', text) @@ q AND doc_id NOT IN ({excluded}) "
-                             "GROUP BY image_id ORDER BY score DESC, image_id LIMIT :limit")
+            sql = text("SELECT image_id, max(ts_rank(to_tsvector('english', text), q)) AS score "
+                       "FROM keywords, to_tsquery('english', :match) AS q "
+                       f"WHERE to_tsvector('english', text) @@ q AND doc_id NOT IN ({excluded}) "
+                       "GROUP BY image_id ORDER BY score DESC, image_id LIMIT :limit")
         with self.engine.connect() as connection:
-            return [(int(i), float(score)) for i, score in connection.execute(query, params)]
+            return [(int(i), float(score)) for i, score in connection.execute(sql, params)]
 
     # -- rebuild jobs ------------------------------------------------------------------------------
 
@@ -586,14 +585,14 @@ def add_keyword_docs(s: Session, docs: list[tuple[int, int, str]]) -> None:
     """(doc id, image id, text) into the keyword index, in the caller's transaction with their rows."""
     if docs:
         column = "rowid" if s.get_bind().dialect.name == "sqlite" else "doc_id"
-        s.execute(text_sql(f"INSERT INTO {KEYWORDS} ({column}, image_id, text) VALUES (:doc, :image, :text)"),
+        s.execute(text(f"INSERT INTO {KEYWORDS} ({column}, image_id, text) VALUES (:doc, :image, :text)"),
                   [{"doc": doc, "image": image, "text": words} for doc, image, words in docs])
 
 
 def _delete_keyword_docs(s: Session, docs: list[int]) -> None:
     column = "rowid" if s.get_bind().dialect.name == "sqlite" else "doc_id"
     for chunk in _chunks(docs):
-        s.execute(text_sql(f"DELETE FROM {KEYWORDS} WHERE {column} IN ({','.join(str(int(d)) for d in chunk)})"))
+        s.execute(text(f"DELETE FROM {KEYWORDS} WHERE {column} IN ({','.join(str(int(d)) for d in chunk)})"))
 
 
 def image_sizes(s: Session, content_hashes: list[str]) -> dict[str, tuple[int, int]]:

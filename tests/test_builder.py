@@ -56,6 +56,8 @@ def test_text_finds_images_and_an_image_finds_its_captions(settings, encoder, co
     assert all(p.overall_eta_seconds > 0 for p in phases if p.phase == "images" and p.done < p.total)
     assert 0 < last_images.overall < 1 and last_images.overall_eta_seconds > 0  # captions and indexing to come
     assert phases[-1].phase == "done" and phases[-1].overall == 1.0 and phases[-1].overall_eta_seconds is None
+    indexing = [p for p in phases if p.phase == "indexing"]
+    assert indexing[-1].done == indexing[-1].total == 18 + 22  # counted in vectors, as its estimate is
 
     engine = SearchEngine(settings, encoder=encoder)
     for query, expected in [("a man with a camera", "camera.png"), ("a horse", "horse.png")]:

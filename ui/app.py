@@ -64,12 +64,17 @@ def alt_text(hit: schemas.ImageResult) -> str:
 
 
 @st.cache_data(ttl=30, show_spinner=False)
-def served_stats(api_url: str) -> schemas.Stats | None:
-    """What is served, re-read every 30 s: the score scale of its build (for match bars)."""
+def served(api_url: str, what: str):
+    """`stats` (the served build's score scale, for match bars) or `facets` (the filters' folders, cameras
+    and dates), re-read every 30 s: a rebuild changes them. None while the service cannot say."""
     try:
-        return _client(api_url).stats()
+        return getattr(_client(api_url), what)()
     except ServiceError:
         return None
+
+
+def served_stats(api_url: str) -> schemas.Stats | None:
+    return served(api_url, "stats")
 
 
 def match_scale(hits: list[schemas.ImageResult], text_query: bool) -> tuple[float, float]:
@@ -93,13 +98,8 @@ def match_bar(score: float, scale: tuple[float, float]) -> None:
     st.progress(share, text=f"{label} · score {score:.3f}")
 
 
-@st.cache_data(ttl=30, show_spinner=False)
 def facets(api_url: str) -> schemas.Facets | None:
-    """The filters' choices (folders, cameras, dates), re-read every 30 s: a rebuild changes them."""
-    try:
-        return _client(api_url).facets()
-    except ServiceError:
-        return None
+    return served(api_url, "facets")
 
 
 def guarded(action: Callable, *args, **kwargs):
@@ -133,11 +133,8 @@ def image_grid(hits: list[schemas.ImageResult], key: str, feedback: bool = False
                text_query: bool = False) -> None:
     """Thumbnails with score, path and first caption; each can be opened or used as a query, and
     with `feedback`, refine the current query ("more like this" / "less like this"). `dates`: show
-    when each was taken (a date sort). Outside the text view, Open and Similar lead to it."""
-    here = st.session_state.get("view") == VIEWS[0]
+    when each was taken (a date sort). Open and Similar lead to the text view, where both are shown."""
     scale = match_scale(hits, text_query)
-    opened = (_set, ("selected",)) if here else (_in_text_view, ("selected",))
-    similar = (_set, ("similar_to",)) if here else (_in_text_view, ("similar_to",))
     grid = st.container(key=f"results-{key}")
     for row_start in range(0, len(hits), GRID_COLUMNS):
         columns = grid.columns(GRID_COLUMNS)
@@ -153,10 +150,10 @@ def image_grid(hits: list[schemas.ImageResult], key: str, feedback: bool = False
                     st.caption(plain(hit.captions[0]))
                 left, right = st.columns(2)
                 name = hit.path.rsplit("/", 1)[-1]
-                left.button("Open", key=f"{key}-open-{hit.id}", on_click=opened[0], args=(*opened[1], hit.id),
+                left.button("Open", key=f"{key}-open-{hit.id}", on_click=_in_text_view, args=("selected", hit.id),
                             width="stretch", help=f"Open {name} large, with its captions")
-                right.button("Similar", key=f"{key}-similar-{hit.id}", on_click=similar[0],
-                             args=(*similar[1], hit.id), width="stretch", help=f"Photos like {name}")
+                right.button("Similar", key=f"{key}-similar-{hit.id}", on_click=_in_text_view,
+                             args=("similar_to", hit.id), width="stretch", help=f"Photos like {name}")
                 if feedback:
                     left, right = st.columns(2)
                     left.button("More like", key=f"{key}-morelike-{hit.id}", on_click=_feedback,
@@ -235,8 +232,8 @@ def _describe(image_id: int) -> None:
 
 
 def _in_text_view(key: str, image_id: int) -> None:
-    """Open, or list images similar to, a result of the Image → captions view: both are shown in the
-    Text → images view, so go there (they did nothing visible where they were clicked, issue 20 item 2)."""
+    """Open a result, or list images similar to it: both are shown in the Text → images view, so go there
+    from any view (in Image → captions they did nothing visible where they were clicked, issue 20 item 2)."""
     st.session_state[key] = image_id
     st.session_state.view = VIEWS[0]
 

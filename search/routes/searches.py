@@ -46,9 +46,8 @@ def images_by_query(service: ServiceDep, engine: EngineDep, body: schemas.ImageQ
     terms = query_terms(body.q, body.terms, service)
     if not terms and not body.more_like:
         raise HTTPException(422, "the query is empty: give `q`, `terms` or `more_like`")
-    options = SearchOptions.model_validate(body.model_dump(include=set(SearchOptions.model_fields)))
     return images_response(search_terms(engine, terms, page.k, page.offset, body.more_like, body.less_like,
-                                        options=options), start)
+                                        options=body), start)  # the body is SearchOptions with more fields
 
 
 def query_terms(q: str | None, terms: list[schemas.QueryTerm], service: Service) -> list[expressions.Term]:
