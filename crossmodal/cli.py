@@ -166,7 +166,7 @@ def search(
     from pydantic import ValidationError
 
     from crossmodal.search.expressions import MAX_FEEDBACK, parse
-    from crossmodal.search.options import SearchOptions
+    from crossmodal.search.options import SearchOptions, wall_clock
     from crossmodal.search.queries import InvalidQuery
 
     more_like, less_like = more_like or [], less_like or []
@@ -194,7 +194,8 @@ def search(
             if image is not None else None
         if image is not None and not terms and not more_like and not less_like:
             by_relevance = options.model_copy(update={"sort": "relevance", "mode": "vector"})  # captions' only order
-            result = {"query": {"image": str(image)}, "captions": engine.captions_by_image(query, k, offset, by_relevance),
+            result = {"query": {"image": str(image)},
+                      "captions": engine.captions_by_image(query, k, offset, by_relevance),
                       "images": engine.images_by_image(query, k, offset, options)}
         else:
             uploads = [(1.0, query)] if query is not None else []
@@ -223,18 +224,12 @@ def search(
         typer.secho("images", bold=True)
         for rank, hit in enumerate(result["images"], 1):
             caption = f"  \"{hit.captions[0]}\"" if hit.captions else ""
-            taken = f"  {_wall_clock(hit.taken_at)}" if options.sort != "relevance" and hit.taken_at else ""
+            dated = options.sort != "relevance" and hit.taken_at is not None
+            taken = f"  {wall_clock(hit.taken_at):%Y-%m-%d %H:%M}" if dated else ""
             _echo(f"{rank:>3}. {hit.score:.3f}  {root / hit.path}  image:{hit.id}{taken}{caption}")
     if not result["images"] and not result["captions"]:
         typer.echo("no results: no indexed image matches the filters" if options.has_filters() or
                    options.min_score is not None else "no results: the index is empty")
-
-
-def _wall_clock(seconds: float) -> str:
-    """A photo's date as stored (wall clock, no zone: see search/options.py)."""
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
 @app.command("eval")

@@ -304,7 +304,8 @@ class IndexBuilder:
                 keys, size = list(new), encoder.image_batch_size
                 vectors = []
                 for start in range(0, len(keys), size):
-                    vectors.append(encoder.encode_image_tensors(pixels.stack([new[k] for k in keys[start:start + size]])))
+                    batch = pixels.stack([new[k] for k in keys[start:start + size]])
+                    vectors.append(encoder.encode_image_tensors(batch))
                     meter.advance(len(vectors[-1]))
                 save_embeddings(s, encoder.name, "image", keys, np.concatenate(vectors))  # one insert
             report.n_embedded += len(new)

@@ -378,9 +378,9 @@ def search_selected(index: faiss.Index, queries: np.ndarray, k: int,
     if kept.sum(axis=1).min() < k and _takes_selectors(index):  # IVF's probed lists held too few
         return search(index, queries, k, _selector_params(index, selection))
     order = np.argsort(~kept, axis=1, kind="stable")[:, :k]  # the kept ones first, in rank order
-    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
-    return np.where(np.take_along_axis(kept, order, 1), scores, -np.inf), np.where(
-        np.take_along_axis(kept, order, 1), ids, -1)
+    kept = np.take_along_axis(kept, order, 1)
+    return (np.where(kept, np.take_along_axis(scores, order, 1), -np.inf),
+            np.where(kept, np.take_along_axis(ids, order, 1), -1))
 
 
 def prefilters(index: faiss.Index, selection: "Selection", k: int) -> bool:

@@ -614,8 +614,8 @@ def caption_row_ids(s: Session, wanted: list[tuple[int, str]]) -> dict[tuple[int
         select(CaptionRow.id, CaptionRow.image_id, CaptionRow.text))}
     new = [key for key in wanted if key not in existing]
     if new:
-        ids = list(s.scalars(insert(CaptionRow).returning(CaptionRow.id, sort_by_parameter_order=True),
-                             [{"image_id": image_id, "text": text, "key": caption_key(text)} for image_id, text in new]))
+        rows = [{"image_id": image_id, "text": text, "key": caption_key(text)} for image_id, text in new]
+        ids = list(s.scalars(insert(CaptionRow).returning(CaptionRow.id, sort_by_parameter_order=True), rows))
         existing.update(zip(new, ids))
         add_keyword_docs(s, [(caption_id, image_id, text) for (image_id, text), caption_id in zip(new, ids)])
     return {key: existing[key] for key in wanted}

@@ -354,8 +354,8 @@ class SearchEngine:
             facts = attributes.rows[row] if known else None
             taken = float(facts["taken_at"]) if facts is not None and not np.isnan(facts["taken_at"]) else None
             camera = attributes.cameras[facts["camera"]] if facts is not None and facts["camera"] >= 0 else None
-            hits.append(ImageHit(i, score, *rows[i], taken_at=taken, camera=camera,
-                                 taken_from=None if taken is None else ("exif" if facts["taken_from_exif"] else "mtime")))
+            source = None if taken is None else "exif" if facts["taken_from_exif"] else "mtime"
+            hits.append(ImageHit(i, score, *rows[i], taken_at=taken, taken_from=source, camera=camera))
         return hits
 
     def captions_by_vector(self, vector: np.ndarray, k: int = 10, offset: int = 0, from_image: bool = False,

@@ -38,7 +38,8 @@ def select(options: SearchOptions, attributes: Attributes) -> Selection | None:
         if value is not None:
             mask &= keep(column, value)
     if options.orientation is not None:
-        mask &= {"landscape": width > height, "portrait": height > width, "square": width == height}[options.orientation]
+        shapes = {"landscape": width > height, "portrait": height > width, "square": width == height}
+        mask &= shapes[options.orientation]
     if options.has_captions is not None:
         mask &= rows["captioned"] == options.has_captions
     return attributes.selection(mask)

@@ -59,6 +59,11 @@ class SearchOptions(BaseModel):
         return any(getattr(self, name) is not None for name in FILTERS)
 
 
+def wall_clock(seconds: float | None) -> datetime | None:
+    """A stored photo date (wall-clock seconds, see first_second) as the naive datetime it stands for."""
+    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None)
+
+
 def first_second(value: date | datetime) -> float:
     """The first second a bound covers, as wall-clock seconds (how photo dates are stored)."""
     moment = value if isinstance(value, datetime) else datetime.combine(value, time())

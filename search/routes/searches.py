@@ -6,7 +6,6 @@ collection.decode_reduced); the app includes this router with the upload body li
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
@@ -19,7 +18,7 @@ from crossmodal.search import expressions
 from crossmodal.search.dependencies import (EngineDep, ImageId, OptionsDep, PageDep, Service, ServiceDep, TextQuery,
                                            checked_page)
 from crossmodal.search.engine import CaptionHit, ImageHit, NotFound, SearchEngine
-from crossmodal.search.options import SearchOptions
+from crossmodal.search.options import SearchOptions, wall_clock
 from crossmodal.search.queries import InvalidQuery, clean_query
 
 router = APIRouter(tags=["search"])
@@ -148,8 +147,8 @@ async def uploaded_image(file: UploadFile, service: Service) -> Image.Image:
 
 
 def image_result(hit: ImageHit) -> schemas.ImageResult:
-    taken = datetime.fromtimestamp(hit.taken_at, timezone.utc).replace(tzinfo=None) if hit.taken_at is not None else None
-    return schemas.ImageResult(**{**hit.__dict__, "taken_at": taken}, url=f"/v1/images/{hit.id}/file",
+    return schemas.ImageResult(**{**hit.__dict__, "taken_at": wall_clock(hit.taken_at)},
+                               url=f"/v1/images/{hit.id}/file",
                                thumbnail_url=f"/v1/images/{hit.id}/thumbnail")
 
 

@@ -1,14 +1,13 @@
 """Liveness, readiness, what is served, and the metrics."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from crossmodal.search import schemas
 from crossmodal.search.dependencies import EngineDep, ServiceDep
+from crossmodal.search.options import wall_clock
 
 router = APIRouter(tags=["service"])
 
@@ -41,9 +40,7 @@ def stats(engine: EngineDep):
 def facets(engine: EngineDep):
     """What the filters can take: folders and cameras with their counts, the dates' range."""
     found = engine.facets()
-    when = {key: datetime.fromtimestamp(found[key], timezone.utc).replace(tzinfo=None) if found[key] is not None
-            else None for key in ("taken_first", "taken_last")}
-    return schemas.Facets(**{**found, **when})
+    return schemas.Facets(**{**found, **{key: wall_clock(found[key]) for key in ("taken_first", "taken_last")}})
 
 
 @router.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)

@@ -38,7 +38,8 @@ def upgrade() -> None:
         op.execute("CREATE VIRTUAL TABLE keywords USING fts5(text, image_id UNINDEXED, tokenize='porter unicode61')")
     else:
         op.create_table("keywords", sa.Column("doc_id", sa.BigInteger(), primary_key=True, autoincrement=False),
-                        sa.Column("image_id", sa.Integer(), nullable=False), sa.Column("text", sa.Text(), nullable=False))
+                        sa.Column("image_id", sa.Integer(), nullable=False),
+                        sa.Column("text", sa.Text(), nullable=False))
         op.execute("CREATE INDEX ix_keywords_text ON keywords USING GIN (to_tsvector('english', text))")
     images = connection.execute(sa.text("SELECT id, path FROM images")).all()
     captions = connection.execute(sa.text("SELECT id, image_id, text FROM captions")).all()
