@@ -69,28 +69,134 @@ class _ProgressBars:
             self.bar = None
 
 
+Ray = Annotated[Optional[str], typer.Option(
+    "--ray", metavar="auto|ADDRESS", help="Embed new images on a Ray cluster: 'auto' (the running one, else a local "
+                                        "one) or the head's address [env CROSSMODAL_RAY_ADDRESS].")]
+Captions = Annotated[Optional[Path], typer.Option(help="TSV, CSV or JSONL with image and caption columns; "
+                                                      "default: captions.tsv/csv/jsonl in the folder.")]
+
+
 @app.command()
 def index(
-    collection: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
-    captions: Annotated[Optional[Path], typer.Option(help="TSV, CSV or JSONL with image and caption columns; "
-                                                          "default: captions.tsv/csv/jsonl in the folder.")] = None,
+    collections: Annotated[Optional[list[Path]], typer.Argument(
+        help="Folders of images (searched recursively): the index becomes these folders. None: read the "
+             "index's folders again.", show_default=False)] = None,
+    captions: Captions = None,
     index_dir: IndexDir = None,
     model: Model = None,
     index_type: Annotated[Optional[str], typer.Option(help="Force a FAISS index-factory string, e.g. HNSW32.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
-    ray: Annotated[Optional[str], typer.Option(
-        "--ray", metavar="auto|ADDRESS", help="Embed new images on a Ray cluster: 'auto' (the running one, else "
-                                            "a local one) or the head's address [env CROSSMODAL_RAY_ADDRESS].")] = None,
+    ray: Ray = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Build or update the index of COLLECTION (only new or changed files are embedded)."""
+    """Build or update the index of COLLECTIONS (only new or changed files are embedded).
+
+    Photos of folders not named are removed from the index; `crossmodal folders add` adds a folder instead."""
+    from crossmodal.indexer.folders import Change
+
+    settings = _settings(index_dir=index_dir, model=model, index_factory=index_type, device=device, ray_address=ray)
+    if not collections:
+        current = [Path(f["path"]) for f in _served_folders(settings)]
+        if not current:
+            _fail("the index holds no folder yet: name one (crossmodal index FOLDER)")
+        collections = current
+    _run_build(settings, Change.replace(collections), captions, json_out)
+
+
+folders_app = typer.Typer(help="The folders an index holds: list them, add one, remove one, read one again.",
+                          no_args_is_help=True)
+app.add_typer(folders_app, name="folders")
+
+
+@folders_app.command("list")
+def folders_list(index_dir: IndexDir = None, json_out: JsonOut = False) -> None:
+    """The index's folders, with their photo and caption counts."""
+    found = _served_folders(_settings(index_dir=index_dir))
+    if json_out:
+        typer.echo(json.dumps(found, indent=2))
+    elif not found:
+        _echo("no folder indexed yet: crossmodal index FOLDER")
+    for folder in [] if json_out else found:
+        _echo(f"{folder['name']:<20} {folder['images']:>8,} photos {folder['captions']:>8,} captions  {folder['path']}")
+
+
+@folders_app.command("add")
+def folders_add(folder: Annotated[Path, typer.Argument(help="Folder of images to add.")], captions: Captions = None,
+                index_dir: IndexDir = None, model: Model = None, ray: Ray = None, json_out: JsonOut = False) -> None:
+    """Add FOLDER to the index; only it is read, the other folders keep their photos."""
+    from crossmodal.indexer.folders import Change
+
+    settings = _settings(index_dir=index_dir, model=model, ray_address=ray)
+    current = [Path(f["path"]) for f in _served_folders(settings)]
+    _run_build(settings, Change.add(current, folder), captions, json_out)
+
+
+@folders_app.command("remove")
+def folders_remove(folder: Annotated[str, typer.Argument(help="The folder's name (crossmodal folders list) or "
+                                                              "path.")],
+                   index_dir: IndexDir = None, json_out: JsonOut = False) -> None:
+    """Remove a folder and its photos from the index (its files are not touched)."""
+    from crossmodal.indexer.folders import Change
+
+    settings = _settings(index_dir=index_dir)
+    current, chosen = _folder_named(settings, folder)
+    _run_build(settings, _change(Change.remove, current, chosen), None, json_out)
+
+
+@folders_app.command("rescan")
+def folders_rescan(folder: Annotated[str, typer.Argument(help="The folder's name or path.")],
+                   captions: Captions = None, index_dir: IndexDir = None, ray: Ray = None,
+                   json_out: JsonOut = False) -> None:
+    """Read one folder again (new, changed and deleted files); the other folders are kept as they are."""
+    from crossmodal.indexer.folders import Change
+
+    settings = _settings(index_dir=index_dir, ray_address=ray)
+    current, chosen = _folder_named(settings, folder)
+    _run_build(settings, _change(Change.rescan_one, current, chosen), captions, json_out)
+
+
+def _change(make, current: list[Path], chosen: Path):
+    try:
+        return make(current, chosen)
+    except ValueError as err:
+        _fail(str(err))
+
+
+def _served_folders(settings: Settings) -> list[dict]:
+    """The published build's folders with their counts (nothing is loaded but its small files)."""
+    from crossmodal.indexer.attributes import Attributes
+    from crossmodal.indexer.faiss_index import Manifest, build_dir_for
+    from crossmodal.indexer.folders import FolderNames, summaries
+    from crossmodal.indexer.store import Store
+
+    store = Store(settings.resolved_database_url())
+    build = store.published_build()
+    if build is None:
+        return []
+    build_dir = build_dir_for(settings.index_dir, build.id)
+    folders = Manifest.read(build_dir).folders or [[f.id, f.name, f.path] for f in store.folders()]
+    table = Attributes.open(build_dir) or Attributes.tabulate(*store.photo_attributes(set(store.image_keys())),
+                                                              FolderNames({i: name for i, name, _ in folders}))
+    return summaries([tuple(f) for f in folders], table.folder_counts())
+
+
+def _folder_named(settings: Settings, wanted: str) -> tuple[list[Path], Path]:
+    """(the index's folders, the one `wanted` names: by name, else by path)."""
+    found = _served_folders(settings)
+    match = next((f for f in found if f["name"] == wanted), None) or \
+        next((f for f in found if Path(f["path"]) == Path(wanted).expanduser().resolve()), None)
+    if match is None:
+        _fail(f"no folder {wanted!r} in this index; its folders: {', '.join(f['name'] for f in found) or 'none'}")
+    return [Path(f["path"]) for f in found], Path(match["path"])
+
+
+def _run_build(settings: Settings, change, captions: Path | None, json_out: bool) -> None:
     from crossmodal.indexer.builder import IndexBuilder
     from crossmodal.indexer.store import BuildInProgress
 
-    settings = _settings(index_dir=index_dir, model=model, index_factory=index_type, device=device, ray_address=ray)
     bars = _ProgressBars(enabled=not json_out)
     try:
-        report = IndexBuilder(settings).build(collection, captions, progress=bars)
+        report = IndexBuilder(settings).build(change, captions, progress=bars)
     except (FileNotFoundError, NotADirectoryError, ValueError, BuildInProgress) as err:
         _fail(str(err))
     finally:
@@ -210,9 +316,9 @@ def search(
         _fail(str(err), code=2)
     except (OSError, BadImage) as err:
         _fail(f"cannot read {image}: {err}")
-    root = engine.snapshot.collection_root
+    file = lambda hit: engine.image_file(hit.id)[1]
     if json_out:
-        as_dict = lambda hit: {**hit.__dict__, **({"file": str(root / hit.path)} if hasattr(hit, "path") else {})}
+        as_dict = lambda hit: {**hit.__dict__, **({"file": str(file(hit))} if hasattr(hit, "path") else {})}
         typer.echo(json.dumps({"query": result["query"], "images": [as_dict(h) for h in result["images"]],
                                "captions": [as_dict(h) for h in result["captions"]]}, indent=2))
         return
@@ -226,7 +332,7 @@ def search(
             caption = f"  \"{hit.captions[0]}\"" if hit.captions else ""
             dated = options.sort != "relevance" and hit.taken_at is not None
             taken = f"  {wall_clock(hit.taken_at):%Y-%m-%d %H:%M}" if dated else ""
-            _echo(f"{rank:>3}. {hit.score:.3f}  {root / hit.path}  image:{hit.id}{taken}{caption}")
+            _echo(f"{rank:>3}. {hit.score:.3f}  {file(hit)}  image:{hit.id}{taken}{caption}")
     if not result["images"] and not result["captions"]:
         typer.echo("no results: no indexed image matches the filters" if options.has_filters() or
                    options.min_score is not None else "no results: the index is empty")

@@ -4,8 +4,10 @@ A build writes the table beside its index, so a filter always describes exactly 
 served index holds, and runs over numpy arrays instead of the database (at 100k images a filter
 takes well under a millisecond; the matching ids out of SQL took tens). Files in a build directory:
 
-    images.attributes.npy   one row per image, sorted by id (ROW_TYPE): date taken, size, camera, captions
-    images.paths.npy        the images' paths, sorted (UTF-8 bytes): a folder is a range, found by bisection
+    images.attributes.npy   one row per image, sorted by id (ROW_TYPE): its folder's id, date taken, size,
+                              camera, captions
+    images.paths.npy        the images' paths as shown (folders.FolderNames), sorted (UTF-8 bytes): a
+                              folder is a range, found by bisection
     images.path_rows.npy    for each sorted path, its row in images.attributes.npy
     images.cameras.json     camera names; a row's `camera` is an index into them (-1: none recorded)
     captions.images.npy     [caption id, image id] of every caption, sorted by caption id: caption
@@ -16,6 +18,7 @@ All are memory-mapped when opened: an index larger than memory keeps its table o
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +26,10 @@ import faiss
 import numpy as np
 
 from crossmodal.indexer.faiss_index import find_sorted
+from crossmodal.indexer.folders import FolderNames
 
-ROW_TYPE = np.dtype([("id", "<i8"), ("taken_at", "<f8"), ("taken_from_exif", "?"), ("width", "<i4"),
-                     ("height", "<i4"), ("camera", "<i4"), ("captioned", "?")])
+ROW_TYPE = np.dtype([("id", "<i8"), ("folder", "<i4"), ("taken_at", "<f8"), ("taken_from_exif", "?"),
+                     ("width", "<i4"), ("height", "<i4"), ("camera", "<i4"), ("captioned", "?")])
 FILES = {"rows": "images.attributes.npy", "paths": "images.paths.npy", "path_rows": "images.path_rows.npy",
          "cameras": "images.cameras.json", "captions": "captions.images.npy"}
 
@@ -47,21 +51,22 @@ class Attributes:
     captions: np.ndarray  # int64 [n, 2]: caption id, its image id; sorted by caption id
 
     @classmethod
-    def tabulate(cls, images: list[tuple], captions: list[tuple[int, int]]) -> "Attributes":
-        """From (id, path, width, height, taken_at, taken_from, camera_make, camera_model) rows and
-        (caption id, image id) pairs (store.photo_attributes)."""
+    def tabulate(cls, images: list[tuple], captions: list[tuple[int, int]], names: FolderNames) -> "Attributes":
+        """From (id, folder id, path, width, height, taken_at, taken_from, camera_make, camera_model) rows
+        and (caption id, image id) pairs (store.photo_attributes); paths are tabulated as `names` shows them."""
         images = sorted(images)
         captioned = {image_id for _, image_id in captions}
-        names = [camera_name(make, model) for *_, make, model in images]
-        cameras = sorted({name for name in names if name})
+        cameras_of = [camera_name(make, model) for *_, make, model in images]
+        cameras = sorted({name for name in cameras_of if name})
         camera_ids = {name: i for i, name in enumerate(cameras)}
         rows = np.zeros(len(images), dtype=ROW_TYPE)
-        for row, (image_id, _, width, height, taken_at, taken_from, *_), name in zip(rows, images, names):
-            row["id"], row["width"], row["height"] = image_id, width, height
+        for row, (image_id, folder_id, _, width, height, taken_at, taken_from, *_), name in zip(rows, images, cameras_of):
+            row["id"], row["folder"], row["width"], row["height"] = image_id, folder_id, width, height
             row["taken_at"] = taken_at if taken_at is not None else np.nan
             row["taken_from_exif"] = taken_from == "exif"
             row["camera"], row["captioned"] = camera_ids.get(name, -1), image_id in captioned
-        paths = np.array([path.encode() for _, path, *_ in images], dtype=bytes) if images else np.zeros(0, "S1")
+        paths = np.array([names.shown(folder_id, path).encode() for _, folder_id, path, *_ in images],
+                         dtype=bytes) if images else np.zeros(0, "S1")
         order = np.argsort(paths, kind="stable")
         pairs = np.array(sorted(captions), dtype=np.int64).reshape(-1, 2)
         return cls(rows, paths[order], order.astype(np.int64), cameras, pairs)
@@ -75,11 +80,14 @@ class Attributes:
 
     @classmethod
     def open(cls, build_dir: Path) -> "Attributes | None":
-        """None for a build written before filters existed (the engine tabulates it from the database)."""
+        """None for a build written before filters existed, or before folders (the engine tabulates it from
+        the database)."""
         if not all((build_dir / name).is_file() for name in FILES.values()):
             return None
         rows, paths, path_rows, captions = (np.load(build_dir / FILES[name], mmap_mode="r")
                                             for name in ("rows", "paths", "path_rows", "captions"))
+        if rows.dtype != ROW_TYPE:
+            return None
         return cls(rows, paths, path_rows, json.loads((build_dir / FILES["cameras"]).read_text()), captions)
 
     @property
@@ -92,6 +100,12 @@ class Attributes:
         start = np.searchsorted(self.paths, prefix, side="left")
         end = np.searchsorted(self.paths, prefix[:-1] + b"0", side="left")  # '0' is the byte after '/'
         return self.path_rows[start:end]
+
+    def folder_counts(self) -> tuple[Counter, Counter]:
+        """(photos, captions) per folder id."""
+        rows, found = self.positions(np.asarray(self.captions[:, 1]))
+        folders = np.asarray(self.rows["folder"])
+        return Counter(folders.tolist()), Counter(folders[rows[found]].tolist())
 
     def positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, found) of these ids in the table."""

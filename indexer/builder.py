@@ -27,6 +27,7 @@ from crossmodal.indexer.attributes import Attributes
 from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, PhotoFacts, SkippedFile,
                                            find_captions_file, hash_bytes, load_image, nfc, photo_facts, read_captions,
                                            read_regular_file, scan)
+from crossmodal.indexer.folders import Change, FolderNames
 from crossmodal.indexer.hubness import HubnessBank, Penalties, load_bank
 from crossmodal.indexer.model_names import check_model_name, resolve_model_name
 from crossmodal.indexer.prefetch import prefetched_batches, read_ahead
@@ -177,22 +178,28 @@ class IndexBuilder:
             self._encoder = load_encoder(model, self.settings.device)
         return self._encoder
 
-    def build(self, collection: Path, captions_file: Path | None = None, model: str | None = None,
-              progress: ProgressCallback | None = None) -> BuildReport:
-        """Index `collection`; returns the report of the published build."""
+    def build(self, collection: Path | list[Path] | Change, captions_file: Path | None = None,
+              model: str | None = None, progress: ProgressCallback | None = None) -> BuildReport:
+        """Index a folder, several, or a change to the index's folders (folders.Change: add, remove,
+        rescan one); a folder or a list makes the index exactly those folders. Returns the report of
+        the published build."""
         model = resolve_model_name(model or self.settings.model)  # the build records a version, never the alias
         check_model_name(model)
+        if not isinstance(collection, Change):
+            collection = Change.replace([collection] if isinstance(collection, Path) else list(collection))
         with self.store.build_lock(self.settings.index_dir):
-            return self._build(collection.resolve(), captions_file, model, progress)
+            return self._build(collection, captions_file, model, progress)
 
-    def _build(self, root: Path, captions_file: Path | None, model: str,
+    def _build(self, change: Change, captions_file: Path | None, model: str,
                progress: ProgressCallback | None) -> BuildReport:
         start = time.perf_counter()
         previous = self.store.published_build()
-        captions_file = self._captions_source(root, captions_file, previous)
-        # A bad captions file fails here, before any work.
-        parsed = read_captions(captions_file, self.settings.max_captions_bytes) if captions_file else None
-        build_id = self._start_build(root, captions_file, model)
+        rescan, kept = self._plan(previous, model, change)
+        parsed, sources = self._read_captions(rescan, captions_file)  # a bad captions file fails here, before any work
+        folders = self.store.folder_rows(change.folders, sources)
+        names = self._names = FolderNames({f.id: f.name for f in folders})
+        first = sources.get(change.folders[0])
+        build_id = self.store.start_build(str(change.folders[0]), str(first) if first else None, model)
         report = BuildReport(build_id, model, previous.model if previous else None,
                              model_changed=bool(previous and previous.model != model))
         if report.model_changed:
@@ -204,13 +211,21 @@ class IndexBuilder:
         try:
             tracker = _BuildProgress(progress)
             tracker.meter("scanning", 0)
-            entries, report.skipped = scan(root)
-            captions_expected = len(parsed.rows) if parsed else 0
+            by_path = {Path(f.path): f for f in folders}
+            entries = self._scan([by_path[folder] for folder in rescan], names, report)
+            kept_images, kept_captions = self._kept_of(kept, {f.id for f in folders if Path(f.path) not in rescan})
+            captions_expected = sum(len(c.rows) for c in parsed.values())
             tracker.expect("captions", captions_expected)
-            tracker.expect("indexing", len(entries) + captions_expected)
+            tracker.expect("indexing", len(entries) + len(kept_images) + captions_expected + len(kept_captions))
             images = self._index_images(entries, lazy, build_id, report, tracker)
-            captions = self._index_captions(parsed, images, lazy, report, tracker)
-            self._write_and_publish(build_id, lazy, images, captions, report, tracker, start)
+            images.update(kept_images)
+            report.n_reused += len(kept_images)
+            report.n_images = len(images)
+            captions = self._index_captions({by_path[f].id: c for f, c in parsed.items()}, images, lazy, report,
+                                            tracker)
+            captions.update(kept_captions)
+            report.n_captions = len(captions)
+            self._write_and_publish(build_id, lazy, images, captions, folders, report, tracker, start)
         except BaseException as err:
             self._fail(build_id, err)
             raise
@@ -218,19 +233,57 @@ class IndexBuilder:
 
     # -- setup -----------------------------------------------------------------------------
 
-    def _captions_source(self, root: Path, given: Path | None, previous: Build | None) -> Path | None:
-        """Explicit file, else captions.{tsv,csv,jsonl} in the root, else the previous build's file."""
+    def _plan(self, previous: Build | None, model: str, change: Change) -> tuple[list[Path], Attributes | None]:
+        """(the folders to read, the published build's table to keep the other folders' rows from).
+
+        A folder is kept as published when the change does not name it, the published build holds it,
+        the model is the same, and that build wrote its table (attributes.py); else it is read again."""
+        if previous is None or previous.model != model:
+            return change.folders, None
+        build_dir = faiss_index.build_dir_for(self.settings.index_dir, previous.id)
+        table = Attributes.open(build_dir)
+        try:
+            published = {Path(path) for _, _, path in faiss_index.Manifest.read(build_dir).folders}
+        except (OSError, ValueError):
+            published = set()
+        rescan = [f for f in change.folders if table is None or f in change.rescan or f not in published]
+        return rescan, table if len(rescan) < len(change.folders) else None
+
+    def _kept_of(self, table: Attributes | None, folder_ids: set[int]) -> tuple[dict[int, str], dict[int, str]]:
+        """({image id: content hash}, {caption id: key}) of the published rows in these folders."""
+        if table is None or not folder_ids:
+            return {}, {}
+        images = self.store.image_keys_in(set(np.asarray(table.ids).tolist()), folder_ids)
+        caption_ids = {int(c) for c, image in np.asarray(table.captions).tolist() if image in images}
+        return images, {i: key for i, key in self.store.caption_keys().items() if i in caption_ids}
+
+    def _read_captions(self, folders: list[Path], given: Path | None) -> tuple[dict[Path, Captions], dict[Path, Path]]:
+        """({folder: its parsed captions}, {folder: the captions file read}). A folder's captions are the
+        file given (with one folder), else captions.{tsv,csv,jsonl} in it, else the file it had before."""
         if given is not None:
+            if len(folders) != 1:
+                raise ValueError("a captions file goes with one folder; put a captions.tsv in each folder instead")
             if not given.is_file():
                 raise FileNotFoundError(f"captions file not found: {given}")
-            return given.resolve()
-        found = find_captions_file(root)
-        if found is None and previous and previous.captions_file and previous.collection_root == str(root):
-            found = Path(previous.captions_file) if Path(previous.captions_file).is_file() else None
-        return found
+        remembered = {Path(f.path): f.captions_file for f in self.store.folders()}
+        sources = {}
+        for folder in folders:
+            if not folder.is_dir():
+                raise NotADirectoryError(f"collection folder not found: {folder}")
+            source = given.resolve() if given is not None else find_captions_file(folder)
+            if source is None and remembered.get(folder) and Path(remembered[folder]).is_file():
+                source = Path(remembered[folder])
+            if source is not None:
+                sources[folder] = source
+        return {f: read_captions(path, self.settings.max_captions_bytes) for f, path in sources.items()}, sources
 
-    def _start_build(self, root: Path, captions_file: Path | None, model: str) -> int:
-        return self.store.start_build(str(root), str(captions_file) if captions_file else None, model)
+    def _scan(self, folders: list, names: FolderNames, report: BuildReport) -> list[FileEntry]:
+        entries = []
+        for folder in folders:
+            found, skipped = scan(Path(folder.path), folder.id)
+            entries += found
+            report.skipped += [SkippedFile(names.shown(folder.id, s.path), s.reason) for s in skipped]
+        return entries
 
     def _fail(self, build_id: int, err: BaseException) -> None:
         with contextlib.suppress(Exception):
@@ -238,28 +291,26 @@ class IndexBuilder:
 
     # -- images ----------------------------------------------------------------------------
 
-    def _index_images(self, entries: list[FileEntry], lazy: "_LazyEncoder", build_id: int, report: BuildReport,
-                      tracker: _BuildProgress) -> dict[int, str]:
-        """Returns {image row id: content hash} of every image in the new build."""
-        known = self.store.image_rows_by_path()
+    def _index_images(self, entries: list[FileEntry], lazy: "_LazyEncoder", build_id: int,
+                      report: BuildReport, tracker: _BuildProgress) -> dict[int, str]:
+        """Returns {image row id: content hash} of every image found in the folders read."""
+        known = self.store.image_rows_by_path({e.folder_id for e in entries})
         with self.store.session() as s:
             unchanged = {}
             for entry in entries:
-                row = next((r for r in known.get(entry.path, ()) if r.bytes == entry.bytes
+                row = next((r for r in known.get((entry.folder_id, entry.path), ()) if r.bytes == entry.bytes
                             and abs(r.mtime - entry.mtime) < 1e-6 and r.taken_from is not None), None)
                 if row is not None:
-                    unchanged[entry.path] = row
+                    unchanged[entry] = row
             have = embedding_keys(s, lazy.name, "image", list({r.content_hash for r in unchanged.values()}))
         live = {row.id: row.content_hash for row in unchanged.values() if row.content_hash in have}
         report.n_reused = len(live)
-        todo = [e for e in entries if not (e.path in unchanged and unchanged[e.path].id in live)]
+        todo = [e for e in entries if not (e in unchanged and unchanged[e].id in live)]
         meter = tracker.meter("images", len(todo))
         if not todo:
-            report.n_images = len(live)
             return live
         if self.settings.ray_address:
             self._embed_images_on_ray(todo, lazy, build_id, report, meter, live)
-            report.n_images = len(live)
             return live
         encoder = lazy.get()
         limits = (self.settings.max_file_bytes, self.settings.max_image_pixels)
@@ -270,14 +321,16 @@ class IndexBuilder:
             for entry, result in batch:
                 if isinstance(result, Exception):
                     reason = str(result) if isinstance(result, BadImage) else f"{type(result).__name__}: {result}"
-                    report.skipped.append(SkippedFile(entry.path, reason))
+                    report.skipped.append(self._skipped(entry, reason))
                 else:
                     loaded.append(result)
             before = meter.done
             live.update(self._store_images(loaded, encoder, build_id, report, meter))
             meter.advance(len(batch) - (meter.done - before))  # the skipped and the already embedded
-        report.n_images = len(live)
         return live
+
+    def _skipped(self, entry: FileEntry, reason: str) -> SkippedFile:
+        return SkippedFile(self._names.shown(entry.folder_id, entry.path), reason)
 
     @staticmethod
     def _load(entry: FileEntry, encoder: Encoder, max_bytes: int, max_pixels: int):
@@ -317,7 +370,8 @@ class IndexBuilder:
     def _image_rows(s: Session, items: list[tuple[FileEntry, str, int, int, PhotoFacts]],
                     build_id: int) -> dict[int, str]:
         """{row id: content hash} of these (file, content hash, width, height, facts) (store.image_row_ids)."""
-        ids = image_row_ids(s, [{"path": entry.path, "content_hash": key, "build_id": build_id, "bytes": entry.bytes,
+        ids = image_row_ids(s, [{"folder_id": entry.folder_id, "path": entry.path, "content_hash": key,
+                                 "build_id": build_id, "bytes": entry.bytes,
                                  "width": width, "height": height, "mtime": entry.mtime, **asdict(facts)}
                                 for entry, key, width, height, facts in items])
         return {row_id: item[1] for row_id, item in zip(ids, items)}
@@ -359,13 +413,13 @@ class IndexBuilder:
         frees the GIL)."""
         def content_hash(entry: FileEntry) -> tuple[str, PhotoFacts] | SkippedFile:
             if entry.bytes > self.settings.max_file_bytes:
-                return SkippedFile(entry.path, f"file too large: {entry.bytes} bytes exceeds the limit of "
-                                               f"{self.settings.max_file_bytes}")
+                return self._skipped(entry, f"file too large: {entry.bytes} bytes exceeds the limit of "
+                                            f"{self.settings.max_file_bytes}")
             try:
                 data = read_regular_file(entry.abs_path, self.settings.max_file_bytes)
                 return hash_bytes(data), photo_facts(data, entry.mtime)
             except OSError as err:
-                return SkippedFile(entry.path, f"unreadable: {err.strerror or err}")
+                return self._skipped(entry, f"unreadable: {err.strerror or err}")
 
         hashed = []
         with ThreadPoolExecutor(8, thread_name_prefix="hash") as pool:
@@ -383,7 +437,7 @@ class IndexBuilder:
         for item in batch:
             entry, _, facts = new[item.path]
             if item.vector is None:
-                report.skipped.append(SkippedFile(entry.path, item.error))
+                report.skipped.append(self._skipped(entry, item.error))
             else:
                 done.append((entry, item.key, item.width, item.height, facts, item.vector))
         if not done:
@@ -398,34 +452,35 @@ class IndexBuilder:
 
     # -- captions --------------------------------------------------------------------------
 
-    def _index_captions(self, parsed: Captions | None, images: dict[int, str], lazy: "_LazyEncoder",
+    def _index_captions(self, parsed: dict[int, Captions], images: dict[int, str], lazy: "_LazyEncoder",
                         report: BuildReport, tracker: _BuildProgress) -> dict[int, str]:
-        """Returns {caption row id: text hash} of every caption in the new build.
+        """Returns {caption row id: text hash} of the captions of the folders read ({folder id: captions}).
 
         The phase starts before the caption rows are written, so writing them is timed (and
         shown) as caption work, not as the tail of the image phase.
         """
-        if parsed is None:
+        if not parsed:
             return {}
-        report.bad_caption_rows = parsed.bad_rows
+        wanted: dict[tuple[int, str], str] = {}
         with self.store.session() as s:
-            wanted = self._wanted_captions(s, parsed, images, report)
+            for folder_id, captions in parsed.items():
+                report.bad_caption_rows += captions.bad_rows
+                wanted.update(self._wanted_captions(s, captions, folder_id, images, report))
             have = embedding_keys(s, lazy.name, "text", list(set(wanted.values())))
         todo = {key: text for (_, text), key in wanted.items() if key not in have}
         meter = tracker.meter("captions", len(todo))
         with self.store.session() as s, s.begin():
             live = self._caption_rows(s, wanted)
         self._embed_texts(todo, lazy, meter)
-        report.n_captions = len(live)
         return live
 
     @staticmethod
-    def _wanted_captions(s: Session, parsed: Captions, images: dict[int, str],
+    def _wanted_captions(s: Session, parsed: Captions, folder_id: int, images: dict[int, str],
                          report: BuildReport) -> dict[tuple[int, str], str]:
-        """{(image row id, caption): text hash} of the captions whose image is in the build; an
-        image is named by its path in the collection, or by its file name where that is unique."""
+        """{(image row id, caption): text hash} of a folder's captions whose image is in the build; an
+        image is named by its path in the folder, or by its file name where that is unique there."""
         ids = set(images)
-        paths = {nfc(p): i for p, i in image_ids_by_path(s).items() if i in ids}
+        paths = {nfc(p): i for p, i in image_ids_by_path(s, folder_id).items() if i in ids}
         by_name = defaultdict(list)
         for path, image_id in paths.items():
             by_name[path.rsplit("/", 1)[-1]].append(image_id)
@@ -498,7 +553,7 @@ class IndexBuilder:
         return index_type
 
     def _write_and_publish(self, build_id: int, encoder: "_LazyEncoder", images: dict[int, str],
-                           captions: dict[int, str], report: BuildReport, tracker: _BuildProgress,
+                           captions: dict[int, str], folders: list, report: BuildReport, tracker: _BuildProgress,
                            start: float) -> None:
         indexing = tracker.meter("indexing", len(images) + len(captions))  # counted in vectors indexed
         settings = self.settings
@@ -520,12 +575,14 @@ class IndexBuilder:
                 report.image_index_type = index_type
             else:
                 report.caption_index_type = index_type
-        Attributes.tabulate(*self.store.photo_attributes(set(images), set(captions))).write(build_dir)
+        names = FolderNames({f.id: f.name for f in folders})
+        Attributes.tabulate(*self.store.photo_attributes(set(images), set(captions)), names).write(build_dir)
         faiss_index.Manifest(build_id, encoder.name, encoder.dim, report.image_index_type,
                              report.caption_index_type, len(images), len(captions), params,
-                             bank.describe() if bank else {}, self._score_scale).write(build_dir)
+                             bank.describe() if bank else {}, self._score_scale,
+                             [[f.id, f.name, f.path] for f in folders]).write(build_dir)
         report.seconds = time.perf_counter() - start
-        self._publish(build_id, encoder, images, captions, report)
+        self._publish(build_id, encoder, images, captions, {f.id for f in folders}, report)
         # Keep the new build and the one it replaced (readers may still be mid-swap); drop older ones.
         faiss_index.remove_unpublished(settings.index_dir, keep={build_id, *self._previous_published(build_id)})
         tracker.meter("done", 0)
@@ -543,10 +600,10 @@ class IndexBuilder:
         return self.store.previous_published(build_id)
 
     def _publish(self, build_id: int, encoder: "_LazyEncoder", images: dict[int, str], captions: dict[int, str],
-                 report: BuildReport) -> None:
-        """The atomic switch: one transaction makes the new build current and drops stale rows."""
+                 folder_ids: set[int], report: BuildReport) -> None:
+        """The atomic switch: one transaction makes the new build current and drops stale rows and folders."""
         with self.store.session() as s, s.begin():
-            report.n_removed = publish_build(s, build_id, images, captions, encoder.name, {
+            report.n_removed = publish_build(s, build_id, images, captions, encoder.name, folder_ids, {
                 "dim": encoder.dim, "image_index_type": report.image_index_type,
                 "caption_index_type": report.caption_index_type, "n_images": report.n_images,
                 "n_captions": report.n_captions, "n_embedded": report.n_embedded, "n_reused": report.n_reused,

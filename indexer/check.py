@@ -100,13 +100,13 @@ def _check_contents(store: Store, build: Build, manifest: faiss_index.Manifest, 
     images, captions = store.image_keys(), store.caption_keys()
     image_vectors = store.embeddings(manifest.model, "image", list(set(images.values())))
     text_vectors = store.embeddings(manifest.model, "text", list(set(captions.values())))
-    paths = store.image_paths()
+    files = store.image_files()
     report.counts = {"images": len(images), "captions": len(captions)}
     for kind, file_name, rows, stored, index_type in (
             ("image", faiss_index.IMAGES_FILE, images, image_vectors, manifest.image_index_type),
             ("caption", faiss_index.CAPTIONS_FILE, captions, text_vectors, manifest.caption_index_type)):
         _check_faiss_file(build_dir / file_name, kind, rows, stored, manifest, index_type, pending, report)
-    _check_files_on_disk(Path(build.collection_root), paths, report)
+    _check_files_on_disk(files, report)
 
 
 def _check_penalties(path: Path, ids: np.ndarray, manifest: faiss_index.Manifest, report: CheckReport) -> None:
@@ -203,8 +203,8 @@ def _check_faiss_file(path: Path, kind: str, rows: dict[int, str], stored: dict[
                                f"embeddings (e.g. id {bad[0]}; {how})")
 
 
-def _check_files_on_disk(root: Path, paths: dict[int, str], report: CheckReport) -> None:
-    gone = [p for p in paths.values() if not (root / p).is_file()]
+def _check_files_on_disk(files: dict[int, Path], report: CheckReport) -> None:
+    gone = [str(f) for f in files.values() if not f.is_file()]
     if gone:
         report.warnings.append(f"{len(gone)} indexed files are no longer on disk (e.g. {gone[0]}); "
                                "they are served as 404 until the next `crossmodal index`")

@@ -38,6 +38,7 @@ class FileEntry:
     abs_path: Path
     bytes: int
     mtime: float
+    folder_id: int = 0  # the index's folder it was found in (store.FolderRow)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class BadImage(Exception):
     """An image that cannot be indexed; the message is the reason shown to the user."""
 
 
-def scan(root: Path) -> tuple[list[FileEntry], list[SkippedFile]]:
+def scan(root: Path, folder_id: int = 0) -> tuple[list[FileEntry], list[SkippedFile]]:
     """All image files under root, sorted; unreadable entries are reported, not raised.
 
     The walk keeps its own stack (a tree deeper than Python's recursion limit is fine).
@@ -110,7 +111,7 @@ def scan(root: Path) -> tuple[list[FileEntry], list[SkippedFile]]:
             if _is_folder(child):
                 subfolders.append(Path(child.path))
             elif Path(child.name).suffix.lower() in IMAGE_EXTENSIONS:
-                entry_or_skip = _entry(child, root)
+                entry_or_skip = _entry(child, root, folder_id)
                 (entries if isinstance(entry_or_skip, FileEntry) else skipped).append(entry_or_skip)
         pending.extend(reversed(subfolders))  # depth first, in name order, as os.walk would go
     return entries, skipped
@@ -127,7 +128,7 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _entry(child: os.DirEntry, root: Path) -> FileEntry | SkippedFile:
+def _entry(child: os.DirEntry, root: Path, folder_id: int) -> FileEntry | SkippedFile:
     """A file's entry from its directory listing. Only a symlink is resolved (a path walk per
     file), to check it stays inside the root: a plain file under root is inside it."""
     path = Path(child.path)
@@ -150,7 +151,7 @@ def _entry(child: os.DirEntry, root: Path) -> FileEntry | SkippedFile:
         return SkippedFile(rel, "not a regular file")
     if not os.access(real, os.R_OK):
         return SkippedFile(rel, "unreadable: permission denied")
-    return FileEntry(rel, path, stat.st_size, stat.st_mtime)
+    return FileEntry(rel, path, stat.st_size, stat.st_mtime, folder_id)
 
 
 class NotRegularFile(OSError):

@@ -193,7 +193,7 @@ def evaluate_classes(settings) -> dict:
     caption_class = {caption_id: key for caption_id, _, key, _ in rows}
     class_keys = sorted(set(image_class.values()))
     one_caption = {key: caption_id for caption_id, key in caption_class.items()}
-    texts = {caption_class[cid]: text for cid, (text, _, _) in store.caption_hits(list(one_caption.values())).items()}
+    texts = {caption_class[cid]: text for cid, (text, *_) in store.caption_hits(list(one_caption.values())).items()}
     query_images = sorted({(r[1], r[3]) for r in rows})
     t2i = _search_images(store, opened, _stored_vectors(store, manifest, "text", class_keys))
     i2c = _search_captions(store, opened, _stored_vectors(store, manifest, "image", [h for _, h in query_images]))

@@ -67,6 +67,7 @@ class Manifest:
     search_params: dict[str, int] = field(default_factory=dict)  # e.g. {"nprobe": 32, "efSearch": 64}
     hubness: dict = field(default_factory=dict)  # the correction's settings; empty: none
     score_scale: dict = field(default_factory=dict)  # text->image best scores of typical queries (ranking.score_scale)
+    folders: list = field(default_factory=list)  # [id, name, path] of the folders the build holds (folders.py)
 
     def write(self, build_dir: Path) -> None:
         (build_dir / MANIFEST).write_text(json.dumps(asdict(self), indent=2))

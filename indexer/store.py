@@ -27,12 +27,13 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload, sessionmaker
 
 from crossmodal.indexer.collection import hash_bytes
+from crossmodal.indexer.folders import unique_folder_name
 from crossmodal.indexer.prefetch import read_ahead_in_child_process
 
 
 # The newest revision in migrations/versions (a test holds the two equal). Checked with one
 # query at open; Alembic itself is imported only when an upgrade is due (it costs 0.3-0.6 s).
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 
 
 class BuildInProgress(RuntimeError):
@@ -74,11 +75,24 @@ class Build(Base):
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
 
 
+class FolderRow(Base):
+    """A folder of images the index holds; an index holds one or several (issue 20). `name` is unique
+    in the index: with several folders a photo's path is shown as name/path-in-folder."""
+
+    __tablename__ = "folders"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)  # absolute, resolved
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    captions_file: Mapped[str | None] = mapped_column(Text, nullable=True)  # given when it was added
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class ImageRow(Base):
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("path", "content_hash"),)
+    __table_args__ = (UniqueConstraint("folder_id", "path", "content_hash"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(Text, index=True)  # relative to the collection root, '/' separators
+    folder_id: Mapped[int] = mapped_column(ForeignKey("folders.id"), index=True)
+    path: Mapped[str] = mapped_column(Text, index=True)  # relative to its folder, '/' separators
     content_hash: Mapped[str] = mapped_column(String(64), index=True)
     bytes: Mapped[int] = mapped_column(Integer)
     width: Mapped[int] = mapped_column(Integer)
@@ -120,6 +134,7 @@ class JobRow(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     state: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|done|failed
+    action: Mapped[str | None] = mapped_column(String(16), nullable=True)  # replace|add|remove|rescan (0004)
     collection: Mapped[str] = mapped_column(Text)
     captions: Mapped[str | None] = mapped_column(Text, nullable=True)
     model: Mapped[str | None] = mapped_column(String(512), nullable=True)
@@ -358,11 +373,38 @@ class Store:
 
     # -- rows --------------------------------------------------------------------------------------
 
-    def image_rows_by_path(self) -> dict[str, list[ImageRow]]:
+    def image_rows_by_path(self, folder_ids: set[int]) -> dict[tuple[int, str], list[ImageRow]]:
+        """The image rows of these folders by (folder id, path)."""
         with self.session() as s:
-            rows: dict[str, list[ImageRow]] = {}
-            for row in s.scalars(select(ImageRow)):
-                rows.setdefault(row.path, []).append(row)
+            rows: dict[tuple[int, str], list[ImageRow]] = {}
+            for row in s.scalars(select(ImageRow).where(ImageRow.folder_id.in_(folder_ids))):
+                rows.setdefault((row.folder_id, row.path), []).append(row)
+            return rows
+
+    # -- folders -----------------------------------------------------------------------------------
+
+    def folders(self) -> list[FolderRow]:
+        """The folders of the index, in the order they were added."""
+        with self.session() as s:
+            return list(s.scalars(select(FolderRow).order_by(FolderRow.id)))
+
+    def folder_rows(self, paths: Sequence[Path], captions_files: dict[Path, Path]) -> list[FolderRow]:
+        """The rows of these folders (absolute paths), made for those new to the index, each with a name
+        no other folder has; each remembers the captions file it was read with last (`captions_files`)."""
+        with self.session() as s, s.begin():
+            known = {row.path: row for row in s.scalars(select(FolderRow))}
+            taken = {row.name for row in known.values()}
+            rows = []
+            for path in paths:
+                row = known.get(str(path))
+                if row is None:
+                    row = known[str(path)] = FolderRow(path=str(path), name=unique_folder_name(path, taken))
+                    taken.add(row.name)
+                    s.add(row)
+                if path in captions_files:
+                    row.captions_file = str(captions_files[path])
+                rows.append(row)
+            s.flush()
             return rows
 
     def build_statuses(self) -> dict[int, str]:
@@ -374,14 +416,32 @@ class Store:
         with self.session() as s:
             return dict(s.execute(select(ImageRow.id, ImageRow.content_hash)).all())
 
+    def image_keys_in(self, ids: set[int], folder_ids: set[int]) -> dict[int, str]:
+        """{image row id: content hash} of these rows that lie in these folders."""
+        with self.session() as s:
+            return {i: key for i, key in s.execute(select(ImageRow.id, ImageRow.content_hash)
+                                                   .where(ImageRow.folder_id.in_(folder_ids))) if i in ids}
+
     def caption_keys(self) -> dict[int, str]:
         """{caption row id: caption key} of every caption row."""
         with self.session() as s:
             return dict(s.execute(select(CaptionRow.id, CaptionRow.key)).all())
 
     def image_paths(self) -> dict[int, str]:
+        """{image row id: its path in its folder}."""
         with self.session() as s:
             return dict(s.execute(select(ImageRow.id, ImageRow.path)).all())
+
+    def image_paths_in(self, folder_ids: set[int]) -> dict[int, str]:
+        """{image row id: its path in its folder} of the rows in these folders."""
+        with self.session() as s:
+            return dict(s.execute(select(ImageRow.id, ImageRow.path).where(ImageRow.folder_id.in_(folder_ids))).all())
+
+    def image_files(self) -> dict[int, Path]:
+        """{image row id: its file (its folder's path / its path)}."""
+        with self.session() as s:
+            return {i: Path(folder) / path for i, folder, path in s.execute(
+                select(ImageRow.id, FolderRow.path, ImageRow.path).join(FolderRow, ImageRow.folder_id == FolderRow.id))}
 
     def embeddings(self, model: str, kind: str, keys: list[str]) -> dict[str, bytes]:
         with self.session() as s:
@@ -394,23 +454,24 @@ class Store:
                 select(CaptionRow.id, CaptionRow.image_id, CaptionRow.key, ImageRow.content_hash)
                 .join(ImageRow, CaptionRow.image_id == ImageRow.id))]
 
-    def image_hits(self, ids: list[int]) -> dict[int, tuple[str, int, int, list[str]]]:
-        """Path, width, height and captions of each image id, in one query: ORM objects loaded with
-        their captions took 0.65 ms more a search (1.55 against 0.91 ms at 100k)."""
-        found: dict[int, tuple[str, int, int, list[str]]] = {}
-        query = (select(ImageRow.id, ImageRow.path, ImageRow.width, ImageRow.height, CaptionRow.text)
+    def image_hits(self, ids: list[int]) -> dict[int, tuple[int, str, int, int, list[str]]]:
+        """Folder id, path, width, height and captions of each image id, in one query: ORM objects loaded
+        with their captions took 0.65 ms more a search (1.55 against 0.91 ms at 100k)."""
+        found: dict[int, tuple[int, str, int, int, list[str]]] = {}
+        query = (select(ImageRow.id, ImageRow.folder_id, ImageRow.path, ImageRow.width, ImageRow.height,
+                        CaptionRow.text)
                  .outerjoin(CaptionRow, CaptionRow.image_id == ImageRow.id)
                  .where(ImageRow.id.in_(ids)).order_by(CaptionRow.id))
         with self.engine.connect() as connection:
-            for image_id, path, width, height, text in connection.execute(query):
-                captions = found.setdefault(image_id, (path, width, height, []))[3]
+            for image_id, folder_id, path, width, height, text in connection.execute(query):
+                captions = found.setdefault(image_id, (folder_id, path, width, height, []))[4]
                 if text is not None:
                     captions.append(text)
         return found
 
-    def caption_hits(self, ids: list[int]) -> dict[int, tuple[str, int, str]]:
-        """Text, image id and image path of each caption id, in one query."""
-        query = (select(CaptionRow.id, CaptionRow.text, CaptionRow.image_id, ImageRow.path)
+    def caption_hits(self, ids: list[int]) -> dict[int, tuple[str, int, int, str]]:
+        """Text, image id, image folder id and image path of each caption id, in one query."""
+        query = (select(CaptionRow.id, CaptionRow.text, CaptionRow.image_id, ImageRow.folder_id, ImageRow.path)
                  .join(ImageRow, CaptionRow.image_id == ImageRow.id).where(CaptionRow.id.in_(ids)))
         with self.engine.connect() as connection:
             return {row[0]: tuple(row[1:]) for row in connection.execute(query)}
@@ -438,12 +499,12 @@ class Store:
         return {i: np.frombuffer(blobs[key], dtype=np.float32) for i, key in keys.items() if key in blobs}
 
     def photo_attributes(self, ids: set[int], caption_ids: set[int] | None = None) -> tuple[list[tuple], list[tuple]]:
-        """((id, path, width, height, taken_at, taken_from, camera_make, camera_model) of these image rows,
-        (caption id, image id) of their captions, of `caption_ids` where given): what attributes.py
-        tabulates for filters."""
+        """((id, folder id, path, width, height, taken_at, taken_from, camera_make, camera_model) of these
+        image rows, (caption id, image id) of their captions, of `caption_ids` where given): what
+        attributes.py tabulates for filters."""
         with self.engine.connect() as connection:
             rows = [tuple(row) for row in connection.execute(
-                select(ImageRow.id, ImageRow.path, ImageRow.width, ImageRow.height, ImageRow.taken_at,
+                select(ImageRow.id, ImageRow.folder_id, ImageRow.path, ImageRow.width, ImageRow.height, ImageRow.taken_at,
                        ImageRow.taken_from, ImageRow.camera_make, ImageRow.camera_model)) if row[0] in ids]
             captions = [(caption_id, image_id) for caption_id, image_id in connection.execute(
                 select(CaptionRow.id, CaptionRow.image_id))
@@ -557,12 +618,12 @@ def image_row_ids(s: Session, files: list[dict[str, Any]]) -> list[int]:
     file gets a new row. One query and one bulk insert of plain rows: with the vectors' single
     insert, database work in a build went from 0.13 ms a photo (ORM objects) to 0.05 ms.
     """
-    existing = {(path, content_hash): row_id for row_id, path, content_hash in s.execute(
-        select(ImageRow.id, ImageRow.path, ImageRow.content_hash).where(
+    existing = {(folder_id, path, content_hash): row_id for row_id, folder_id, path, content_hash in s.execute(
+        select(ImageRow.id, ImageRow.folder_id, ImageRow.path, ImageRow.content_hash).where(
             ImageRow.path.in_({f["path"] for f in files})))}
     touched, new = {}, {}
     for f in files:
-        key = (f["path"], f["content_hash"])
+        key = (f["folder_id"], f["path"], f["content_hash"])
         if key in existing:
             touched[existing[key]] = {"id": existing[key], "bytes": f["bytes"], "mtime": f["mtime"],
                                       **{name: f[name] for name in _FACTS}}
@@ -574,8 +635,8 @@ def image_row_ids(s: Session, files: list[dict[str, Any]]) -> list[int]:
         ids = list(s.scalars(insert(ImageRow).returning(ImageRow.id, sort_by_parameter_order=True),
                              list(new.values())))
         existing.update(zip(new, ids))
-        add_keyword_docs(s, [(-i, i, path_keywords(path)) for (path, _), i in zip(new, ids)])
-    return [existing[(f["path"], f["content_hash"])] for f in files]
+        add_keyword_docs(s, [(-i, i, path_keywords(path)) for (_, path, _), i in zip(new, ids)])
+    return [existing[(f["folder_id"], f["path"], f["content_hash"])] for f in files]
 
 
 _FACTS = ("taken_at", "taken_from", "camera_make", "camera_model")
@@ -604,8 +665,9 @@ def image_sizes(s: Session, content_hashes: list[str]) -> dict[str, tuple[int, i
     return found
 
 
-def image_ids_by_path(s: Session) -> dict[str, int]:
-    return dict(s.execute(select(ImageRow.path, ImageRow.id)).all())
+def image_ids_by_path(s: Session, folder_id: int) -> dict[str, int]:
+    """{path: image row id} of a folder's rows."""
+    return dict(s.execute(select(ImageRow.path, ImageRow.id).where(ImageRow.folder_id == folder_id)).all())
 
 
 def caption_row_ids(s: Session, wanted: list[tuple[int, str]]) -> dict[tuple[int, str], int]:
@@ -622,8 +684,8 @@ def caption_row_ids(s: Session, wanted: list[tuple[int, str]]) -> dict[tuple[int
 
 
 def publish_build(s: Session, build_id: int, images: dict[int, str], captions: dict[int, str], model: str,
-                  fields: dict[str, Any]) -> int:
-    """The atomic switch, inside the caller's transaction: rows and vectors the new build does
+                  folder_ids: set[int], fields: dict[str, Any]) -> int:
+    """The atomic switch, inside the caller's transaction: rows, folders and vectors the new build does
     not use go, the previous build is superseded, this one published with `fields`. Returns
     the number of image rows removed."""
     stale_images = [i for i in s.scalars(select(ImageRow.id)) if i not in images]
@@ -636,6 +698,7 @@ def publish_build(s: Session, build_id: int, images: dict[int, str], captions: d
     for chunk in _chunks(stale_images):
         s.execute(delete(CaptionRow).where(CaptionRow.image_id.in_(chunk)))
         s.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
+    s.execute(delete(FolderRow).where(FolderRow.id.not_in(folder_ids)))
     _drop_unused_embeddings(s, model, set(images.values()), set(captions.values()))
     s.execute(update(Build).where(Build.status == "published").values(status="superseded"))
     s.execute(update(Build).where(Build.id == build_id).values(status="published", finished_at=utcnow(), **fields))

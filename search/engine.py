@@ -25,6 +25,7 @@ from PIL import Image
 from crossmodal.indexer import faiss_index, ranking
 from crossmodal.indexer.attributes import Attributes, Selection
 from crossmodal.indexer.collection import open_regular_file
+from crossmodal.indexer.folders import FolderNames, summaries
 from crossmodal.indexer.hubness import Penalties
 from crossmodal.indexer.settings import Settings
 from crossmodal.indexer.store import Build, ImageRow, Store
@@ -79,12 +80,18 @@ class Snapshot:
     manifest: faiss_index.Manifest
     images: faiss.Index
     captions: faiss.Index
-    collection_root: Path
+    folders: dict[int, Path]  # the folders the build holds, by id
+    names: FolderNames  # how its photos' paths are shown
     image_penalties: Penalties | None = None  # hubness correction of text -> image search
     caption_penalties: Penalties | None = None  # ... and of image -> caption search
     image_vectors: faiss_index.ExactVectors | None = None  # a lossy index's re-rank vectors
     caption_vectors: faiss_index.ExactVectors | None = None
     attributes: Attributes | None = None  # what filters and the date sort look at
+
+    @property
+    def collection_root(self) -> Path:
+        """The first folder (the only one, in an index of one)."""
+        return next(iter(self.folders.values()))
 
 
 @dataclass
@@ -212,10 +219,13 @@ class SearchEngine:
             return False
         opened = faiss_index.open_build(self.settings, build.id)
         manifest = opened.manifest
+        folders = manifest.folders or [[f.id, f.name, f.path] for f in self.store.folders()]  # a build from before
+        names = FolderNames({i: name for i, name, _ in folders})
         attributes = Attributes.open(opened.build_dir) or Attributes.tabulate(*self.store.photo_attributes(
             set(faiss_index.indexed_ids(opened.images, opened.image_vectors).tolist()),
-            set(faiss_index.indexed_ids(opened.captions, opened.caption_vectors).tolist())))  # a build from before
-        snapshot = Snapshot(build, manifest, opened.images, opened.captions, Path(build.collection_root),
+            set(faiss_index.indexed_ids(opened.captions, opened.caption_vectors).tolist())), names)
+        snapshot = Snapshot(build, manifest, opened.images, opened.captions,
+                            {i: Path(path) for i, _, path in folders} or {0: Path(build.collection_root)}, names,
                             opened.image_penalties, opened.caption_penalties, opened.image_vectors,
                             opened.caption_vectors, attributes)
         if self._encoder is not None and self._encoder.name != manifest.model:
@@ -355,7 +365,9 @@ class SearchEngine:
             taken = float(facts["taken_at"]) if facts is not None and not np.isnan(facts["taken_at"]) else None
             camera = attributes.cameras[facts["camera"]] if facts is not None and facts["camera"] >= 0 else None
             source = None if taken is None else "exif" if facts["taken_from_exif"] else "mtime"
-            hits.append(ImageHit(i, score, *rows[i], taken_at=taken, taken_from=source, camera=camera))
+            folder_id, path, *rest = rows[i]
+            hits.append(ImageHit(i, score, self.snapshot.names.shown(folder_id, path), *rest, taken_at=taken,
+                                 taken_from=source, camera=camera))
         return hits
 
     def captions_by_vector(self, vector: np.ndarray, k: int = 10, offset: int = 0, from_image: bool = False,
@@ -376,7 +388,8 @@ class SearchEngine:
         self._observe(timings)
         page = filters.ordered(ranked, options, snapshot.attributes)[offset:offset + k]
         rows = self.store.caption_hits([i for i, _ in page])
-        return [CaptionHit(i, score, *rows[i]) for i, score in page if i in rows]
+        return [CaptionHit(i, score, text, image_id, snapshot.names.shown(folder_id, path))
+                for i, score in page if i in rows for text, image_id, folder_id, path in [rows[i]]]
 
     def _observe(self, timings: dict[str, float]) -> None:
         if self.metrics is not None:
@@ -479,26 +492,44 @@ class SearchEngine:
         self._facets = (snapshot.build.id, facets)
         return facets
 
+    def folders(self) -> list[dict]:
+        """The served build's folders with their photo and caption counts (the attribute table's)."""
+        snapshot = self.snapshot
+        return summaries([(i, snapshot.names.names.get(i, path.name), str(path))
+                          for i, path in snapshot.folders.items()], snapshot.attributes.folder_counts())
+
     def image(self, image_id: int) -> ImageRow:
         row = self.store.image(image_id)
         if row is None:
             raise NotFound(f"image {image_id} not found")
         return row
 
+    def shown_path(self, row: ImageRow) -> str:
+        """An image's path as results show it (folders.FolderNames)."""
+        return self.snapshot.names.shown(row.folder_id, row.path)
+
+    def image_file(self, image_id: int) -> tuple[Path, Path]:
+        """(its folder, its file) of an indexed image."""
+        row = self.image(image_id)
+        folder = self.snapshot.folders.get(row.folder_id)
+        if folder is None:
+            raise NotFound(f"image {image_id} is not in the served index")
+        return folder, folder / row.path
+
     def open_image_file(self, image_id: int) -> BinaryIO:
-        """The file of an indexed image, opened for reading; it must lie inside the collection root.
+        """The file of an indexed image, opened for reading; it must lie inside its folder.
 
         Where the opened descriptor really points is checked, not the path before opening: a
         file swapped for a symlink to elsewhere between a check and an open (a race that
-        served outside files) is refused, while symlinks that stay inside the root still work.
+        served outside files) is refused, while symlinks that stay inside the folder still work.
         """
-        row = self.image(image_id)
-        root = self.snapshot.collection_root.resolve()
+        folder, path = self.image_file(image_id)
+        root = folder.resolve()
         try:
-            handle = open_regular_file(root / row.path)  # NotRegularFile is an OSError
+            handle = open_regular_file(path)  # NotRegularFile is an OSError
         except OSError as err:
             raise NotFound(f"file of image {image_id} is not available") from err
-        if root not in _opened_path(handle.fileno(), root / row.path).parents:
+        if root not in _opened_path(handle.fileno(), path).parents:
             handle.close()
             raise NotFound(f"file of image {image_id} is not available")
         return handle

@@ -16,9 +16,13 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Literal
+
+import numpy as np
 
 from crossmodal.indexer.builder import IndexBuilder, Progress
 from crossmodal.indexer.collection import scan
+from crossmodal.indexer.folders import Change
 from crossmodal.indexer.model_names import check_model_name
 from crossmodal.indexer.settings import Settings
 from crossmodal.indexer.store import JobRow, Store
@@ -29,6 +33,9 @@ from crossmodal.search.schemas import Job, JobProgress, RebuildPreview, SkippedI
 HEARTBEAT_SECONDS = 5.0
 STALE_SECONDS = 60.0
 PROGRESS_EVERY_SECONDS = 0.5  # progress rows written at most this often (a build reports every batch)
+
+
+Action = Literal["replace", "add", "remove", "rescan"]
 
 
 class JobConflict(RuntimeError):
@@ -43,39 +50,64 @@ class JobManager:
         self.metrics = metrics
         self._thread: threading.Thread | None = None
 
-    def start(self, collection: Path, captions: Path | None, model: str | None) -> Job:
+    def start(self, collection: Path, captions: Path | None, model: str | None, action: Action = "replace") -> Job:
+        """A rebuild: over `collection` alone ("replace"), or adding, removing or rescanning that folder
+        of the served index (the others keep their rows)."""
         if model is not None:
             if model not in self.settings.rebuild_models():
                 raise ValueError(f"model {model!r} is not allowed here; this service rebuilds with "
                                  f"{', '.join(self.settings.rebuild_models())} (CROSSMODAL_ALLOWED_MODELS)")
             check_model_name(model)
-        if not collection.is_dir():
+        collection = collection.resolve()
+        if action != "remove" and not collection.is_dir():
             raise FileNotFoundError(f"collection folder not found: {collection}")
         if captions is not None and not captions.is_file():
             raise FileNotFoundError(f"captions file not found: {captions}")
-        row = JobRow(id=uuid.uuid4().hex[:12], state="queued", collection=str(collection),
+        change = self._change(action, collection)
+        row = JobRow(id=uuid.uuid4().hex[:12], state="queued", action=action, collection=str(collection),
                      captions=str(captions) if captions else None, model=model)
         stale_before = datetime.now(timezone.utc) - timedelta(seconds=STALE_SECONDS)
         if not self.store.add_job(row, stale_before):
             raise JobConflict("a rebuild is already running; wait for it to finish")
-        self._thread = threading.Thread(target=self._run, args=(row.id, collection, captions, model),
+        self._thread = threading.Thread(target=self._run, args=(row.id, change, captions, model),
                                         name=f"rebuild-{row.id}", daemon=True)
         self._thread.start()
         return self.get(row.id)
 
+    def _change(self, action: Action, folder: Path) -> Change:
+        current = list(self.engine.snapshot.folders.values()) if self.engine.has_index else []
+        if action == "replace":
+            return Change.replace([folder])
+        if action == "add":
+            return Change.add(current, folder)
+        return Change.remove(current, folder) if action == "remove" else Change.rescan_one(current, folder)
+
+    def folder(self, folder_id: int) -> Path:
+        """A folder of the served index, by id."""
+        folder = self.engine.snapshot.folders.get(folder_id) if self.engine.has_index else None
+        if folder is None:
+            raise LookupError(f"folder {folder_id} is not in the served index")
+        return folder
+
     def preview(self, collection: Path) -> RebuildPreview:
-        """What a rebuild over `collection` would do to the served index, before it starts: a scan of the
-        folder's file names (0.13 s for 7,000 photos), no file read. A photo counts as kept when the folder
-        holds a file at its path (relative to the folder); a changed file is re-read, not removed."""
+        """What a rebuild over `collection` alone would do to the served index, before it starts: a scan of
+        the folder's file names (0.13 s for 7,000 photos), no file read. A photo counts as kept when it is
+        in that folder and the folder still holds a file at its path; a changed file is re-read, not
+        removed. The photos of the index's other folders would all go."""
         if not collection.is_dir():
             raise FileNotFoundError(f"collection folder not found: {collection}")
-        entries, _ = scan(collection.resolve())
+        collection = collection.resolve()
+        entries, _ = scan(collection)
         found = {entry.path for entry in entries}
-        indexed = [path.decode() for path in self.engine.snapshot.attributes.paths.tolist()] \
-            if self.engine.has_index else []
-        served = str(self.engine.snapshot.collection_root) if self.engine.has_index else None
-        return RebuildPreview(collection=str(collection.resolve()), indexed_from=served, indexed=len(indexed),
-                              found=len(found), would_remove=sum(1 for path in indexed if path not in found))
+        if not self.engine.has_index:
+            return RebuildPreview(collection=str(collection), indexed_from=[], indexed=0, found=len(found),
+                                  would_remove=0)
+        snapshot = self.engine.snapshot
+        same = {i for i, path in snapshot.folders.items() if path == collection}
+        served = set(np.asarray(snapshot.attributes.ids).tolist())
+        kept = sum(1 for i, path in self.store.image_paths_in(same).items() if i in served and path in found)
+        return RebuildPreview(collection=str(collection), indexed_from=[str(f) for f in snapshot.folders.values()],
+                              indexed=len(served), found=len(found), would_remove=len(served) - kept)
 
     def get(self, job_id: str) -> Job | None:
         row = self.store.job(job_id)
@@ -88,7 +120,7 @@ class JobManager:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _run(self, job_id: str, collection: Path, captions: Path | None, model: str | None) -> None:
+    def _run(self, job_id: str, change: Change, captions: Path | None, model: str | None) -> None:
         self.store.update_job(job_id, state="running")
         done = threading.Event()
         heartbeat = threading.Thread(target=self._beat, args=(job_id, done), name=f"heartbeat-{job_id}", daemon=True)
@@ -112,7 +144,7 @@ class JobManager:
         started = time.perf_counter()
         try:
             report = IndexBuilder(self.settings, store=self.store,
-                                  encoder=encoder).build(collection, captions, model=model, progress=on_progress)
+                                  encoder=encoder).build(change, captions, model=model, progress=on_progress)
         except Exception as err:  # reported on the job, never raised into the server
             done.set()
             self._finished("failed", started)
@@ -149,7 +181,7 @@ def _job(row: JobRow) -> Job:
     if state in ("queued", "running") and datetime.now(timezone.utc) - _utc(row.updated_at) > timedelta(
             seconds=STALE_SECONDS):
         state, error = "failed", "the service running this rebuild stopped before it finished"
-    return Job(id=row.id, state=state, collection=row.collection, captions=row.captions,
+    return Job(id=row.id, state=state, action=row.action or "replace", collection=row.collection, captions=row.captions,
                created_at=_utc(row.created_at), finished_at=_utc(row.finished_at), error=error,
                progress=JobProgress(**row.progress) if row.progress else None,
                build_id=result.get("build_id"), images=result.get("images"),

@@ -124,11 +124,28 @@ class Stats(BaseModel):
     caption_index_type: str
     build_id: int
     built_at: datetime | None
-    collection_root: str
+    collection_root: str = Field(description="The index's first folder (its only one, in an index of one).")
+    folders: list["Folder"] = Field([], description="The folders the index holds (GET /v1/folders).")
     typical_best_score: float | None = Field(None, description="The median best text->image score of typical "
                                              "queries in this collection (models with a hubness bank).")
     weak_below_score: float | None = Field(None, description="A best match under this is weak: 9 in 10 typical "
                                            "queries find a better one.")
+
+
+class Folder(BaseModel):
+    """A folder the index holds, with its photo and caption counts in the served build."""
+
+    id: int
+    name: str = Field(description="Unique in the index: with several folders, photo paths start with it.")
+    path: str = Field(description="The folder on the server's disk.")
+    images: int
+    captions: int
+
+
+class FolderRequest(BaseModel):
+    path: str = Field(description="Folder of images on the server's disk, to add to the index.")
+    captions: str | None = Field(default=None, description="Optional captions file (TSV, CSV or JSONL); default: "
+                                 "captions.tsv/csv/jsonl in the folder.")
 
 
 class JobRequest(BaseModel):
@@ -155,6 +172,9 @@ class SkippedItem(BaseModel):
 class Job(BaseModel):
     id: str
     state: Literal["queued", "running", "done", "failed"]
+    action: Literal["replace", "add", "remove", "rescan"] = Field("replace", description="replace: the index "
+                                                                  "becomes `collection` alone; add, remove, "
+                                                                  "rescan: that folder of the index.")
     collection: str
     captions: str | None
     created_at: datetime
@@ -173,11 +193,11 @@ class RebuildPreview(BaseModel):
     """What a rebuild over a folder would do to the served index (GET /v1/index/preview), before it starts."""
 
     collection: str
-    indexed_from: str | None = Field(description="The folder the served index was built from.")
+    indexed_from: list[str] = Field(description="The folders the served index holds.")
     indexed: int = Field(description="Photos in the served index.")
     found: int = Field(description="Image files in the folder.")
-    would_remove: int = Field(description="Indexed photos without a file at their path in the folder: the "
-                                          "rebuild removes them.")
+    would_remove: int = Field(description="Indexed photos the rebuild removes: those of other folders, and "
+                                          "those without a file at their path in this one.")
 
 
 class Health(BaseModel):

@@ -180,8 +180,8 @@ def test_file_removed_after_the_scan_is_skipped(tmp_path, monkeypatch, encoder):
 
     real_scan = builder.scan
 
-    def scan_then_remove(root):
-        found = real_scan(root)
+    def scan_then_remove(root, folder_id):
+        found = real_scan(root, folder_id)
         (tmp_path / "1.jpg").unlink()
         return found
 

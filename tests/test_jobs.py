@@ -59,7 +59,7 @@ def test_a_rebuild_preview_counts_the_photos_it_would_remove(indexed, encoder, c
     (collection / "generated" / "red.png").rename(collection / "generated" / "red2.png")  # moved: gone at its path
     with TestClient(create_app(indexed, SearchEngine(indexed, encoder=encoder))) as client:
         preview = client.get("/v1/index/preview", params={"collection": str(collection)}).json()
-        assert preview == {"collection": str(collection.resolve()), "indexed_from": str(collection.resolve()),
+        assert preview == {"collection": str(collection.resolve()), "indexed_from": [str(collection.resolve())],
                            "indexed": 18, "found": 17, "would_remove": 2}
         (tmp_path / "empty").mkdir()
         elsewhere = client.get("/v1/index/preview", params={"collection": str(tmp_path / "empty")}).json()

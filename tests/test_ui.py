@@ -309,6 +309,46 @@ def test_a_rebuild_that_would_remove_photos_says_how_many_and_asks(app_for, live
     assert "published: 2 images, 0 captions. 18 photos no longer in the folder were removed." in texts(at.success)
 
 
+def test_the_index_view_adds_lists_and_removes_folders(app_for, live_server, tmp_path):
+    """Issue 20 item 5: several folders per index; each listed with its counts, removed only after a yes."""
+    phone = tmp_path / "phone"
+    phone.mkdir()
+    for i in range(3):
+        solid_image((80 * i, 200, 60), size=(90, 60)).save(phone / f"p{i}.png")
+    at = app_for(live_server).run()
+    at.radio(key="view").set_value("Index").run()
+    assert "18 photos · 22 captions" in texts(at.markdown)
+    assert at.button(key="folder-remove-1").proto.disabled  # the only folder: rebuild elsewhere instead
+
+    at.text_input(key="add_folder_path").set_value(str(phone))
+    at.button(key="FormSubmitter:add-folder-Add folder").click().run()
+    assert not at.error, texts(at.error)
+    finish(at)
+    assert "published: 21 images, 22 captions" in texts(at.success)
+    assert {m.label: m.value for m in at.metric}["Images"] == "21"
+    listed = texts(at.markdown)
+    assert "**phone**" in listed and "3 photos · 0 captions" in listed and "18 photos · 22 captions" in listed
+
+    phone_id = next(int(b.key.rsplit("-", 1)[1]) for b in at.button
+                    if b.key and b.key.startswith("folder-remove-") and b.key != "folder-remove-1")
+    at.button(key=f"folder-remove-{phone_id}").click().run()
+    assert "Its **3 photos** and 0 captions leave the index" in texts(at.warning)
+    with httpx.Client(base_url=live_server) as http:
+        assert [j["action"] for j in http.get("/v1/index/jobs").json()] == ["add"]  # nothing started before the yes
+    at.button(key="folder-remove-confirm").click().run()
+    finish(at)
+    assert "3 photos of the removed folder left the index" in texts(at.success)
+    assert "**phone**" not in texts(at.markdown)
+
+
+def finish(at: AppTest, seconds: float = 120) -> None:
+    """Run the app until the job it follows has finished (a success or an error below the stats)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and not at.success[1:] and not at.error:
+        time.sleep(0.3)
+        at.run()
+
+
 def test_the_rebuild_button_is_disabled_while_a_rebuild_runs(app_for, live_server, collection):
     """Issue 20 item 11: "Rebuild index" stayed clickable during a run (a second click got a 409, explained)."""
     for i in range(80):  # enough work that the job is surely still running while the app is driven

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from tests.conftest import free_port, wait_until_answers
+from tests.conftest import free_port, solid_image, wait_until_answers
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 THUMBNAILS = "[data-testid=stImage] img"
@@ -96,7 +96,7 @@ def search_text(page, text: str) -> None:
     page.get_by_text(f"images for “{text}”").wait_for()
 
 
-def test_three_flows_in_a_real_browser(browser, ui_url, collection):
+def test_three_flows_in_a_real_browser(browser, ui_url, collection, tmp_path):
     page = open_ui(browser, ui_url)
 
     # Text -> images: type a query, see thumbnails (real <img> elements that loaded), open one large.
@@ -140,6 +140,19 @@ def test_three_flows_in_a_real_browser(browser, ui_url, collection):
     page.get_by_text("published: 18 images, 23 captions").wait_for()
     expect(page.get_by_text("No files were skipped.")).to_be_visible()
     shot(page, "index-rebuilt")
+
+    # A second folder (issue 20 item 5): added from its form, listed with its counts beside the first.
+    phone = tmp_path / "phone"
+    phone.mkdir()
+    for i in range(2):
+        solid_image((40, 90 * i, 220)).save(phone / f"p{i}.png")
+    page.get_by_label("Add a folder (on the server)").fill(str(phone))
+    page.get_by_role("button", name="Add folder").click()
+    page.get_by_text("published: 20 images, 23 captions").wait_for()
+    expect(page.get_by_text("2 photos · 0 captions")).to_be_visible()
+    expect(page.get_by_text("18 photos · 23 captions")).to_be_visible()
+    expect(page.get_by_role("button", name="Remove")).to_have_count(2)
+    shot(page, "index-two-folders")
     page.close()
 
 

@@ -483,8 +483,13 @@ def index_view(api: SearchClient, status: str) -> None:
         st.error(str(err))
     if stats is not None:
         show_stats(stats)
+    st.text_input("Admin token", type="password", key="admin_token",
+                  help="The service's CROSSMODAL_ADMIN_TOKEN, when it has one. The UI holds no token of its "
+                       "own: it sends yours for this browser session only.")
     job_id = st.session_state.get("job_id") or _running_job_id(api)
     running = job_id is not None and _job_state(api, job_id) in ("queued", "running")
+    if stats is not None:
+        folders_panel(api, stats, running)
     rebuild_form(api, stats, running)
     job_id = st.session_state.get("job_id") or job_id  # the form may have just started one
     if job_id:
@@ -499,20 +504,67 @@ def show_stats(stats: schemas.Stats) -> None:
     columns[3].metric("Dimensions", stats.dim)
     built = stats.built_at.strftime("%Y-%m-%d %H:%M:%S UTC") if isinstance(stats.built_at, datetime) else "unknown"
     st.markdown(f"Model **{plain(stats.model)}** · image index {code(stats.image_index_type)} · caption index "
-                f"{code(stats.caption_index_type)} · built {built}  \nCollection {code(stats.collection_root)}")
+                f"{code(stats.caption_index_type)} · built {built}")
+
+
+def folders_panel(api: SearchClient, stats: schemas.Stats, running: bool) -> None:
+    """The index's folders with their counts: read one again, remove one (after saying how many photos
+    go), add another (issue 20 item 5: one folder per index, and a rebuild elsewhere replaced it)."""
+    st.subheader("Folders")
+    busy = "A rebuild is running: its progress is below." if running else None
+    for folder in stats.folders:
+        name, counts, rescan, remove = st.columns([4, 3, 1, 1], vertical_alignment="center")
+        name.markdown(f"**{plain(folder.name)}**  \n{code(folder.path)}")
+        counts.markdown(f"{folder.images:,} photos · {folder.captions:,} captions")
+        rescan.button("Rescan", key=f"folder-rescan-{folder.id}", disabled=running,
+                      help=busy or f"Read {folder.name} again: new, changed and deleted files",
+                      on_click=_set, args=("folder_action", {"action": "rescan", "folder": folder.model_dump()}))
+        only = "The index's only folder: rebuild over another folder below instead." \
+            if len(stats.folders) == 1 else None
+        remove.button("Remove", key=f"folder-remove-{folder.id}", disabled=running or bool(only),
+                      help=busy or only or f"Remove {folder.name} and its photos from the index (files stay on disk)",
+                      on_click=_set, args=("folder_action", {"action": "remove", "folder": folder.model_dump()}))
+    _folder_action(api, running)
+    with st.form("add-folder", clear_on_submit=True):
+        path = st.text_input("Add a folder (on the server)", key="add_folder_path",
+                             placeholder="/photos/phone", help="Only this folder is read; the others keep their photos.")
+        captions = st.text_input("Its captions file (optional; default: captions.* in the folder)",
+                                 key="add_folder_captions")
+        added = st.form_submit_button("Add folder", disabled=running, help=busy)
+    if added and not path.strip():
+        st.error("Name the folder to add.")
+    elif added:
+        _start_job(lambda token: api.add_folder(path.strip(), captions.strip() or None, token))
+
+
+def _folder_action(api: SearchClient, running: bool) -> None:
+    """A clicked Rescan starts at once; a Remove says how many photos go and waits for a yes."""
+    pending = st.session_state.get("folder_action")
+    if pending is None or running:
+        return
+    folder = schemas.Folder(**pending["folder"])
+    if pending["action"] == "remove" and not pending.get("confirmed"):
+        st.warning(f"Remove **{plain(folder.name)}** from the index? Its **{folder.images:,} photos** and "
+                   f"{folder.captions:,} captions leave the index; the files stay on disk.")
+        go, cancel = st.columns(2)
+        go.button(f"Remove {folder.images:,} photos", key="folder-remove-confirm", type="primary",
+                  on_click=_set, args=("folder_action", {**pending, "confirmed": True}))
+        cancel.button("Cancel", key="folder-remove-cancel", on_click=_set, args=("folder_action", None))
+        return
+    st.session_state.folder_action = None
+    start = api.remove_folder if pending["action"] == "remove" else api.rescan_folder
+    _start_job(lambda token: start(folder.id, token))
 
 
 def rebuild_form(api: SearchClient, stats: schemas.Stats | None, running: bool = False) -> None:
     """The rebuild form; its button is disabled while a rebuild runs (its progress is shown below)."""
     with st.form("rebuild"):
         st.subheader("Rebuild")
+        st.caption("The index becomes this one folder: photos of any other folder leave it (you are asked first).")
         collection = st.text_input("Collection folder (on the server)", value=stats.collection_root if stats else "",
                                    key="rebuild_collection")
         captions = st.text_input("Captions file (optional: TSV, CSV or JSONL; default: captions.* in the folder)",
                                  key="rebuild_captions")
-        st.text_input("Admin token", type="password", key="admin_token",
-                      help="The service's CROSSMODAL_ADMIN_TOKEN, when it has one. The UI holds no token of its "
-                           "own: it sends yours for this browser session only.")
         submitted = st.form_submit_button("Rebuild index", disabled=running,
                                           help="A rebuild is running: its progress is below." if running else None)
     pending = st.session_state.get("pending_rebuild")
@@ -541,7 +593,8 @@ def _removal_confirmed(api: SearchClient, pending: dict) -> bool:
         return False
     if not preview.would_remove:
         return True
-    elsewhere = f" (indexed from {code(preview.indexed_from)})" if preview.indexed_from != preview.collection else ""
+    others = [f for f in preview.indexed_from if f != preview.collection]
+    elsewhere = f" (indexed from {', '.join(code(f) for f in others)})" if others else ""
     st.warning(f"This rebuild would remove **{preview.would_remove:,} of the {preview.indexed:,} indexed photos**"
                f"{elsewhere}: {code(preview.collection)} has no file at their paths. It holds "
                f"{preview.found:,} image files.")
@@ -564,8 +617,13 @@ def _confirm_rebuild() -> None:
 
 
 def _start_rebuild(api: SearchClient, collection: str, captions: str | None) -> None:
+    _start_job(lambda token: api.start_rebuild(collection, captions, token=token))
+
+
+def _start_job(start: Callable[[str], schemas.Job]) -> None:
+    """Start a job with the user's token; its panel follows it, a refusal is said in words."""
     try:
-        job = api.start_rebuild(collection, captions, token=_token())
+        job = start(_token())
     except RebuildRunning as err:
         st.warning(f"{plain(str(err))}. Its progress is shown below.")
         return
@@ -617,7 +675,8 @@ def live_job(api: SearchClient, job_id: str) -> None:
 
 
 def show_job(job: schemas.Job) -> None:
-    st.subheader(f"Rebuild {job.id}")
+    what = {"replace": "Rebuild", "add": "Add folder", "remove": "Remove folder", "rescan": "Rescan folder"}
+    st.subheader(f"{what[job.action]} {job.id}")
     st.caption(code(job.collection) + (f" with captions {code(job.captions)}" if job.captions else ""))
     if job.state in ("queued", "running"):
         progress = job.progress
@@ -629,7 +688,8 @@ def show_job(job: schemas.Job) -> None:
             count = f": {progress.done:,} / {progress.total:,} · {progress.rate:.1f}/s" if progress.total else "…"
             st.progress(min(1.0, progress.overall), text=f"{progress.phase}{count}{left}")
     elif job.state == "done":
-        removed = f" {job.removed:,} photos no longer in the folder were removed." if job.removed else ""
+        gone = "of the removed folder left the index" if job.action == "remove" else "no longer in the folder were removed"
+        removed = f" {job.removed:,} photos {gone}." if job.removed else ""
         st.success(f"Build {job.build_id} published: {job.images:,} images, {job.captions_indexed:,} captions."
                    + removed)
     else:

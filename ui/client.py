@@ -146,6 +146,17 @@ class SearchClient:
         return self._json("POST", "/v1/index/jobs", schemas.Job, json=body.model_dump(exclude_none=True),
                           headers=_bearer(token))
 
+    def add_folder(self, path: str, captions: str | None = None, token: str = "") -> schemas.Job:
+        body = schemas.FolderRequest(path=path, captions=captions or None)
+        return self._json("POST", "/v1/folders", schemas.Job, json=body.model_dump(exclude_none=True),
+                          headers=_bearer(token))
+
+    def rescan_folder(self, folder_id: int, token: str = "") -> schemas.Job:
+        return self._json("POST", f"/v1/folders/{folder_id}/rescan", schemas.Job, headers=_bearer(token))
+
+    def remove_folder(self, folder_id: int, token: str = "") -> schemas.Job:
+        return self._json("DELETE", f"/v1/folders/{folder_id}", schemas.Job, headers=_bearer(token))
+
     def preview_rebuild(self, collection: str, token: str = "") -> schemas.RebuildPreview:
         return self._json("GET", "/v1/index/preview", schemas.RebuildPreview, params={"collection": collection},
                           headers=_bearer(token))

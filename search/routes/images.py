@@ -28,7 +28,7 @@ router = APIRouter(tags=["images"])
 @router.get("/v1/images/{image_id}", response_model=schemas.ImageDetail)
 def image_detail(engine: EngineDep, image_id: ImageId):
     row = engine.image(image_id)
-    return schemas.ImageDetail(id=row.id, path=row.path, width=row.width, height=row.height, bytes=row.bytes,
+    return schemas.ImageDetail(id=row.id, path=engine.shown_path(row), width=row.width, height=row.height, bytes=row.bytes,
                                content_hash=row.content_hash,
                                captions=[schemas.CaptionOut(id=c.id, text=c.text) for c in row.captions],
                                url=f"/v1/images/{row.id}/file", thumbnail_url=f"/v1/images/{row.id}/thumbnail")

@@ -1,4 +1,5 @@
-"""Rebuild jobs: start one over a folder on the server, follow its progress (admin token when set)."""
+"""Rebuild jobs: over a folder on the server, or adding, removing or rescanning one of the index's
+folders; follow their progress (admin token when set)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, HTTPException
 
 from crossmodal.search import schemas
-from crossmodal.search.dependencies import ServiceDep, require_admin
+from crossmodal.search.dependencies import EngineDep, ServiceDep, require_admin
 from crossmodal.search.jobs import JobConflict
 
 router = APIRouter(tags=["index"], dependencies=[Depends(require_admin)])
@@ -14,12 +15,49 @@ router = APIRouter(tags=["index"], dependencies=[Depends(require_admin)])
 
 @router.post("/v1/index/jobs", response_model=schemas.Job, status_code=202)
 def start_job(service: ServiceDep, body: schemas.JobRequest):
-    """Start a rebuild over a folder on the server; poll the job for progress."""
+    """Rebuild the index over a folder on the server, alone (any other folder is removed); poll the job."""
+    return _start(service, Path(body.collection), Path(body.captions) if body.captions else None, "replace",
+                  body.model)
+
+
+@router.get("/v1/folders", response_model=list[schemas.Folder])
+def list_folders(engine: EngineDep):
+    """The folders the served index holds, with their counts."""
+    return engine.folders()
+
+
+@router.post("/v1/folders", response_model=schemas.Job, status_code=202)
+def add_folder(service: ServiceDep, body: schemas.FolderRequest):
+    """Add a folder to the index: only it is read; the other folders keep their photos."""
+    return _start(service, Path(body.path), Path(body.captions) if body.captions else None, "add")
+
+
+@router.post("/v1/folders/{folder_id}/rescan", response_model=schemas.Job, status_code=202)
+def rescan_folder(service: ServiceDep, folder_id: int):
+    """Read one folder again (new, changed and deleted files); the others are kept as they are."""
+    return _start(service, _folder(service, folder_id), None, "rescan")
+
+
+@router.delete("/v1/folders/{folder_id}", response_model=schemas.Job, status_code=202)
+def remove_folder(service: ServiceDep, folder_id: int):
+    """Remove a folder and its photos from the index (its files are not touched)."""
+    return _start(service, _folder(service, folder_id), None, "remove")
+
+
+def _folder(service, folder_id: int) -> Path:
     if service.jobs is None:
         raise HTTPException(503, "the service is still starting")
     try:
-        return service.jobs.start(Path(body.collection), Path(body.captions) if body.captions else None,
-                                  body.model)
+        return service.jobs.folder(folder_id)
+    except LookupError as err:
+        raise HTTPException(404, str(err)) from err
+
+
+def _start(service, folder: Path, captions: Path | None, action: str, model: str | None = None) -> schemas.Job:
+    if service.jobs is None:
+        raise HTTPException(503, "the service is still starting")
+    try:
+        return service.jobs.start(folder, captions, model, action)
     except (FileNotFoundError, ValueError) as err:
         raise HTTPException(400, str(err)) from err
     except JobConflict as err:

@@ -32,6 +32,7 @@ def stats(engine: EngineDep):
                          dim=manifest.dim, image_index_type=manifest.image_index_type,
                          caption_index_type=manifest.caption_index_type, build_id=build.id,
                          built_at=build.finished_at, collection_root=str(snapshot.collection_root),
+                         folders=engine.folders(),
                          typical_best_score=manifest.score_scale.get("typical_best"),
                          weak_below_score=manifest.score_scale.get("weak_below"))
 
