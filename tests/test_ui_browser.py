@@ -146,7 +146,7 @@ def test_three_flows_in_a_real_browser(browser, ui_url, collection, tmp_path):
     phone.mkdir()
     for i in range(2):
         solid_image((40, 90 * i, 220)).save(phone / f"p{i}.png")
-    page.get_by_label("Add a folder (on the server)").fill(str(phone))
+    page.get_by_role("textbox", name="Add a folder (on the server)").fill(str(phone))
     page.get_by_role("button", name="Add folder").click()
     page.get_by_text("published: 20 images, 23 captions").wait_for()
     expect(page.get_by_text("2 photos · 0 captions")).to_be_visible()
