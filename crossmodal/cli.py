@@ -207,7 +207,10 @@ def _run_build(settings: Settings, change, captions: Path | None, json_out: bool
     if report.model_changed:
         typer.secho(f"model changed from {report.previous_model} to {report.model}: everything was re-embedded",
                     fg=typer.colors.YELLOW)
-    _echo(f"build {report.build_id} published to {settings.index_dir}")
+    if report.unchanged:
+        _echo(f"nothing changed: build {report.build_id} stays published in {settings.index_dir} (nothing written)")
+    else:
+        _echo(f"build {report.build_id} published to {settings.index_dir}")
     _echo(f"  images:   {report.n_images} ({report.n_embedded} embedded, {report.n_reused} reused, "
           f"{report.n_removed} removed), index {report.image_index_type}")
     _echo(f"  captions: {report.n_captions}, index {report.caption_index_type}")

@@ -132,7 +132,7 @@ def _entry(child: os.DirEntry, root: Path, folder_id: int) -> FileEntry | Skippe
     """A file's entry from its directory listing. Only a symlink is resolved (a path walk per
     file), to check it stays inside the root: a plain file under root is inside it."""
     path = Path(child.path)
-    rel = _relative(path, root)
+    rel = child.path[len(os.path.join(root, "")):]  # the walk joins names onto root: relative_to took 5x longer
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:

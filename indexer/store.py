@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
-                        UniqueConstraint, create_engine, delete, event, insert, inspect, select, text, update)
+from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint,
+                        create_engine, delete, event, func, insert, inspect, select, text, update)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload, sessionmaker
 
@@ -360,6 +360,11 @@ class Store:
             s.flush()
             return build.id
 
+    def discard_build(self, build_id: int) -> None:
+        """Forget a build that wrote nothing (a re-run that found nothing changed)."""
+        with self.session() as s, s.begin():
+            s.execute(delete(Build).where(Build.id == build_id, Build.status == "building"))
+
     def fail_build(self, build_id: int, error: str) -> None:
         with self.session() as s, s.begin():
             s.execute(update(Build).where(Build.id == build_id).values(
@@ -373,11 +378,14 @@ class Store:
 
     # -- rows --------------------------------------------------------------------------------------
 
-    def image_rows_by_path(self, folder_ids: set[int]) -> dict[tuple[int, str], list[ImageRow]]:
-        """The image rows of these folders by (folder id, path)."""
-        with self.session() as s:
-            rows: dict[tuple[int, str], list[ImageRow]] = {}
-            for row in s.scalars(select(ImageRow).where(ImageRow.folder_id.in_(folder_ids))):
+    def image_rows_by_path(self, folder_ids: set[int]) -> dict[tuple[int, str], list]:
+        """What tells a file unchanged, of the image rows of these folders, by (folder id, path): their id,
+        content hash, bytes, mtime and taken_from (plain rows: ORM objects took 0.13 s at 7,000)."""
+        with self.engine.connect() as connection:
+            rows: dict[tuple[int, str], list] = {}
+            for row in connection.execute(select(ImageRow.id, ImageRow.folder_id, ImageRow.path, ImageRow.content_hash,
+                                                 ImageRow.bytes, ImageRow.mtime, ImageRow.taken_from)
+                                          .where(ImageRow.folder_id.in_(folder_ids))):
                 rows.setdefault((row.folder_id, row.path), []).append(row)
             return rows
 
@@ -602,8 +610,13 @@ def load_embeddings(session: Session, model: str, kind: str, keys: list[str]) ->
 
 def embedding_keys(session: Session, model: str, kind: str, keys: list[str]) -> set[str]:
     """Which of these keys have a stored vector, reading keys only: deciding what to embed needs no
-    vectors (they are read once, where the index is written)."""
+    vectors (they are read once, where the index is written). Asked about most of the stored keys,
+    one pass over them all is faster than lookups 900 at a time (35,000 captions: 0.16 s to 0.03 s)."""
     found: set[str] = set()
+    stored = select(Embedding.key).where(Embedding.model == model, Embedding.kind == kind)
+    if len(keys) > 2000 and 2 * len(keys) >= session.scalar(select(func.count()).select_from(stored.subquery())):
+        wanted = set(keys)
+        return {key for key in session.scalars(stored) if key in wanted}
     for chunk in _chunks(keys):
         found.update(session.scalars(select(Embedding.key).where(
             Embedding.model == model, Embedding.kind == kind, Embedding.key.in_(chunk))))

@@ -156,7 +156,7 @@ class JobManager:
         self.engine.reload()
         self.store.update_job(job_id, state="done", finished_at=datetime.now(timezone.utc), result={
             "build_id": report.build_id, "images": report.n_images, "captions_indexed": report.n_captions,
-            "removed": report.n_removed,
+            "removed": report.n_removed, "unchanged": report.unchanged,
             "skipped": [{"path": s.path, "reason": s.reason} for s in report.skipped],
             "bad_caption_rows": [{"path": s.path, "reason": s.reason} for s in report.bad_caption_rows]})
 
@@ -186,5 +186,6 @@ def _job(row: JobRow) -> Job:
                progress=JobProgress(**row.progress) if row.progress else None,
                build_id=result.get("build_id"), images=result.get("images"),
                captions_indexed=result.get("captions_indexed"), removed=result.get("removed"),
+               unchanged=result.get("unchanged", False),
                skipped=[SkippedItem(**s) for s in result.get("skipped", [])],
                bad_caption_rows=[SkippedItem(**s) for s in result.get("bad_caption_rows", [])])

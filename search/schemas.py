@@ -185,6 +185,7 @@ class Job(BaseModel):
     images: int | None = None
     captions_indexed: int | None = None
     removed: int | None = Field(None, description="Indexed photos the rebuild removed (no longer in the folder).")
+    unchanged: bool = Field(False, description="Nothing had changed: the served build stays (nothing was written).")
     skipped: list[SkippedItem] = []
     bad_caption_rows: list[SkippedItem] = []
 

@@ -104,6 +104,29 @@ def test_incremental_rebuild_embeds_only_what_changed(settings, encoder, collect
         assert s.scalar(select(func.count()).select_from(Embedding).where(Embedding.kind == "image")) == 18
 
 
+def test_an_unchanged_re_run_keeps_the_published_build_and_loads_no_model(settings, encoder, collection,
+                                                                          monkeypatch):
+    """Issue 18: nothing changed, nothing written: no new build, no index, and no model loaded."""
+    first, _ = build(settings, encoder, collection)
+    import crossmodal.indexer.encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "load_encoder", lambda *a, **k: pytest.fail("the model was loaded"))
+    again = IndexBuilder(settings).build(collection)
+    assert again.unchanged and again.build_id == first.build_id and again.n_images == 18 and again.n_captions == 22
+    assert sorted(p.name for p in (settings.index_dir / "builds").iterdir()) == [f"{first.build_id:06d}"]
+    store = Store(settings.resolved_database_url())
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Build)) == 1 and store.published_build().id == first.build_id
+
+    os.utime(collection / "camera.png", (12345, 12345))  # a photo's date (its mtime) changed: a new build
+    monkeypatch.undo()
+    touched, _ = build(settings, encoder, collection)
+    assert not touched.unchanged and touched.build_id > first.build_id
+    (collection / "captions.tsv").write_text((collection / "captions.tsv").read_text() + "cat.jpg\ta new caption\n")
+    assert not build(settings, encoder, collection)[0].unchanged  # a caption added: a new build
+    assert build(settings, encoder, collection)[0].unchanged
+
+
 def test_touched_file_keeps_its_row_and_takes_the_new_mtime(settings, encoder, collection):
     build(settings, encoder, collection)
     store = Store(settings.resolved_database_url())
@@ -152,8 +175,10 @@ def test_switching_model_re_embeds_everything_and_says_so(settings, encoder, col
 
 def test_publish_keeps_previous_build_until_switch_and_cleans_older(settings, encoder, collection):
     first, _ = build(settings, encoder, collection)
+    solid_image((0, 200, 0)).save(collection / "second.png")
     second, _ = build(settings, encoder, collection)
     assert build_dir_for(settings.index_dir, first.build_id).is_dir()  # previous kept for readers mid-swap
+    solid_image((0, 0, 200)).save(collection / "third.png")
     third, _ = build(settings, encoder, collection)
     assert not build_dir_for(settings.index_dir, first.build_id).exists()
     with IndexBuilder(settings, encoder=encoder).store.session() as s:

@@ -690,8 +690,8 @@ def show_job(job: schemas.Job) -> None:
     elif job.state == "done":
         gone = "of the removed folder left the index" if job.action == "remove" else "no longer in the folder were removed"
         removed = f" {job.removed:,} photos {gone}." if job.removed else ""
-        st.success(f"Build {job.build_id} published: {job.images:,} images, {job.captions_indexed:,} captions."
-                   + removed)
+        outcome = f"Nothing changed: build {job.build_id} stays" if job.unchanged else f"Build {job.build_id} published"
+        st.success(f"{outcome}: {job.images:,} images, {job.captions_indexed:,} captions." + removed)
     else:
         st.error(f"The rebuild failed: {plain(job.error or '')}")
     for title, items in (("Skipped files", job.skipped), ("Bad caption rows", job.bad_caption_rows)):
