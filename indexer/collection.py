@@ -66,16 +66,10 @@ class PhotoFacts:
 class LoadedImage:
     entry: FileEntry
     content_hash: str
-    pixels: np.ndarray  # [height, width, 3] uint8 RGB, as decode_pixels gives them
+    pixels: np.ndarray  # [h, w, 3] uint8 RGB, as decode_for_model gives them (maybe at reduced scale)
+    width: int  # the photo's own size, as shown (after EXIF orientation)
+    height: int
     facts: PhotoFacts
-
-    @property
-    def height(self) -> int:
-        return self.pixels.shape[0]
-
-    @property
-    def width(self) -> int:
-        return self.pixels.shape[1]
 
 
 class BadImage(Exception):
@@ -285,21 +279,57 @@ def _oriented(image: Image.Image) -> Image.Image:
 
 
 def decode_pixels(data: bytes, max_pixels: int) -> np.ndarray:
-    """decode_image's pixels as a writable [H, W, 3] uint8 array, for the indexer.
+    """decode_image's pixels as a writable [H, W, 3] uint8 array (decode_for_model at full scale)."""
+    return decode_for_model(data, max_pixels)[0]
+
+
+def decode_for_model(data: bytes, max_pixels: int, min_side: int = 0) -> tuple[np.ndarray, int, int]:
+    """(pixels, width, height) for the indexer: a writable [h, w, 3] uint8 array, and the photo's own size.
 
     Plain JPEGs (colour or grey, no EXIF rotation) are decoded by libjpeg-turbo through
     simplejpeg: the same pixels as Pillow's (equal on all 7,000 Flickr8k photos), 0.15 ms
     against 0.29 ms for a 224 px photo through Pillow and the copy out of its image.
     Everything else, and any JPEG simplejpeg refuses, goes through decode_image, which has
     the last word on what is corrupt.
+
+    With `min_side`, a JPEG at least twice that on its short side is decoded at reduced scale in
+    the DCT domain (libjpeg's 1/2 to 1/8), its short side kept at `min_side` or more: a model
+    resizing to half of that sees nearly the same pixels (see ImagePreparer.decode_side), and a
+    camera photo decodes several times faster.
     """
     size = _plain_jpeg_size(data)
     if size is not None:
         if size[0] * size[1] > max_pixels:
             raise BadImage(f"too many pixels: {size[0]}x{size[1]} exceeds the limit of {max_pixels}")
         with contextlib.suppress(ValueError):
-            return simplejpeg.decode_jpeg(data, colorspace="RGB")
-    return np.array(decode_image(data, max_pixels))
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", **_jpeg_scale(size, min_side)), *size
+    sizes: list[tuple[int, int]] = []
+
+    def load(image: Image.Image) -> Image.Image:
+        sizes.append(image.size)
+        if min_side and min(image.size) >= 2 * min_side:
+            image.draft(image.mode, _scaled_to_side(image.size, min_side))  # only JPEG decoders act on it
+        sizes.append(image.size)
+        image.load()
+        return image
+
+    image = _decode(data, max_pixels, None, load)
+    stored, loaded = sizes
+    turned = image.size != loaded and image.size == loaded[::-1]  # EXIF orientation swapped the sides
+    width, height = stored[::-1] if turned else stored
+    return np.array(image), width, height
+
+
+def _jpeg_scale(size: tuple[int, int], min_side: int) -> dict[str, int]:
+    """simplejpeg's arguments to decode a (width, height) JPEG at the smallest power-of-two scale (1/2,
+    1/4, 1/8) keeping min_side. libjpeg also scales by 3/8, 5/8...: on six phone photos those moved the
+    vectors to a cosine of 0.987, powers of two to 0.9989 (tests/benchmarks/large_photos.py)."""
+    factor = 1
+    while factor < 8 and min(size) // (2 * factor) >= min_side > 0:
+        factor *= 2
+    if factor == 1:
+        return {}
+    return {"min_height": -(-size[1] // factor)} if size[1] <= size[0] else {"min_width": -(-size[0] // factor)}
 
 
 def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -370,15 +400,16 @@ def _to_8bit_grey(image: Image.Image) -> Image.Image:
     return Image.fromarray(values.astype(np.uint8), mode="L")
 
 
-def load_image(entry: FileEntry, max_bytes: int, max_pixels: int) -> LoadedImage:
-    """Read a file once: hash its bytes and decode them to pixels."""
+def load_image(entry: FileEntry, max_bytes: int, max_pixels: int, min_side: int = 0) -> LoadedImage:
+    """Read a file once: hash its bytes and decode them to pixels (decode_for_model)."""
     if entry.bytes > max_bytes:
         raise BadImage(f"file too large: {entry.bytes} bytes exceeds the limit of {max_bytes}")
     try:
         data = read_regular_file(entry.abs_path, max_bytes)
     except OSError as err:
         raise BadImage(f"unreadable: {err.strerror or err}") from err
-    return LoadedImage(entry, hash_bytes(data), decode_pixels(data, max_pixels), photo_facts(data, entry.mtime))
+    return LoadedImage(entry, hash_bytes(data), *decode_for_model(data, max_pixels, min_side),
+                       photo_facts(data, entry.mtime))
 
 
 _DATE_TAKEN = 0x9003  # DateTimeOriginal, in the Exif sub-IFD

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import Resize
 
 from crossmodal.indexer.default_model import create_default_model, default_preprocess
 from crossmodal.indexer.model_names import CURRENT_DEFAULT_MODEL, ModelSpec, check_model_name, default_model_version
@@ -68,6 +69,16 @@ class ImagePreparer:
 
     preprocess: Callable
     pixels: PixelPipeline | None
+
+    @property
+    def decode_side(self) -> int:
+        """The short side a photo is decoded at, at least (collection.decode_for_model): twice what the
+        transform resizes it to, so that decoding at reduced scale barely moves the vector (measured on
+        phone photos: see tests/benchmarks/large_photos.py). 0: decode whole (no plain Resize first)."""
+        resize = next((step for step in getattr(self.preprocess, "transforms", ()) if type(step) is Resize), None)
+        if resize is None:
+            return 0
+        return 2 * (resize.size if isinstance(resize.size, int) else max(resize.size))
 
     def __call__(self, image: Pixels) -> torch.Tensor:
         """uint8 pixels where the transform allows (see pixels.py), else the whole transform. Extreme

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crossmodal.indexer.collection import BadImage, decode_pixels, hash_bytes, read_regular_file
+from crossmodal.indexer.collection import BadImage, decode_for_model, hash_bytes, read_regular_file
 from crossmodal.indexer.encoder import ImagePreparer
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,10 @@ def decode_and_prepare(batch: dict[str, np.ndarray], preparer: ImagePreparer, ma
             data = read_regular_file(str(path), max_bytes)
             if hash_bytes(data) != key:
                 raise BadImage("changed while it was being indexed; the next `crossmodal index` takes it")
-            decoded = decode_pixels(data, max_pixels)
+            decoded, width, height = decode_for_model(data, max_pixels, preparer.decode_side)
             pixels = preparer(decoded).numpy()
-            heights.append(decoded.shape[0])
-            widths.append(decoded.shape[1])
+            heights.append(height)
+            widths.append(width)
         except (BadImage, OSError) as err:
             error = str(err) if isinstance(err, BadImage) else f"unreadable: {err.strerror or err}"
             heights.append(0)

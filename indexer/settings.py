@@ -38,8 +38,9 @@ class Settings(BaseSettings):
     model: str = "crossmodal-lite"
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
     batch_size: int = 64
-    # Image decoding threads, overlapped with encoding; -1 = automatic: none when the model runs
-    # on the CPU (it already uses every core, and threads slow it down), several beside a GPU.
+    # Image decoding threads, overlapped with encoding; -1 = automatic: several beside a GPU; on
+    # the CPU two for camera-sized photos (most files over 500 KB), none for small ones (the model
+    # already uses every core: see builder.decode_threads).
     decode_threads: int = -1
 
     # Embed new images on a Ray cluster (indexer/ray_embedding.py): "" = in this process, "auto" =

@@ -195,7 +195,7 @@ class RebuildPreview(BaseModel):
 
     collection: str
     indexed_from: list[str] = Field(description="The folders the served index holds.")
-    indexed: int = Field(description="Photos in the served index.")
+    indexed: int = Field(description="Photos in the served index (for a rescan: in that folder).")
     found: int = Field(description="Image files in the folder.")
     would_remove: int = Field(description="Indexed photos the rebuild removes: those of other folders, and "
                                           "those without a file at their path in this one.")

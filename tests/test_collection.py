@@ -98,16 +98,45 @@ def test_decode_pixels_gives_decode_image_pixels(name):
 
 
 def test_decode_pixels_decodes_plain_jpegs_itself_and_hands_the_rest_to_pillow(monkeypatch):
-    def pillow(data, max_pixels):
+    def pillow(*args):
         raise AssertionError("went through Pillow")
 
-    monkeypatch.setattr(collection, "decode_image", pillow)
+    monkeypatch.setattr(collection, "_decode", pillow)
     jpegs = _jpegs()
     for name in ("colour", "grey", "exif upright", "progressive"):
         decode_pixels(jpegs[name], 10**7)
     for name in ("exif rotated", "cmyk", "damaged scan data", "png"):
         with pytest.raises(AssertionError, match="Pillow"):
             decode_pixels(jpegs[name], 10**7)
+
+
+def camera_sized(size: tuple[int, int], orientation: int = 1) -> bytes:
+    """A JPEG of a camera's size with detail at every scale (noise over smooth gradients)."""
+    rng = np.random.default_rng(7)
+    small = rng.integers(0, 256, (size[1] // 50, size[0] // 50, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize(size, Image.BICUBIC), dtype=np.int16)
+    noisy = np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encoded(Image.fromarray(noisy), "JPEG", quality=90, exif=exif.tobytes())
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_and_keeps_its_own_size():
+    """Issue 18: a camera photo is decoded at 1/2 to 1/8 scale in the DCT domain (its short side at least
+    what the model needs), on both routes; its recorded size stays its own, as shown."""
+    pixels, width, height = collection.decode_for_model(camera_sized((2400, 1600)), 10**8, min_side=448)
+    assert (width, height) == (2400, 1600)
+    assert pixels.shape == (800, 1200, 3)  # 1/2 scale: 1/4 would leave 400 < 448 (and never 3/8)
+    pixels, width, height = collection.decode_for_model(camera_sized((4000, 3000)), 10**8, min_side=448)
+    assert (width, height) == (4000, 3000) and pixels.shape == (750, 1000, 3)  # 1/4: 1/8 would leave 375
+    # EXIF-rotated: Pillow's route (draft), the size as shown (turned).
+    pixels, width, height = collection.decode_for_model(camera_sized((4000, 3000), orientation=6), 10**8, 448)
+    assert (width, height) == (3000, 4000) and pixels.shape == (1000, 750, 3)
+    # A photo under twice the side is decoded whole: exactly the pixels it always had.
+    data = camera_sized((800, 600))
+    pixels, width, height = collection.decode_for_model(data, 10**8, 448)
+    assert (width, height) == (800, 600)
+    np.testing.assert_array_equal(pixels, decode_pixels(data, 10**8))
 
 
 def test_decode_pixels_limits_and_errors():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -176,3 +177,30 @@ def test_the_alias_names_the_current_version_and_an_old_recorded_name_loads_vers
     cat, horse = old.encode_images([Image.open(sample_source / "cat.jpg"), Image.open(sample_source / "horse.png")])
     texts = old.encode_texts(["a cat", "a horse"])
     assert texts[0] @ cat > texts[0] @ horse and texts[1] @ horse > texts[1] @ cat
+
+
+def test_a_camera_photo_decoded_at_reduced_scale_keeps_its_vector(encoder, tmp_path):
+    """Issue 18: large JPEGs are decoded at 1/2-1/8 scale (DCT domain), keeping a short side of twice what
+    the model resizes to; the vector stays within a cosine of 0.998 of full decoding (0.9989 lowest
+    measured on six real phone photos, tests/benchmarks/large_photos.py)."""
+    from crossmodal.indexer.collection import decode_for_model
+    from tests.test_collection import camera_sized
+
+    assert encoder.preparer.decode_side == 520  # crossmodal-lite-2 resizes to 260
+    for size, orientation in (((4000, 3000), 1), ((3264, 1836), 1), ((4000, 3000), 6)):
+        data = camera_sized(size, orientation)
+        whole, *_ = decode_for_model(data, 10**8)
+        reduced, *_ = decode_for_model(data, 10**8, encoder.preparer.decode_side)
+        assert min(reduced.shape[:2]) < min(whole.shape[:2]) // 2 + 1  # reduced: at least 1/2
+        a, b = (encoder.encode_image_tensors(stack([encoder.prepare(x)]))[0] for x in (whole, reduced))
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.998, (size, orientation)
+
+
+def test_decode_threads_follow_the_photos_size(encoder):
+    from crossmodal.indexer.builder import decode_threads
+    from crossmodal.indexer.collection import FileEntry
+
+    small = [FileEntry(f"{i}.jpg", Path(f"{i}.jpg"), 40_000, 0.0) for i in range(9)]
+    camera = [FileEntry(f"{i}.jpg", Path(f"{i}.jpg"), 4_000_000, 0.0) for i in range(9)]
+    assert decode_threads(-1, encoder, small) == 0 and decode_threads(-1, encoder, camera) == 2
+    assert decode_threads(-1, encoder, small[:3] + camera[:7]) == 2 and decode_threads(3, encoder, small) == 3

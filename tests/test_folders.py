@@ -116,8 +116,11 @@ def test_the_api_adds_rescans_and_removes_folders(indexed, encoder, collection, 
 
         phone_id = next(f["id"] for f in stats["folders"] if f["name"] == "phone")
         solid_image((10, 200, 90)).save(phone / "leaf.png")
+        (phone / "sunflower.png").rename(phone / "sunflower2.png")
+        preview = http.get("/v1/index/preview", params={"collection": str(phone), "action": "rescan"}).json()
+        assert (preview["indexed"], preview["found"], preview["would_remove"]) == (2, 3, 1)  # the other folder stays
         job = wait(http, http.post(f"/v1/folders/{phone_id}/rescan"))
-        assert job["action"] == "rescan" and job["images"] == 21
+        assert job["action"] == "rescan" and job["images"] == 21 and job["removed"] == 1
 
         job = wait(http, http.delete(f"/v1/folders/{phone_id}"))
         assert job["action"] == "remove" and job["images"] == 18 and job["removed"] == 3

@@ -331,13 +331,20 @@ def test_the_index_view_adds_lists_and_removes_folders(app_for, live_server, tmp
 
     phone_id = next(int(b.key.rsplit("-", 1)[1]) for b in at.button
                     if b.key and b.key.startswith("folder-remove-") and b.key != "folder-remove-1")
-    at.button(key=f"folder-remove-{phone_id}").click().run()
-    assert "Its **3 photos** and 0 captions leave the index" in texts(at.warning)
-    with httpx.Client(base_url=live_server) as http:
-        assert [j["action"] for j in http.get("/v1/index/jobs").json()] == ["add"]  # nothing started before the yes
-    at.button(key="folder-remove-confirm").click().run()
+    (phone / "p0.png").unlink()  # a rescan that would remove a photo says so first, too
+    at.button(key=f"folder-rescan-{phone_id}").click().run()
+    assert "would remove **1 of its 3 photos**" in texts(at.warning)
+    at.button(key="folder-confirm").click().run()
     finish(at)
-    assert "3 photos of the removed folder left the index" in texts(at.success)
+    assert "published: 20 images, 22 captions. 1 photo no longer in the folder was removed." in texts(at.success)
+
+    at.button(key=f"folder-remove-{phone_id}").click().run()
+    assert "Its **2 photos** and 0 captions leave the index" in texts(at.warning)
+    with httpx.Client(base_url=live_server) as http:  # nothing started before the yes
+        assert [j["action"] for j in http.get("/v1/index/jobs").json()] == ["rescan", "add"]
+    at.button(key="folder-confirm").click().run()
+    finish(at)
+    assert "2 photos of the removed folder left the index" in texts(at.success)
     assert "**phone**" not in texts(at.markdown)
 
 

@@ -538,19 +538,19 @@ def folders_panel(api: SearchClient, stats: schemas.Stats, running: bool) -> Non
 
 
 def _folder_action(api: SearchClient, running: bool) -> None:
-    """A clicked Rescan starts at once; a Remove says how many photos go and waits for a yes."""
+    """A Remove says how many photos go and waits for a yes; so does a Rescan that would remove photos
+    (files deleted from the folder); other rescans start at once."""
     pending = st.session_state.get("folder_action")
     if pending is None or running:
         return
     folder = schemas.Folder(**pending["folder"])
-    if pending["action"] == "remove" and not pending.get("confirmed"):
-        st.warning(f"Remove **{plain(folder.name)}** from the index? Its **{folder.images:,} photos** and "
-                   f"{folder.captions:,} captions leave the index; the files stay on disk.")
-        go, cancel = st.columns(2)
-        go.button(f"Remove {folder.images:,} photos", key="folder-remove-confirm", type="primary",
-                  on_click=_set, args=("folder_action", {**pending, "confirmed": True}))
-        cancel.button("Cancel", key="folder-remove-cancel", on_click=_set, args=("folder_action", None))
-        return
+    if not pending.get("confirmed"):
+        going = folder.images if pending["action"] == "remove" else _rescan_removes(api, folder)
+        if going is None:
+            return
+        if going:
+            _ask_before(pending, folder, going)
+            return
     st.session_state.folder_action = None
     start = api.remove_folder if pending["action"] == "remove" else api.rescan_folder
     _start_job(lambda token: start(folder.id, token))
@@ -580,6 +580,30 @@ def rebuild_form(api: SearchClient, stats: schemas.Stats | None, running: bool =
         return
     st.session_state.pending_rebuild = None
     _start_rebuild(api, pending["collection"], pending["captions"])
+
+
+def _rescan_removes(api: SearchClient, folder: schemas.Folder) -> int | None:
+    """How many of a folder's photos a rescan would remove (None: the service refused to say)."""
+    try:
+        return api.preview_rebuild(folder.path, token=_token(), action="rescan").would_remove
+    except ServiceError as err:
+        st.session_state.folder_action = None
+        _rebuild_refused(err)
+        return None
+
+
+def _ask_before(pending: dict, folder: schemas.Folder, going: int) -> None:
+    if pending["action"] == "remove":
+        st.warning(f"Remove **{plain(folder.name)}** from the index? Its **{folder.images:,} photos** and "
+                   f"{folder.captions:,} captions leave the index; the files stay on disk.")
+    else:
+        st.warning(f"Rescanning **{plain(folder.name)}** would remove **{going:,} of its {folder.images:,} "
+                   "photos**: the folder has no file at their paths any more.")
+    go, cancel = st.columns(2)
+    verb = "Remove" if pending["action"] == "remove" else "Rescan and remove"
+    go.button(f"{verb} {going:,} photos", key="folder-confirm", type="primary",
+              on_click=_set, args=("folder_action", {**pending, "confirmed": True}))
+    cancel.button("Cancel", key="folder-cancel", on_click=_set, args=("folder_action", None))
 
 
 def _removal_confirmed(api: SearchClient, pending: dict) -> bool:
@@ -688,8 +712,10 @@ def show_job(job: schemas.Job) -> None:
             count = f": {progress.done:,} / {progress.total:,} · {progress.rate:.1f}/s" if progress.total else "…"
             st.progress(min(1.0, progress.overall), text=f"{progress.phase}{count}{left}")
     elif job.state == "done":
-        gone = "of the removed folder left the index" if job.action == "remove" else "no longer in the folder were removed"
-        removed = f" {job.removed:,} photos {gone}." if job.removed else ""
+        many = (job.removed or 0) > 1
+        gone = "of the removed folder left the index" if job.action == "remove" else \
+            f"no longer in the folder {'were' if many else 'was'} removed"
+        removed = f" {job.removed:,} photo{'s' if many else ''} {gone}." if job.removed else ""
         outcome = f"Nothing changed: build {job.build_id} stays" if job.unchanged else f"Build {job.build_id} published"
         st.success(f"{outcome}: {job.images:,} images, {job.captions_indexed:,} captions." + removed)
     else:

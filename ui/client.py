@@ -157,9 +157,9 @@ class SearchClient:
     def remove_folder(self, folder_id: int, token: str = "") -> schemas.Job:
         return self._json("DELETE", f"/v1/folders/{folder_id}", schemas.Job, headers=_bearer(token))
 
-    def preview_rebuild(self, collection: str, token: str = "") -> schemas.RebuildPreview:
-        return self._json("GET", "/v1/index/preview", schemas.RebuildPreview, params={"collection": collection},
-                          headers=_bearer(token))
+    def preview_rebuild(self, collection: str, token: str = "", action: str = "replace") -> schemas.RebuildPreview:
+        return self._json("GET", "/v1/index/preview", schemas.RebuildPreview,
+                          params={"collection": collection, "action": action}, headers=_bearer(token))
 
     def job(self, job_id: str, token: str = "") -> schemas.Job:
         return self._json("GET", f"/v1/index/jobs/{job_id}", schemas.Job, headers=_bearer(token))

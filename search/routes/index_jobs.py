@@ -3,6 +3,7 @@ folders; follow their progress (admin token when set)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, Depends, HTTPException
 
@@ -65,12 +66,13 @@ def _start(service, folder: Path, captions: Path | None, action: str, model: str
 
 
 @router.get("/v1/index/preview", response_model=schemas.RebuildPreview)
-def preview_rebuild(service: ServiceDep, collection: str):
-    """How many indexed photos a rebuild over `collection` would remove, before starting it (the UI asks)."""
+def preview_rebuild(service: ServiceDep, collection: str, action: Literal["replace", "rescan"] = "replace"):
+    """How many indexed photos a rebuild over `collection` alone (or a rescan of that folder of the index)
+    would remove, before starting it (the UI asks)."""
     if service.jobs is None:
         raise HTTPException(503, "the service is still starting")
     try:
-        return service.jobs.preview(Path(collection))
+        return service.jobs.preview(Path(collection), action)
     except FileNotFoundError as err:
         raise HTTPException(400, str(err)) from err
 
