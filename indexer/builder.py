@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy.orm import Session
 
-from crossmodal.indexer import faiss_index, hubness, ranking
+from crossmodal.indexer import faiss_index, hubness, onnx_text, ranking
 from crossmodal.indexer.attributes import Attributes
 from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, PhotoFacts, SkippedFile,
                                            find_captions_file, hash_bytes, load_image, nfc, photo_facts, read_captions,
@@ -241,7 +241,17 @@ class IndexBuilder:
         except BaseException as err:
             self._fail(build_id, err)
             raise
+        self._export_text_tower(lazy)
         return report
+
+    def _export_text_tower(self, lazy: "_LazyEncoder") -> None:
+        """The text tower for searches that start without torch (onnx_text.py), written once per model."""
+        if not self.settings.export_text_tower or onnx_text.exported(self.settings.index_dir, lazy.name):
+            return
+        try:
+            onnx_text.export(lazy.get(), self.settings.index_dir)
+        except Exception as err:  # the build is published; searches then load the model
+            log.warning("the text tower was not exported (%s: %s)", type(err).__name__, err)
 
     # -- nothing changed -----------------------------------------------------------------------
 

@@ -55,13 +55,22 @@ class Service:
             self.engine = self.engine or SearchEngine(self.settings, store=self.store)
             self.engine.attach_metrics(self.metrics)
             if self.engine.has_index:
-                self.engine.encoder  # the model loads now, not on the first query
+                self.engine.text_encoder  # text queries are answered from here on
+                threading.Thread(target=self._load_model, name="load-model", daemon=True).start()
         except Exception as err:  # reported by /ready, the service stays up
             self.load_error = f"{type(err).__name__}: {err}"
             raise
         self.jobs = JobManager(self.settings, self.engine, self.metrics)
         if self.settings.reload_interval > 0:
             threading.Thread(target=self._follow_published_builds, name="build-follower", daemon=True).start()
+
+    def _load_model(self) -> None:
+        """The model itself (image queries, and text where no exported tower exists), loaded behind /ready:
+        an upload waits for it at most once."""
+        try:
+            self.engine.encoder
+        except Exception:
+            logging.getLogger(__name__).exception("the model could not load: image queries will fail")
 
     def load_in_background(self) -> None:
         """load() on a thread of its own; a failure stays readable at /ready (a replica that cannot

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 from PIL import Image
 
-from crossmodal.indexer import faiss_index, ranking
+from crossmodal.indexer import faiss_index, onnx_text, ranking
 from crossmodal.indexer.attributes import Attributes, Selection
 from crossmodal.indexer.collection import open_regular_file
 from crossmodal.indexer.folders import FolderNames, summaries
@@ -38,6 +38,7 @@ from crossmodal.search.metrics import Metrics
 
 if TYPE_CHECKING:  # torch and open_clip are imported with the model, so the service's port opens first
     from crossmodal.indexer.encoder import Encoder
+    from crossmodal.indexer.onnx_text import OnnxTextEncoder
 
 
 MAX_FACETS = 2000  # folders and cameras listed by facets(), each
@@ -172,6 +173,8 @@ class SearchEngine:
         self.store = store or Store(settings.resolved_database_url())
         self.metrics: Metrics | None = None  # the service's (attach_metrics); none for the CLI
         self._encoder = encoder
+        self._text_encoder: "OnnxTextEncoder | None" = None
+        self._encoder_lock = threading.Lock()
         self._batcher: TextBatcher | None = None
         self._batcher_lock = threading.Lock()
         self._reload_lock = threading.Lock()
@@ -199,10 +202,23 @@ class SearchEngine:
     def encoder(self) -> Encoder:
         from crossmodal.indexer.encoder import load_encoder
 
-        snapshot = self.snapshot
-        if self._encoder is None or self._encoder.name != snapshot.manifest.model:
-            self._encoder = load_encoder(snapshot.manifest.model, self.settings.device)
-        return self._encoder
+        model = self.snapshot.manifest.model
+        with self._encoder_lock:  # the service loads it behind /ready while an upload may ask for it
+            if self._encoder is None or self._encoder.name != model:
+                self._encoder = load_encoder(model, self.settings.device)
+            return self._encoder
+
+    @property
+    def text_encoder(self) -> "Encoder | OnnxTextEncoder":
+        """What encodes text queries: the model where it is loaded (or was handed in), else its text tower
+        exported to ONNX by the indexer (indexer/onnx_text.py: no torch, so a one-shot search starts in
+        about a second), else the model, loaded now."""
+        model = self.snapshot.manifest.model
+        if self._encoder is not None and self._encoder.name == model:
+            return self._encoder
+        if self._text_encoder is None or self._text_encoder.name != model:
+            self._text_encoder = onnx_text.load(self.settings.index_dir, model)
+        return self._text_encoder or self.encoder
 
     def reload(self) -> bool:
         """Load the newest published build if it is not the one in use; True when swapped.
@@ -232,7 +248,7 @@ class SearchEngine:
             self._encoder = None  # the new build was made with another model
         swapped = self._snapshot is not None
         self._snapshot = snapshot
-        self.encoder  # load (or keep) the build's encoder before queries arrive
+        self.text_encoder  # ready (or kept) before queries arrive; the model itself loads when needed
         self.text_cache = TextCache()
         logging.getLogger(__name__).info("serving build %d (%s)", build.id, manifest.model)
         self._report_served()
@@ -257,7 +273,7 @@ class SearchEngine:
     # -- query vectors -----------------------------------------------------------------------
 
     def text_vector(self, text: str) -> np.ndarray:
-        encoder = self.encoder
+        encoder = self.text_encoder
         key = (encoder.name, text)
         vector = self.text_cache.get(key)
         if vector is None:
@@ -265,7 +281,7 @@ class SearchEngine:
             self.text_cache.put(key, vector)
         return vector
 
-    def _text_batcher(self, encoder: Encoder) -> TextBatcher:
+    def _text_batcher(self, encoder: "Encoder | OnnxTextEncoder") -> TextBatcher:
         batcher = self._batcher
         if batcher is None or batcher.encoder is not encoder:
             with self._batcher_lock:

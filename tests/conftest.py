@@ -96,8 +96,9 @@ def database(request, tmp_path) -> Iterator[str]:
 
 @pytest.fixture
 def settings(tmp_path, database) -> Settings:
-    # FastAPI's TestClient sends `Host: testserver`.
-    return Settings(index_dir=tmp_path / "index", database_url=database, device="cpu",
+    # FastAPI's TestClient sends `Host: testserver`. The text tower's ONNX export (1.5 s and 90 MB a
+    # build) is left to the tests that look at it (test_onnx_text.py) and to the CLI's.
+    return Settings(index_dir=tmp_path / "index", database_url=database, device="cpu", export_text_tower=False,
                     allowed_hosts=[*Settings().allowed_hosts, "testserver"])
 
 

@@ -1,0 +1,175 @@
+"""The text tower exported to ONNX once, so a text query needs neither torch nor open_clip (issue 18).
+
+A one-shot `crossmodal search` spent about 6 of its 8 s importing torch and open_clip and loading
+the towers; ONNX Runtime loads the exported text tower in a fraction of a second. The indexer
+exports it whenever a build finds none for its model (it has the model at hand, or loads it once),
+into `text_towers/` in the index directory, and search uses it where it exists. Nothing here
+imports torch at module level: `export` (the indexer's side) imports it when called.
+
+Files per model, named by a key of the model name, the torch version it was exported with, and,
+for a local checkpoint, that file's size and modification time (a model's name pins its weights
+otherwise: crossmodal-lite versions and open_clip tags never change):
+
+    KEY.onnx              tokens [batch, length] int64 -> unnormalised text vectors [batch, dim]
+    KEY.tokenizer.json    the Hugging Face fast tokenizer the tower was trained with
+    KEY.json              model name, dim, context length, pad token id
+
+Only towers with a Hugging Face tokenizer are exported (crossmodal-lite's MiniLM; its tokens are
+reproduced here with `tokenizers`, the same Rust library transformers runs). open_clip's own BPE
+towers keep loading the model; so does any tower whose export fails or disagrees with it.
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from crossmodal.indexer.model_names import ModelSpec, default_model_version
+
+if TYPE_CHECKING:
+    from crossmodal.indexer.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+FOLDER = "text_towers"
+AGREEMENT = 1e-4  # largest difference allowed between the export's vectors and the model's
+
+
+def key(model: str, torch_version: str) -> str:
+    """The files' name for `model` as exported by `torch_version`."""
+    parts = [model, torch_version]
+    if default_model_version(model) is None:
+        checkpoint = ModelSpec.parse(model).pretrained
+        if checkpoint and os.path.isfile(checkpoint):
+            stat = os.stat(checkpoint)
+            parts += [str(stat.st_size), str(stat.st_mtime_ns)]
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def installed_torch_version() -> str | None:
+    """torch's version without importing it (the package metadata), None where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return None
+
+
+def clean(text: str) -> str:
+    """open_clip's HFTokenizer cleaning ('whitespace'): ftfy, HTML entities, collapsed whitespace."""
+    import ftfy
+
+    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).strip().split())
+
+
+@dataclass
+class OnnxTextEncoder:
+    """Encodes texts as `Encoder.encode_texts` does (normalised float32 rows), with ONNX Runtime."""
+
+    name: str
+    dim: int
+    session: object  # onnxruntime.InferenceSession
+    tokenizer: object  # tokenizers.Tokenizer, truncating at the context length, no padding
+    pad_id: int
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """Tokens padded to the longest text (the tower masks padding: the vectors are those of full padding)."""
+        ids = [encoding.ids for encoding in self.tokenizer.encode_batch([clean(t) for t in texts])]
+        tokens = np.full((len(ids), max(len(i) for i in ids)), self.pad_id, dtype=np.int64)
+        for row, values in enumerate(ids):
+            tokens[row, :len(values)] = values
+        return tokens
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths share a batch
+        for start in range(0, len(texts), batch_size):
+            rows = order[start:start + batch_size]
+            with self.lock:
+                vectors = self.session.run(None, {"tokens": self.tokenize([texts[i] for i in rows])})[0]
+            out[rows] = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return out
+
+
+def load(index_dir: Path, model: str) -> OnnxTextEncoder | None:
+    """The exported text tower of `model`, where the indexer has written one for this torch; else None."""
+    torch_version = installed_torch_version()
+    if torch_version is None:
+        return None
+    base = index_dir / FOLDER / key(model, torch_version)
+    try:
+        meta = json.loads(base.with_suffix(".json").read_text())
+        import onnxruntime
+        from tokenizers import Tokenizer
+    except (OSError, ValueError, ImportError):
+        return None
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(str(base.with_suffix(".onnx")), options,
+                                           providers=["CPUExecutionProvider"])
+    tokenizer = Tokenizer.from_file(str(base.with_suffix(".tokenizer.json")))
+    tokenizer.enable_truncation(meta["context_length"])
+    tokenizer.no_padding()
+    return OnnxTextEncoder(meta["model"], meta["dim"], session, tokenizer, meta["pad_id"])
+
+
+def exported(index_dir: Path, model: str) -> bool:
+    """Whether `model`'s text tower is exported for this torch (checked without loading it)."""
+    torch_version = installed_torch_version()
+    return torch_version is not None and (index_dir / FOLDER / f"{key(model, torch_version)}.json").is_file()
+
+
+def export(encoder: Encoder, index_dir: Path) -> bool:
+    """Write `encoder`'s text tower for `load`, once; True when the files are there. A tower that cannot
+    be exported, or whose export disagrees with the model on a probe, is left to the model."""
+    import torch
+
+    from crossmodal.indexer.encoder import SHAPE_CHECK, _TextTower
+
+    hf = getattr(encoder.tokenizer, "tokenizer", None)
+    fast = getattr(hf, "backend_tokenizer", None)
+    if fast is None or getattr(encoder.tokenizer, "strip_sep_token", False) or \
+            getattr(encoder.tokenizer, "tokenizer_mode", "") or not encoder.trims_padding:
+        return False
+    base = index_dir / FOLDER / key(encoder.name, installed_torch_version() or torch.__version__)
+    if base.with_suffix(".json").is_file():
+        return True
+    base.parent.mkdir(parents=True, exist_ok=True)
+    partial = base.with_name(base.name + f".{os.getpid()}.partial.onnx")
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes on shapes: the probe below checks other shapes
+            torch.onnx.export(_TextTower(encoder.model).eval(), (encoder.tokenize(SHAPE_CHECK).cpu(),), str(partial),
+                              input_names=["tokens"], output_names=["vectors"], dynamo=False,
+                              dynamic_axes={"tokens": {0: "batch", 1: "length"}, "vectors": {0: "batch"}})
+        base.with_suffix(".tokenizer.json").write_text(fast.to_str())
+        meta = {"model": encoder.name, "dim": encoder.dim, "context_length": encoder.tokenizer.context_length,
+                "pad_id": int(hf.pad_token_id or 0)}
+        os.replace(partial, base.with_suffix(".onnx"))
+        base.with_suffix(".json").write_text(json.dumps(meta, indent=2))  # last: it marks the export complete
+        exported = load(index_dir, encoder.name)
+        probe = ["a", *SHAPE_CHECK, "  Two   DOGS &amp; a “cat”  " + "very long " * 60]
+        if exported is None or np.abs(exported.encode_texts(probe) - encoder.encode_texts(probe)).max() > AGREEMENT:
+            raise ValueError("the exported tower disagrees with the model")
+    except Exception as err:  # any failure: search keeps loading the model
+        log.warning("the text tower of %s was not exported to ONNX (%s: %s); text queries load the model",
+                    encoder.name, type(err).__name__, err)
+        for suffix in (".json", ".onnx", ".tokenizer.json"):
+            base.with_suffix(suffix).unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+        return False
+    return True
