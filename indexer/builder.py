@@ -22,14 +22,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy.orm import Session
 
-from crossmodal.indexer import faiss_index, hubness, onnx_text, ranking
+from crossmodal.indexer import batch_size, faiss_index, hubness, onnx_text, ranking
+from crossmodal.indexer.batch_size import BatchTuner
 from crossmodal.indexer.attributes import Attributes
 from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, PhotoFacts, SkippedFile,
                                            find_captions_file, hash_bytes, load_image, nfc, photo_facts, read_captions,
                                            read_regular_file, scan)
 from crossmodal.indexer.folders import Change, FolderNames
 from crossmodal.indexer.hubness import HubnessBank, Penalties, load_bank
-from crossmodal.indexer.model_names import check_model_name, resolve_model_name
+from crossmodal.indexer.model_names import check_model_name, default_model_version, resolve_model_name
 from crossmodal.indexer.prefetch import prefetched_batches, read_ahead
 from crossmodal.indexer.settings import Settings
 from crossmodal.indexer.store import (Build, Store, caption_key, caption_row_ids, image_ids_by_path,
@@ -245,8 +246,12 @@ class IndexBuilder:
         return report
 
     def _export_text_tower(self, lazy: "_LazyEncoder") -> None:
-        """The text tower for searches that start without torch (onnx_text.py), written once per model."""
+        """The text tower for searches that start without torch (onnx_text.py), written once per model. The
+        model is loaded for it only where its tower is known to export (crossmodal-lite's); other models
+        are tried when the build loaded them anyway (open_clip's BPE towers are not exported)."""
         if not self.settings.export_text_tower or onnx_text.exported(self.settings.index_dir, lazy.name):
+            return
+        if not lazy.loaded and default_model_version(lazy.name) is None:
             return
         try:
             onnx_text.export(lazy.get(), self.settings.index_dir)
@@ -373,6 +378,7 @@ class IndexBuilder:
             self._embed_images_on_ray(todo, lazy, build_id, report, meter, live)
             return live
         encoder = lazy.get()
+        tuner = self._batch_tuner(encoder, len(todo))
         limits = (self.settings.max_file_bytes, self.settings.max_image_pixels)
         for batch in prefetched_batches(todo, lambda e: self._load(e, encoder, *limits), TRANSACTION_IMAGES,
                                         threads=decode_threads(self.settings.decode_threads, encoder, todo),
@@ -385,7 +391,7 @@ class IndexBuilder:
                 else:
                     loaded.append(result)
             before = meter.done
-            live.update(self._store_images(loaded, encoder, build_id, report, meter))
+            live.update(self._store_images(loaded, encoder, build_id, report, meter, tuner))
             meter.advance(len(batch) - (meter.done - before))  # the skipped and the already embedded
         return live
 
@@ -398,8 +404,18 @@ class IndexBuilder:
         image = load_image(entry, max_bytes, max_pixels, encoder.preparer.decode_side)
         return image, encoder.prepare(image.pixels)
 
+    def _batch_tuner(self, encoder: Encoder, new_images: int) -> BatchTuner | None:
+        """On a CPU: the batch size measured before for this model, else a tuner measuring it on this
+        build's first photos, where there are enough of them (batch_size.py)."""
+        if encoder.device.type != "cpu":
+            return None
+        encoder.cpu_batch_size = encoder.cpu_batch_size or batch_size.known(self.settings.index_dir, encoder.name)
+        if encoder.cpu_batch_size or new_images < batch_size.MIN_NEW_IMAGES:
+            return None
+        return BatchTuner(self.settings.index_dir, encoder.name)
+
     def _store_images(self, loaded: list[tuple[LoadedImage, torch.Tensor]], encoder: Encoder, build_id: int,
-                      report: BuildReport, meter: _Meter) -> dict[int, str]:
+                      report: BuildReport, meter: _Meter, tuner: BatchTuner | None = None) -> dict[int, str]:
         """Embed what is new, write rows and vectors in one transaction (a resumable step); the meter moves
         with each encoder pass, so a build of fewer photos than a transaction still shows progress."""
         from crossmodal.indexer import pixels
@@ -414,12 +430,17 @@ class IndexBuilder:
                 if item.content_hash not in have and item.content_hash not in new:
                     new[item.content_hash] = prepared
             if new:
-                keys, size = list(new), encoder.image_batch_size
-                vectors = []
-                for start in range(0, len(keys), size):
-                    batch = pixels.stack([new[k] for k in keys[start:start + size]])
-                    vectors.append(encoder.encode_image_tensors(batch))
-                    meter.advance(len(vectors[-1]))
+                keys, vectors, start = list(new), [], 0
+                while start < len(keys):
+                    tuning = tuner is not None and not tuner.done
+                    chunk = keys[start:start + (tuner.size() if tuning else encoder.image_batch_size)]
+                    began = time.perf_counter()
+                    vectors.append(encoder.encode_image_tensors(pixels.stack([new[k] for k in chunk])))
+                    if tuning:
+                        tuner.observe(len(chunk), time.perf_counter() - began)
+                        encoder.cpu_batch_size = tuner.best() if tuner.done else None
+                    meter.advance(len(chunk))
+                    start += len(chunk)
                 save_embeddings(s, encoder.name, "image", keys, np.concatenate(vectors))  # one insert
             report.n_embedded += len(new)
             report.n_reused += sum(1 for item, _ in loaded if item.content_hash in have)
@@ -730,6 +751,10 @@ class _LazyEncoder:
 
     def get(self) -> Encoder:
         return self.builder.encoder(self.name)
+
+    @property
+    def loaded(self) -> bool:
+        return self.builder._encoder is not None and self.builder._encoder.name == self.name
 
     @property
     def dim(self) -> int:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import Resize
 
+from crossmodal.indexer import batch_size
 from crossmodal.indexer.default_model import create_default_model, default_preprocess
 from crossmodal.indexer.model_names import CURRENT_DEFAULT_MODEL, ModelSpec, check_model_name, default_model_version
 from crossmodal.indexer.pixels import PixelPipeline, Pixels, as_pil, bounded_aspect, stack
@@ -118,6 +119,7 @@ class Encoder:
         self.use_fp16 = device.type == "cuda"
         self._traced_visual: torch.nn.Module | None = None
         self._traced_text: torch.nn.Module | None = None
+        self.cpu_batch_size: int | None = None  # measured for this model and machine (batch_size.py)
         # Every forward pass holds this lock, whoever calls (queries, a rebuild in the service):
         # torch already uses every core for one pass, so passes queue rather than oversubscribe.
         self.lock = threading.Lock()
@@ -156,8 +158,9 @@ class Encoder:
 
     @property
     def image_batch_size(self) -> int:
-        """Measured best on a 2-core CPU: small batches stay in cache; GPUs want large ones."""
-        return 128 if self.device.type == "cuda" else 4
+        """GPUs want large batches; on a CPU the best size depends on the model: measured by the
+        indexer (batch_size.py) and set as `cpu_batch_size`, 4 until then."""
+        return 128 if self.device.type == "cuda" else self.cpu_batch_size or batch_size.DEFAULT
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int | None = None) -> np.ndarray:
         if not images:

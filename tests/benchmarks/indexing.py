@@ -109,11 +109,12 @@ class PhaseClock:
         return self.started[next_phase] - self.started[phase]
 
 
-def rerun_processes(root: Path, captions: Path, index_dir: Path, device: str, runs: int = 3) -> list[float]:
+def rerun_processes(root: Path, captions: Path, index_dir: Path, device: str, model: str,
+                    runs: int = 3) -> list[float]:
     """Wall clock of `crossmodal index` over the unchanged collection, as a user runs it (imports
     included): issue 18's goal is 1.5 s at 7,000 photos, no model loaded."""
     command = [sys.executable, "-m", "crossmodal.cli", "index", str(root), "--captions", str(captions),
-               "--index-dir", str(index_dir), "--device", device]
+               "--index-dir", str(index_dir), "--device", device, "--model", model]
     walls = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(".cache/bench/indexing"))
     parser.add_argument("--limit", type=int, help="index only the first N photos (a copy)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", help="encoder name (default: the settings' model), e.g. ViT-B-32:/path/to/file.pt")
     parser.add_argument("--batch-sizes", default="1,4,8,16,32,64")
     parser.add_argument("--no-record", action="store_true", help="print only; leave results.json alone")
     args = parser.parse_args()
@@ -139,7 +141,7 @@ def main() -> None:
     root, captions, images = collection(args.data, args.work, args.limit)
     index_dir = args.work / "index"
     shutil.rmtree(index_dir, ignore_errors=True)
-    settings = Settings(index_dir=index_dir, device=args.device)
+    settings = Settings(index_dir=index_dir, device=args.device, **({"model": args.model} if args.model else {}))
 
     start = time.perf_counter()
     keep_freed_memory()  # as IndexBuilder does when it loads the model for `crossmodal index`
@@ -153,6 +155,7 @@ def main() -> None:
     report = IndexBuilder(settings, encoder=encoder).build(root, captions, progress=clock)
     image_seconds = clock.seconds("images", "captions")
     end_to_end = report.n_images / image_seconds
+    print(f"  the build measured its CPU batch size: {encoder.cpu_batch_size} (batch_size.py)")
     print("after the build:")
     rates = model_only(encoder, images, [int(b) for b in args.batch_sizes.split(",")])
     best_batch, ceiling = max([*rates.items(), *before.items()], key=lambda item: item[1])
@@ -162,17 +165,18 @@ def main() -> None:
           f"captions phase {clock.seconds('captions', 'indexing'):.1f} s); skipped {len(report.skipped)}")
 
     start = time.perf_counter()
-    rerun = IndexBuilder(Settings(index_dir=index_dir, device=args.device)).build(root, captions)
+    rerun = IndexBuilder(settings).build(root, captions)
     rerun_seconds = time.perf_counter() - start
     print(f"  re-run, nothing changed: {rerun_seconds:.1f} s ({rerun.n_embedded} embedded, "
           f"{rerun.n_reused} reused)")
-    process_walls = rerun_processes(root, captions, index_dir, args.device)
+    process_walls = rerun_processes(root, captions, index_dir, args.device, settings.model)
     print(f"  the same re-run as a `crossmodal index` process, wall clock: "
           f"{', '.join(f'{w:.2f}' for w in process_walls)} s")
 
     figures = {"photos": report.n_images, "captions": report.n_captions, "model_load_seconds": load_seconds,
                "model_only_images_per_second": rates, "model_only_before_build": before,
                "best_batch": int(best_batch), "ceiling_images_per_second": ceiling,
+               "measured_cpu_batch": encoder.cpu_batch_size,
                "end_to_end_images_per_second": end_to_end, "efficiency": end_to_end / ceiling,
                "image_phase_seconds": image_seconds, "whole_build_seconds": report.seconds,
                "captions_phase_seconds": clock.seconds("captions", "indexing"),
