@@ -23,8 +23,8 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from crossmodal.indexer import batch_size, faiss_index, hubness, onnx_text, ranking
-from crossmodal.indexer.batch_size import BatchTuner
 from crossmodal.indexer.attributes import Attributes
+from crossmodal.indexer.batch_size import BatchTuner
 from crossmodal.indexer.collection import (BadImage, Captions, FileEntry, LoadedImage, PhotoFacts, SkippedFile,
                                            find_captions_file, hash_bytes, load_image, nfc, photo_facts, read_captions,
                                            read_regular_file, scan)
@@ -267,13 +267,8 @@ class IndexBuilder:
         build stays (issue 18: an unchanged re-run wrote every index again, 3 of its 4.5 s at 7,000 photos)."""
         if previous is None or previous.model != lazy.name or self._files_read:
             return False
-        build_dir = faiss_index.build_dir_for(self.settings.index_dir, previous.id)
-        table = Attributes.open(build_dir)
-        try:
-            manifest = faiss_index.Manifest.read(build_dir)
-        except (OSError, ValueError):
-            return False
-        if table is None or manifest.folders != [[f.id, f.name, f.path] for f in folders]:
+        table, manifest = self._published(previous)
+        if table is None or manifest is None or manifest.folders != [[f.id, f.name, f.path] for f in folders]:
             return False
         return (len(table.ids) == len(images) and set(images) == set(np.asarray(table.ids).tolist())
                 and len(table.captions) == len(captions)
@@ -304,14 +299,19 @@ class IndexBuilder:
         the model is the same, and that build wrote its table (attributes.py); else it is read again."""
         if previous is None or previous.model != model:
             return change.folders, None
-        build_dir = faiss_index.build_dir_for(self.settings.index_dir, previous.id)
-        table = Attributes.open(build_dir)
-        try:
-            published = {Path(path) for _, _, path in faiss_index.Manifest.read(build_dir).folders}
-        except (OSError, ValueError):
-            published = set()
+        table, manifest = self._published(previous)
+        published = {Path(path) for _, _, path in manifest.folders} if manifest else set()
         rescan = [f for f in change.folders if table is None or f in change.rescan or f not in published]
         return rescan, table if len(rescan) < len(change.folders) else None
+
+    def _published(self, previous: Build) -> tuple[Attributes | None, faiss_index.Manifest | None]:
+        """The published build's attribute table and manifest, each None where it cannot be read."""
+        build_dir = faiss_index.build_dir_for(self.settings.index_dir, previous.id)
+        try:
+            manifest = faiss_index.Manifest.read(build_dir)
+        except (OSError, ValueError, TypeError):
+            manifest = None
+        return Attributes.open(build_dir), manifest
 
     def _kept_of(self, table: Attributes | None, folder_ids: set[int]) -> tuple[dict[int, str], dict[int, str]]:
         """({image id: content hash}, {caption id: key}) of the published rows in these folders."""

@@ -83,7 +83,7 @@ class FolderRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     path: Mapped[str] = mapped_column(Text, unique=True)  # absolute, resolved
     name: Mapped[str] = mapped_column(String(255), unique=True)
-    captions_file: Mapped[str | None] = mapped_column(Text, nullable=True)  # given when it was added
+    captions_file: Mapped[str | None] = mapped_column(Text, nullable=True)  # the captions file it was read with last
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
