@@ -173,6 +173,7 @@ class SearchEngine:
         self.store = store or Store(settings.resolved_database_url())
         self.metrics: Metrics | None = None  # the service's (attach_metrics); none for the CLI
         self._encoder = encoder
+        self._encoder_given = encoder is not None  # tests and benchmarks hand one in: it encodes text too
         self._text_encoder: "OnnxTextEncoder | None" = None
         self._encoder_lock = threading.Lock()
         self._batcher: TextBatcher | None = None
@@ -210,13 +211,12 @@ class SearchEngine:
 
     @property
     def text_encoder(self) -> "Encoder | OnnxTextEncoder":
-        """What encodes text queries: the model where it is loaded (or was handed in), else its text tower
-        exported to ONNX by the indexer (indexer/onnx_text.py: no torch, so a one-shot search starts in
-        about a second), else the model, loaded now."""
+        """What encodes text queries: the build's text tower exported to ONNX by the indexer
+        (indexer/onnx_text.py), where it exists and no model was handed in, else the model. The export
+        needs no torch, so a one-shot search starts in about a second, and it is faster per query too
+        (Flickr8k captions on 2 CPUs: 3.3 against 8.0 ms one at a time, 2.9 against 3.2 in batches of 32)."""
         model = self.snapshot.manifest.model
-        if self._encoder is not None and self._encoder.name == model:
-            return self._encoder
-        if self._text_encoder is None or self._text_encoder.name != model:
+        if not self._encoder_given and (self._text_encoder is None or self._text_encoder.name != model):
             self._text_encoder = onnx_text.load(self.settings.index_dir, model)
         return self._text_encoder or self.encoder
 
