@@ -15,6 +15,7 @@ the latencies include text encoding. Queries are real captions, each text used o
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from sqlalchemy import insert, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from crossmodal.indexer import faiss_index  # noqa: E402
+from crossmodal.indexer import faiss_index, onnx_text  # noqa: E402
 from crossmodal.indexer.settings import Settings  # noqa: E402
 from crossmodal.indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings, utcnow,  # noqa: E402
                            vector_to_bytes, vectors_from_bytes)
@@ -199,6 +200,8 @@ def main() -> None:
         settings = Settings(index_dir=index_dir)
         vectors = synthesize(real, n)
         built = write_index_dir(index_dir, vectors, model, settings)
+        if (args.source / onnx_text.FOLDER).is_dir():  # the text tower `crossmodal index` exports (Fast start)
+            shutil.copytree(args.source / onnx_text.FOLDER, index_dir / onnx_text.FOLDER)
         quality = recall_and_memory(index_dir, model, built["file"], built["search_params"], vectors, recall_queries)
         del vectors
         print(f"n={n:>9,}: {built['index_type']} {built['search_params']} built in {built['build_seconds']:.1f} s; "
