@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from crossmodal.indexer import faiss_index, hubness  # noqa: E402
 from crossmodal.indexer.attributes import Attributes  # noqa: E402
+from crossmodal.indexer.folders import FolderNames  # noqa: E402
 from crossmodal.indexer.settings import Settings  # noqa: E402
 from crossmodal.indexer.store import ImageRow, Store  # noqa: E402
 from crossmodal.search.engine import SearchEngine  # noqa: E402
@@ -54,7 +55,8 @@ def spread_facts(index_dir: Path, n: int, seed: int = 0) -> None:
         s.execute(update(ImageRow), rows)
     build = store.published_build()
     build_dir = faiss_index.build_dir_for(index_dir, build.id)
-    Attributes.tabulate(*store.photo_attributes(set(range(1, n + 1)))).write(build_dir)
+    names = FolderNames({f.id: f.name for f in store.folders()})
+    Attributes.tabulate(*store.photo_attributes(set(range(1, n + 1))), names).write(build_dir)
     store.close()
 
 

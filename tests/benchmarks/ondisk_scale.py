@@ -37,7 +37,8 @@ from crossmodal.indexer.settings import Settings  # noqa: E402
 from crossmodal.indexer.store import Build, ImageRow, Store, utcnow  # noqa: E402
 from tests.benchmarks.http_latency import run as run_clients  # noqa: E402
 from tests.benchmarks.results_file import RESULTS, record  # noqa: E402
-from tests.benchmarks.search_scale import _NoEncoder, real_embeddings, serve, synthesize  # noqa: E402
+from tests.benchmarks.search_scale import (_NoEncoder, real_embeddings, serve, synthesize,  # noqa: E402
+                                           synthetic_build, synthetic_rows)
 from crossmodal.search.engine import SearchEngine  # noqa: E402
 
 RECALL_QUERIES = 200
@@ -51,19 +52,14 @@ def shard(real: np.ndarray, number: int, size: int, n: int) -> tuple[np.ndarray,
     return np.arange(start + 1, start + m + 1, dtype=np.int64), vectors
 
 
-def write_rows(store: Store, model: str, n: int, root: str) -> int:
+def write_rows(store: Store, model: str, n: int, root: Path) -> tuple[int, list]:
+    """(build id, the manifest's folders) of a building build with n synthetic image rows."""
     with store.session() as s, s.begin():
-        build = Build(model=model, collection_root=root, status="building")
-        s.add(build)
-        s.flush()
-        build_id = build.id
+        build_id, folders = synthetic_build(s, model, root)
     for start in range(0, n, 100_000):
         with store.session() as s, s.begin():
-            s.execute(insert(ImageRow), [
-                {"id": i + 1, "path": f"synthetic/{i:08d}.jpg", "content_hash": f"{i:032x}", "bytes": 0,
-                 "width": 224, "height": 224, "mtime": 0.0, "build_id": build_id}
-                for i in range(start, min(start + 100_000, n))])
-    return build_id
+            s.execute(insert(ImageRow), synthetic_rows(start, min(start + 100_000, n), build_id, folders, digits=8))
+    return build_id, folders
 
 
 def exact_top10(real: np.ndarray, queries: np.ndarray, n: int, size: int) -> np.ndarray:
@@ -94,7 +90,7 @@ def build(args, real: np.ndarray, model: str, index_dir: Path) -> dict:
     settings = Settings(index_dir=index_dir, ondisk_min_vectors=1, ondisk_shard_vectors=args.shard)
     store = Store(settings.resolved_database_url())
     started = time.perf_counter()
-    build_id = write_rows(store, model, n, str(index_dir / "synthetic"))
+    build_id, folders = write_rows(store, model, n, index_dir)
     rows_seconds = time.perf_counter() - started
     print(f"{n:,} rows written in {rows_seconds:.0f} s")
     build_dir = faiss_index.build_dir_for(index_dir, build_id)
@@ -113,7 +109,7 @@ def build(args, real: np.ndarray, model: str, index_dir: Path) -> dict:
     faiss_index.write_index(empty, build_dir / faiss_index.CAPTIONS_FILE)
     params = faiss_index.default_search_params(index_type)
     faiss_index.Manifest(build_id, model, dim, index_type, "Flat", n, 0, params,
-                         bank.describe() if bank else {}).write(build_dir)
+                         bank.describe() if bank else {}, folders=folders).write(build_dir)
     with store.session() as s, s.begin():
         row = s.get(Build, build_id)
         row.status, row.dim, row.n_images, row.finished_at = "published", dim, n, utcnow()

@@ -15,6 +15,7 @@ the latencies include text encoding. Queries are real captions, each text used o
 from __future__ import annotations
 
 import argparse
+import io
 import shutil
 import subprocess
 import sys
@@ -23,13 +24,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image
 from sqlalchemy import insert, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from crossmodal.indexer import faiss_index, onnx_text  # noqa: E402
 from crossmodal.indexer.settings import Settings  # noqa: E402
-from crossmodal.indexer.store import (Build, CaptionRow, Embedding, ImageRow, Store, load_embeddings, utcnow,  # noqa: E402
+from crossmodal.indexer.store import (Build, CaptionRow, Embedding, FolderRow, ImageRow, Store, load_embeddings, utcnow,  # noqa: E402
                            vector_to_bytes, vectors_from_bytes)
 from crossmodal.search.engine import SearchEngine  # noqa: E402
 from tests.benchmarks.http_latency import run as run_clients  # noqa: E402
@@ -71,19 +73,31 @@ def synthesize(real: np.ndarray, n: int, seed: int = 0, keep_real: bool = True) 
     return out
 
 
+def synthetic_build(s, model: str, root: Path) -> tuple[int, list]:
+    """A building build over one folder `root` (rows in the caller's transaction): its id and the
+    manifest's folder list."""
+    build = Build(model=model, collection_root=str(root), status="building")
+    folder = FolderRow(path=str(root), name=root.name)
+    s.add_all([build, folder])
+    s.flush()
+    return build.id, [[folder.id, folder.name, folder.path]]
+
+
+def synthetic_rows(start: int, stop: int, build_id: int, folders: list, digits: int = 7) -> list[dict]:
+    """Image rows stop - start photos in the synthetic folder, ids start + 1 ... stop."""
+    return [{"id": i + 1, "folder_id": folders[0][0], "path": f"synthetic/{i:0{digits}d}.jpg",
+             "content_hash": f"{i:032x}", "bytes": 0, "width": 224, "height": 224, "mtime": 0.0,
+             "build_id": build_id} for i in range(start, stop)]
+
+
 def write_index_dir(index_dir: Path, vectors: np.ndarray, model: str, settings: Settings) -> dict:
     """A complete, published index directory, written with the indexer's own index code."""
     store = Store(settings.resolved_database_url())
     with store.session() as s, s.begin():
-        build = Build(model=model, collection_root=str(index_dir / "synthetic"), status="building")
-        s.add(build)
-        s.flush()
-        build_id = build.id
+        build_id, folders = synthetic_build(s, model, index_dir)
         for start in range(0, len(vectors), 50_000):
             chunk = range(start, min(start + 50_000, len(vectors)))
-            s.execute(insert(ImageRow), [
-                {"id": i + 1, "path": f"synthetic/{i:07d}.jpg", "content_hash": f"{i:032x}", "bytes": 0,
-                 "width": 224, "height": 224, "mtime": 0.0, "build_id": build_id} for i in chunk])
+            s.execute(insert(ImageRow), synthetic_rows(chunk.start, chunk.stop, build_id, folders))
             s.execute(insert(Embedding), [  # the exact vectors, as the indexer stores them
                 {"model": model, "kind": "image", "key": f"{i:032x}", "vector": vector_to_bytes(vectors[i])}
                 for i in chunk])
@@ -104,7 +118,7 @@ def write_index_dir(index_dir: Path, vectors: np.ndarray, model: str, settings: 
         Penalties.of(np.arange(1, len(vectors) + 1), bank.penalties(vectors, "image")).save(
             build_dir / faiss_index.PENALTY_FILES[faiss_index.IMAGES_FILE])
     faiss_index.Manifest(build_id, model, vectors.shape[1], index_type, "Flat", len(vectors), 0, params,
-                         bank.describe() if bank else {}).write(build_dir)
+                         bank.describe() if bank else {}, folders=folders).write(build_dir)
     with store.session() as s, s.begin():
         row = s.get(Build, build_id)
         row.status, row.dim, row.n_images, row.finished_at = "published", vectors.shape[1], len(vectors), utcnow()
@@ -168,13 +182,24 @@ def serve(index_dir: Path, port: int, probe: str) -> tuple[subprocess.Popen, flo
     while time.perf_counter() - start < 600:
         try:
             if httpx.get(url, params={"q": probe}, timeout=5).status_code == 200:
-                return process, time.perf_counter() - start
+                cold = time.perf_counter() - start
+                wait_for_the_model(url)
+                return process, cold
         except httpx.HTTPError:
             pass
         if process.poll() is not None:
             raise RuntimeError(f"crossmodal serve exited with {process.returncode}")
         time.sleep(0.05)
     raise TimeoutError("the service did not answer within 600 s")
+
+
+def wait_for_the_model(url: str) -> None:
+    """Text queries are answered before the model has loaded (Fast start); it loads behind them and takes
+    both cores for a few seconds. An image query waits for it, so latencies are measured after."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (120, 60, 30)).save(buffer, format="PNG")
+    httpx.post(url, params={"k": 1}, files={"file": ("probe.png", buffer.getvalue(), "image/png")},
+               timeout=300).raise_for_status()
 
 
 def main() -> None:
