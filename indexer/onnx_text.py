@@ -119,6 +119,9 @@ def load(index_dir: Path, model: str) -> OnnxTextEncoder | None:
         return None
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    # Idle inference threads spin by default: under load they took the cores that search and the other
+    # requests needed (100k vectors, 32 clients: 97.1 QPS spinning, against 117.9 with the torch tower).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(base.with_suffix(".onnx")), options,
                                            providers=["CPUExecutionProvider"])
     tokenizer = Tokenizer.from_file(str(base.with_suffix(".tokenizer.json")))
