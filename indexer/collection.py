@@ -278,11 +278,6 @@ def _oriented(image: Image.Image) -> Image.Image:
         return image
 
 
-def decode_pixels(data: bytes, max_pixels: int) -> np.ndarray:
-    """decode_image's pixels as a writable [H, W, 3] uint8 array (decode_for_model at full scale)."""
-    return decode_for_model(data, max_pixels)[0]
-
-
 def decode_for_model(data: bytes, max_pixels: int, min_side: int = 0) -> tuple[np.ndarray, int, int]:
     """(pixels, width, height) for the indexer: a writable [h, w, 3] uint8 array, and the photo's own size.
 

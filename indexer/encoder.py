@@ -104,7 +104,7 @@ class Encoder:
     """A loaded dual encoder. `name`, `dim` and `device` describe it; encode_* embed.
 
     Images go in as `prepare(image)` tensors (batched by pixels.stack) or as PIL images.
-    `prepare` takes a PIL image or decode_pixels' [H, W, 3] uint8 array.
+    `prepare` takes a PIL image or decode_for_model's [H, W, 3] uint8 array.
     """
 
     def __init__(self, name: str, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,

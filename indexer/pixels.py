@@ -26,7 +26,7 @@ from open_clip.transform import MaybeConvertMode
 from torchvision.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor, v2
 from torchvision.transforms.v2 import functional as F
 
-Pixels = Image.Image | np.ndarray  # a PIL image, or [H, W, 3] uint8 RGB (collection.decode_pixels)
+Pixels = Image.Image | np.ndarray  # a PIL image, or [H, W, 3] uint8 RGB (collection.decode_for_model)
 
 
 def _tensor_step(step: object) -> Callable | None:

@@ -175,6 +175,7 @@ class SearchEngine:
         self._encoder = encoder
         self._encoder_given = encoder is not None  # tests and benchmarks hand one in: it encodes text too
         self._text_encoder: "OnnxTextEncoder | None" = None
+        self._text_looked_up: int | None = None  # the build whose exported tower was looked for
         self._encoder_lock = threading.Lock()
         self._batcher: TextBatcher | None = None
         self._batcher_lock = threading.Lock()
@@ -215,9 +216,11 @@ class SearchEngine:
         (indexer/onnx_text.py), where it exists and no model was handed in, else the model. The export
         needs no torch, so a one-shot search starts in about a second, and it is faster per query too
         (Flickr8k captions on 2 CPUs: 3.3 against 8.0 ms one at a time, 2.9 against 3.2 in batches of 32)."""
-        model = self.snapshot.manifest.model
-        if not self._encoder_given and (self._text_encoder is None or self._text_encoder.name != model):
-            self._text_encoder = onnx_text.load(self.settings.index_dir, model)
+        snapshot = self.snapshot
+        if not self._encoder_given and self._text_looked_up != snapshot.build.id:  # once a build, not per query
+            if self._text_encoder is None or self._text_encoder.name != snapshot.manifest.model:
+                self._text_encoder = onnx_text.load(self.settings.index_dir, snapshot.manifest.model)
+            self._text_looked_up = snapshot.build.id
         return self._text_encoder or self.encoder
 
     def reload(self) -> bool:

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from crossmodal.indexer import collection
-from crossmodal.indexer.collection import (BadImage, FileEntry, decode_image, decode_pixels, load_image, read_captions,
-                                           scan)
+from crossmodal.indexer.collection import (BadImage, FileEntry, decode_for_model, decode_image, load_image,
+                                           read_captions, scan)
 from tests.conftest import solid_image
 
 
@@ -70,6 +70,11 @@ def test_pixel_limit_is_checked_before_decoding():
         decode_image(encoded(Image.new("L", (4000, 4000)), "PNG"), max_pixels=1_000_000)
 
 
+def decode_pixels(data: bytes, max_pixels: int) -> np.ndarray:
+    """The indexer's pixels of a photo decoded whole."""
+    return decode_for_model(data, max_pixels)[0]
+
+
 def _jpegs() -> dict[str, bytes]:
     """JPEGs for each route through decode_pixels, all with detail (noise) to decode."""
     rotated, upright = Image.Exif(), Image.Exif()
@@ -124,17 +129,17 @@ def camera_sized(size: tuple[int, int], orientation: int = 1) -> bytes:
 def test_a_large_jpeg_is_decoded_at_reduced_scale_and_keeps_its_own_size():
     """Issue 18: a camera photo is decoded at 1/2 to 1/8 scale in the DCT domain (its short side at least
     what the model needs), on both routes; its recorded size stays its own, as shown."""
-    pixels, width, height = collection.decode_for_model(camera_sized((2400, 1600)), 10**8, min_side=448)
+    pixels, width, height = decode_for_model(camera_sized((2400, 1600)), 10**8, min_side=448)
     assert (width, height) == (2400, 1600)
     assert pixels.shape == (800, 1200, 3)  # 1/2 scale: 1/4 would leave 400 < 448 (and never 3/8)
-    pixels, width, height = collection.decode_for_model(camera_sized((4000, 3000)), 10**8, min_side=448)
+    pixels, width, height = decode_for_model(camera_sized((4000, 3000)), 10**8, min_side=448)
     assert (width, height) == (4000, 3000) and pixels.shape == (750, 1000, 3)  # 1/4: 1/8 would leave 375
     # EXIF-rotated: Pillow's route (draft), the size as shown (turned).
-    pixels, width, height = collection.decode_for_model(camera_sized((4000, 3000), orientation=6), 10**8, 448)
+    pixels, width, height = decode_for_model(camera_sized((4000, 3000), orientation=6), 10**8, 448)
     assert (width, height) == (3000, 4000) and pixels.shape == (1000, 750, 3)
     # A photo under twice the side is decoded whole: exactly the pixels it always had.
     data = camera_sized((800, 600))
-    pixels, width, height = collection.decode_for_model(data, 10**8, 448)
+    pixels, width, height = decode_for_model(data, 10**8, 448)
     assert (width, height) == (800, 600)
     np.testing.assert_array_equal(pixels, decode_pixels(data, 10**8))
 
