@@ -16,7 +16,6 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
@@ -28,14 +27,11 @@ from crossmodal.indexer.settings import Settings
 from crossmodal.indexer.store import JobRow, Store
 from crossmodal.search.engine import SearchEngine
 from crossmodal.search.metrics import Metrics
-from crossmodal.search.schemas import Job, JobProgress, RebuildPreview, SkippedItem
+from crossmodal.search.schemas import Job, JobAction, JobProgress, RebuildPreview, SkippedItem
 
 HEARTBEAT_SECONDS = 5.0
 STALE_SECONDS = 60.0
 PROGRESS_EVERY_SECONDS = 0.5  # progress rows written at most this often (a build reports every batch)
-
-
-Action = Literal["replace", "add", "remove", "rescan"]
 
 
 class JobConflict(RuntimeError):
@@ -50,7 +46,7 @@ class JobManager:
         self.metrics = metrics
         self._thread: threading.Thread | None = None
 
-    def start(self, collection: Path, captions: Path | None, model: str | None, action: Action = "replace") -> Job:
+    def start(self, collection: Path, captions: Path | None, model: str | None, action: JobAction = "replace") -> Job:
         """A rebuild: over `collection` alone ("replace"), or adding, removing or rescanning that folder
         of the served index (the others keep their rows)."""
         if model is not None:
@@ -74,7 +70,7 @@ class JobManager:
         self._thread.start()
         return self.get(row.id)
 
-    def _change(self, action: Action, folder: Path) -> Change:
+    def _change(self, action: JobAction, folder: Path) -> Change:
         current = list(self.engine.snapshot.folders.values()) if self.engine.has_index else []
         if action == "replace":
             return Change.replace([folder])
@@ -89,7 +85,7 @@ class JobManager:
             raise LookupError(f"folder {folder_id} is not in the served index")
         return folder
 
-    def preview(self, collection: Path, action: Action = "replace") -> RebuildPreview:
+    def preview(self, collection: Path, action: JobAction = "replace") -> RebuildPreview:
         """What a rebuild over `collection` alone ("replace"), or a rescan of that folder of the index, would
         do to the served index, before it starts: a scan of the folder's file names (0.13 s for 7,000
         photos), no file read. A photo counts as kept when it is in that folder and the folder still holds a

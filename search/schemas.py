@@ -169,10 +169,13 @@ class SkippedItem(BaseModel):
     reason: str
 
 
+JobAction = Literal["replace", "add", "remove", "rescan"]
+
+
 class Job(BaseModel):
     id: str
     state: Literal["queued", "running", "done", "failed"]
-    action: Literal["replace", "add", "remove", "rescan"] = Field("replace", description="replace: the index "
+    action: JobAction = Field("replace", description="replace: the index "
                                                                   "becomes `collection` alone; add, remove, "
                                                                   "rescan: that folder of the index.")
     collection: str
