@@ -185,7 +185,7 @@ class IndexBuilder:
 
         if self._encoder is None or self._encoder.name != model:
             keep_freed_memory()
-            self._encoder = load_encoder(model, self.settings.device)
+            self._encoder = load_encoder(model, self.settings.device, self.settings.compressed_tower_dir)
         return self._encoder
 
     def build(self, collection: Path | list[Path] | Change, captions_file: Path | None = None,

@@ -11,6 +11,8 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,8 +21,12 @@ from torchvision.transforms import Resize
 
 from crossmodal.indexer import batch_size
 from crossmodal.indexer.default_model import create_default_model, default_preprocess
-from crossmodal.indexer.model_names import CURRENT_DEFAULT_MODEL, ModelSpec, check_model_name, default_model_version
+from crossmodal.indexer.model_names import (CURRENT_DEFAULT_MODEL, ModelSpec, check_model_name, default_model_version,
+                                            split_variant)
 from crossmodal.indexer.pixels import PixelPipeline, Pixels, as_pil, bounded_aspect, stack
+
+if TYPE_CHECKING:
+    from crossmodal.indexer.onnx_towers import OnnxTowers
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +116,7 @@ class Encoder:
     def __init__(self, name: str, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
                  device: torch.device):
         self.name = name
+        self.towers: OnnxTowers | None = None  # a compressed variant's towers (onnx_towers.py), set by load_encoder
         self.model = model
         self.preprocess = preprocess
         self.preparer = ImagePreparer(preprocess, PixelPipeline.of(preprocess))
@@ -136,13 +143,16 @@ class Encoder:
         """The per-image half of preprocessing (the indexer runs it while decoding; see ImagePreparer)."""
         return self.preparer(image)
 
+    def pixels_as_floats(self, batch: torch.Tensor) -> torch.Tensor:
+        """The image tower's input: `prepare` outputs (uint8) normalised; preprocessed floats as they are."""
+        return self._pixels.normalise(batch) if batch.dtype == torch.uint8 else batch
+
     @torch.inference_mode()
     def encode_image_tensors(self, batch: torch.Tensor) -> np.ndarray:
         """Embed a batch [n, 3, H, W] of `prepare` outputs (uint8) or of preprocessed floats."""
         with self.lock, self._autocast():
             batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            if batch.dtype == torch.uint8:
-                batch = self._pixels.normalise(batch)  # float ops keep the channels-last layout
+            batch = self.pixels_as_floats(batch)  # float ops keep the channels-last layout
             features = torch.nn.functional.normalize(self._image_tower(batch), dim=-1)
         return features.float().cpu().numpy()
 
@@ -151,7 +161,10 @@ class Encoder:
 
         Frozen batch norms and no Python dispatch per layer: measured 107 -> 135 images/s
         at batch 4, outputs equal to 1e-5. Any model that cannot be traced runs eagerly.
+        A compressed variant runs its ONNX tower.
         """
+        if self.towers is not None:
+            return torch.from_numpy(self.towers.image(batch.numpy()))
         if self._traced_visual is None and self.device.type == "cpu":
             self._traced_visual = _trace(self.model.visual, batch) or self.model.visual
         return (self._traced_visual or self.model.visual)(batch)
@@ -174,7 +187,10 @@ class Encoder:
 
     def _text_tower(self, tokens: torch.Tensor) -> torch.Tensor:
         """On CPU, the text tower traced into TorchScript once it has proven itself on another
-        shape (lengths and batch sizes vary): measured 6.4 -> 5.4 ms per query, outputs equal."""
+        shape (lengths and batch sizes vary): measured 6.4 -> 5.4 ms per query, outputs equal.
+        A compressed variant runs its ONNX tower."""
+        if self.towers is not None:
+            return torch.from_numpy(self.towers.text(tokens.cpu().numpy()))
         if self._traced_text is None and self.device.type == "cpu":
             tower = _TextTower(self.model)
             self._traced_text = _trace(tower, tokens, check=self.tokenize(SHAPE_CHECK)) or tower
@@ -243,17 +259,36 @@ def _trace(module: torch.nn.Module, example: torch.Tensor, check: torch.Tensor |
         return None
 
 
-def load_encoder(name: str = CURRENT_DEFAULT_MODEL, device: str = "auto") -> Encoder:
-    """Load any supported model by its recorded name (see the module docstring for the forms).
+def load_encoder(name: str = CURRENT_DEFAULT_MODEL, device: str = "auto", tower_dir: Path | None = None) -> Encoder:
+    """Load any supported model by its recorded name (see model_names.py for the forms).
 
     Names are literal here: a build's recorded "crossmodal-lite" is version 1 (see model_names.py);
-    a user's request for the alias is resolved by the builder before it gets here.
+    a user's request for the alias is resolved by the builder before it gets here. A compressed
+    variant's towers are exported into `tower_dir` once, or into a temporary folder (onnx_towers.py).
     """
+    check_model_name(name)
+    base, variant = split_variant(name)
+    torch_device = pick_device(device)
+    if variant and torch_device.type != "cpu":
+        log.warning("%s is a CPU variant: it runs on the CPU (the plain model uses the GPU)", name)
+        torch_device = torch.device("cpu")
+    encoder = Encoder(name, *_load_model(base, torch_device), torch_device)
+    if variant:
+        from crossmodal.indexer import onnx_towers
+
+        try:
+            encoder.towers = onnx_towers.load(encoder, variant, tower_dir)
+        except onnx_towers.VariantUnavailable as err:
+            raise ValueError(f"cannot load model {name!r}: {err}") from err
+    log.info("loaded encoder %s on %s", name, torch_device)
+    return encoder
+
+
+def _load_model(name: str, torch_device: torch.device) -> tuple[torch.nn.Module, Callable, Callable]:
+    """(model, preprocess, tokenizer) of a model name without variant."""
     import open_clip
 
     _quiet_model_loading()
-    check_model_name(name)
-    torch_device = pick_device(device)
     version = default_model_version(name)
     if version:
         model, preprocess, tokenizer = create_default_model(torch_device, version=version)
@@ -269,5 +304,4 @@ def load_encoder(name: str = CURRENT_DEFAULT_MODEL, device: str = "auto") -> Enc
             raise ValueError(f"cannot load model {name!r}: {err}") from err
         tokenizer = open_clip.get_tokenizer(spec.arch)
         model = model.eval()
-    log.info("loaded encoder %s on %s", name, torch_device)
-    return Encoder(name, model, preprocess, tokenizer, torch_device)
+    return model, preprocess, tokenizer

@@ -25,6 +25,7 @@ import html
 import json
 import logging
 import os
+import shutil
 import threading
 import warnings
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from crossmodal.indexer.model_names import ModelSpec, default_model_version
+from crossmodal.indexer.model_names import ModelSpec, default_model_version, split_variant
 
 if TYPE_CHECKING:
     from crossmodal.indexer.encoder import Encoder
@@ -46,24 +47,33 @@ AGREEMENT = 1e-4  # largest difference allowed between the export's vectors and 
 
 
 def key(model: str, torch_version: str) -> str:
-    """The files' name for `model` as exported by `torch_version`."""
+    """The files' name for `model` as exported by `torch_version` (and, for a compressed variant, quantized
+    by the installed ONNX Runtime: onnx_towers.py)."""
     parts = [model, torch_version]
-    if default_model_version(model) is None:
-        checkpoint = ModelSpec.parse(model).pretrained
+    base, variant = split_variant(model)
+    if default_model_version(base) is None:
+        checkpoint = ModelSpec.parse(base).pretrained
         if checkpoint and os.path.isfile(checkpoint):
             stat = os.stat(checkpoint)
             parts += [str(stat.st_size), str(stat.st_mtime_ns)]
+    if variant:
+        parts.append(_installed("onnxruntime") or "")
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _installed(package: str) -> str | None:
+    """A package's version without importing it (its metadata), None where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def installed_torch_version() -> str | None:
     """torch's version without importing it (the package metadata), None where it is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("torch")
-    except PackageNotFoundError:
-        return None
+    return _installed("torch")
 
 
 def clean(text: str) -> str:
@@ -113,27 +123,49 @@ def load(index_dir: Path, model: str) -> OnnxTextEncoder | None:
     base = index_dir / FOLDER / key(model, torch_version)
     try:
         meta = json.loads(base.with_suffix(".json").read_text())
-        import onnxruntime
+        import onnxruntime  # noqa: F401 (where it is missing, the model answers)
         from tokenizers import Tokenizer
     except (OSError, ValueError, ImportError):
         return None
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    # Idle inference threads spin by default: under load they took the cores that search and the other
-    # requests needed (100k vectors, 32 clients: 97.1 QPS spinning, against 117.9 with the torch tower).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(str(base.with_suffix(".onnx")), options,
-                                           providers=["CPUExecutionProvider"])
+    session = inference_session(base.with_suffix(".onnx"))
     tokenizer = Tokenizer.from_file(str(base.with_suffix(".tokenizer.json")))
     tokenizer.enable_truncation(meta["context_length"])
     tokenizer.no_padding()
     return OnnxTextEncoder(meta["model"], meta["dim"], session, tokenizer, meta["pad_id"])
 
 
+def inference_session(path: Path):
+    """An ONNX Runtime session on the CPU, as every exported tower is run."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    # Idle inference threads spin by default: under load they took the cores that search and the other
+    # requests needed (100k vectors, 32 clients: 97.1 QPS spinning, against 117.9 with the torch tower).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def exported(index_dir: Path, model: str) -> bool:
     """Whether `model`'s text tower is exported for this torch (checked without loading it)."""
     torch_version = installed_torch_version()
     return torch_version is not None and (index_dir / FOLDER / f"{key(model, torch_version)}.json").is_file()
+
+
+def export_tower(tower, example, path: Path, input_name: str) -> None:
+    """`tower` as an ONNX graph taking `input_name` [batch, ...] (and, for tokens, any length) to `vectors`."""
+    import torch
+
+    axes = {0: "batch", 1: "length"} if input_name == "tokens" else {0: "batch"}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # its fused attention has no ONNX form (open_clip's ViTs use it)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes on shapes: each caller checks the export on other shapes
+            torch.onnx.export(tower.eval(), (example,), str(path), input_names=[input_name], output_names=["vectors"],
+                              dynamo=False, dynamic_axes={input_name: axes, "vectors": {0: "batch"}})
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def export(encoder: Encoder, index_dir: Path) -> bool:
@@ -154,11 +186,10 @@ def export(encoder: Encoder, index_dir: Path) -> bool:
     base.parent.mkdir(parents=True, exist_ok=True)
     partial = base.with_name(base.name + f".{os.getpid()}.partial.onnx")
     try:
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer notes on shapes: the probe below checks other shapes
-            torch.onnx.export(_TextTower(encoder.model).eval(), (encoder.tokenize(SHAPE_CHECK).cpu(),), str(partial),
-                              input_names=["tokens"], output_names=["vectors"], dynamo=False,
-                              dynamic_axes={"tokens": {0: "batch", 1: "length"}, "vectors": {0: "batch"}})
+        if encoder.towers is not None:  # a compressed variant (onnx_towers.py): its text tower as the model runs it
+            shutil.copyfile(encoder.towers.text_file, partial)
+        else:
+            export_tower(_TextTower(encoder.model), encoder.tokenize(SHAPE_CHECK).cpu(), partial, "tokens")
         base.with_suffix(".tokenizer.json").write_text(fast.to_str())
         meta = {"model": encoder.name, "dim": encoder.dim, "context_length": encoder.tokenizer.context_length,
                 "pad_id": int(hf.pad_token_id or 0)}

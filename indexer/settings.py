@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     database_url: str = ""
 
     # Encoder: "crossmodal-lite" (offline default), "ARCH:PRETRAINED_TAG" (open_clip, downloads),
-    # "ARCH:/path/to/checkpoint.pt", or open_clip's "local-dir:/path" / "hf-hub:org/repo".
+    # "ARCH:/path/to/checkpoint.pt", or open_clip's "local-dir:/path" / "hf-hub:org/repo"; any of them
+    # with "+int8" or "+onnx" is a compressed CPU variant (indexer/onnx_towers.py).
     model: str = "crossmodal-lite"
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
     batch_size: int = 64
@@ -115,6 +116,11 @@ class Settings(BaseSettings):
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.index_dir / 'metadata.db'}"
+
+    @property
+    def compressed_tower_dir(self) -> Path:
+        """Where a compressed model variant's towers are exported once ("crossmodal-lite+int8": onnx_towers.py)."""
+        return self.index_dir / "compressed_towers"
 
 
 @lru_cache(maxsize=1)

@@ -207,7 +207,7 @@ class SearchEngine:
         model = self.snapshot.manifest.model
         with self._encoder_lock:  # the service loads it behind /ready while an upload may ask for it
             if self._encoder is None or self._encoder.name != model:
-                self._encoder = load_encoder(model, self.settings.device)
+                self._encoder = load_encoder(model, self.settings.device, self.settings.compressed_tower_dir)
             return self._encoder
 
     @property

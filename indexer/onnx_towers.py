@@ -1,0 +1,145 @@
+"""Compressed CPU variants of a model (issue 18): both towers run by ONNX Runtime, in float32
+("+onnx"), or with int8 weights in the image tower's matrix products ("+int8": ONNX Runtime's
+dynamic quantization, weights int8 per tensor, activations quantized per batch).
+
+A variant is named after its model ("crossmodal-lite+int8", "ViT-B-32:laion2b_s34b_b79k+int8";
+see model_names.py), and the name is what a build records, so one index never mixes its vectors
+with another variant's. Measured side by side in tests/benchmarks/compressed_encoders.py:
+- int8 runs open_clip's ViT-B-32 image tower 2.5x as fast as float32 on this CPU;
+- crossmodal-lite's image tower is mostly convolutions, which are left in float32: ONNX Runtime's
+  int8 convolutions ran it 10x slower and moved its vectors to a cosine of 0.82;
+- text towers stay float32: a query costs one pass (3 ms), and in crossmodal-lite the int8
+  MiniLM moved caption vectors to a cosine of 0.24 (its feed-forward outputs have outliers).
+A quantized tower whose vectors stray from the model's on probe photos is refused at export.
+
+The towers are exported once per model, torch and ONNX Runtime version (onnx_text.key) into
+`tower_dir` (Settings.compressed_tower_dir, in the index directory), or into a temporary folder where none
+is given. Variants run on the CPU, even beside a GPU: that is what they are for.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from crossmodal.indexer import onnx_text
+
+if TYPE_CHECKING:
+    import torch
+
+    from crossmodal.indexer.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+AGREEMENT = 0.9999  # least cosine between a float32 export's vectors and the model's
+INT8_AGREEMENT = 0.995  # least cosine between int8 and float32 image vectors on the probes (0.9996-0.9998 seen)
+
+
+class VariantUnavailable(RuntimeError):
+    """A model whose towers ONNX cannot reproduce: its variants are refused, not run wrong."""
+
+
+@dataclass
+class OnnxTowers:
+    """A model's two towers in ONNX Runtime: unnormalised vectors, as the model's towers return them."""
+
+    image_file: Path
+    text_file: Path
+    _keep: object = field(default=None, repr=False)  # the temporary folder the files live in, if any
+
+    def __post_init__(self) -> None:
+        self.image_session = onnx_text.inference_session(self.image_file)
+        self.text_session = onnx_text.inference_session(self.text_file)
+
+    def image(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed float32 pixels [n, 3, H, W] -> image vectors."""
+        return self.image_session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
+
+    def text(self, tokens: np.ndarray) -> np.ndarray:
+        """Token ids [n, length] -> text vectors."""
+        return self.text_session.run(None, {"tokens": tokens.astype(np.int64)})[0]
+
+
+def load(encoder: Encoder, variant: str, tower_dir: Path | None) -> OnnxTowers:
+    """`encoder`'s towers as `variant`: exported (and quantized) unless `tower_dir` holds them already."""
+    keep = None
+    if tower_dir is None:
+        keep = tempfile.TemporaryDirectory(prefix="crossmodal-towers-")
+        tower_dir = Path(keep.name)
+    base = tower_dir / onnx_text.key(encoder.name, onnx_text.installed_torch_version() or "")
+    image_file, text_file = (base.with_name(f"{base.name}.{tower}.onnx") for tower in ("image", "text"))
+    if not (image_file.is_file() and text_file.is_file()):
+        tower_dir.mkdir(parents=True, exist_ok=True)
+        log.info("exporting the towers of %s to ONNX (once per model)", encoder.name)
+        _export(encoder, variant, image_file, text_file)
+    return OnnxTowers(image_file, text_file, keep)
+
+
+def _export(encoder: Encoder, variant: str, image_file: Path, text_file: Path) -> None:
+    """Both towers, checked against the model on inputs of other shapes than the export's; for int8, the
+    image tower quantized and checked again. Files appear complete or not at all."""
+    import os
+
+    import torch
+
+    from crossmodal.indexer.encoder import SHAPE_CHECK, _TextTower
+
+    pixels = _probe_pixels(encoder)
+    tokens = encoder.tokenize(SHAPE_CHECK).cpu()
+    probes = {"image": (encoder.model.visual, pixels[:1], pixels, image_file, "pixels"),
+              "text": (_TextTower(encoder.model), tokens, encoder.tokenize(["a", "two dogs"]).cpu(), text_file, "tokens")}
+    for tower, (module, example, check, final, input_name) in probes.items():
+        partial = final.with_name(f"{final.name}.{os.getpid()}.partial")
+        try:
+            onnx_text.export_tower(module, example, partial, input_name)
+            with torch.inference_mode():
+                expected = module.eval()(check).float().numpy()
+            _check(partial, input_name, check.numpy(), expected, AGREEMENT, f"the {tower} tower's ONNX export")
+            if variant == "int8" and tower == "image":
+                _quantize(partial)
+                _check(partial, input_name, check.numpy(), expected, INT8_AGREEMENT, f"the int8 {tower} tower")
+            os.replace(partial, final)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+def _probe_pixels(encoder: Encoder) -> torch.Tensor:
+    """Two preprocessed photos-to-be (noise; a gradient) as float32, the image tower's input."""
+    from PIL import Image
+
+    from crossmodal.indexer.pixels import stack
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)),
+              Image.linear_gradient("L").convert("RGB").resize((320, 240))]
+    batch = stack([encoder.prepare(image) for image in images])
+    return encoder.pixels_as_floats(batch)
+
+
+def _quantize(path: Path) -> None:
+    """int8 weights for the matrix products (convolutions stay float32: see the module docstring)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_name(path.name + ".int8")
+    try:
+        quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        quantized.replace(path)
+    finally:
+        quantized.unlink(missing_ok=True)
+
+
+def _check(path: Path, input_name: str, inputs: np.ndarray, expected: np.ndarray, least: float, what: str) -> None:
+    got = onnx_text.inference_session(path).run(None, {input_name: inputs})[0]
+    cosine = float(_cosines(got, expected).min())
+    if not cosine >= least:
+        raise VariantUnavailable(f"{what} disagrees with the model (cosine {cosine:.4f} < {least})")
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(1)
