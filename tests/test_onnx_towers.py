@@ -66,7 +66,8 @@ def test_the_int8_image_tower_differs_from_float32(encoder, photos, tmp_path):
 
 def test_an_open_clip_vision_transformer_exports(tmp_path):
     """open_clip's ViTs use torch's fused attention, which has no ONNX form: the export turns it off."""
-    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    vision = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
+    config = {"embed_dim": 32, "vision_cfg": vision,
               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
     (tmp_path / "tiny-vit-clip.json").write_text(json.dumps(config))
     open_clip.add_model_config(tmp_path / "tiny-vit-clip.json")
@@ -84,7 +85,7 @@ def test_a_tower_that_strays_is_refused_with_a_clear_error(encoder, tmp_path, mo
     from crossmodal.indexer import onnx_towers
 
     monkeypatch.setattr(onnx_towers, "INT8_AGREEMENT", 1.0)  # int8 never reproduces float32 exactly
-    with pytest.raises(ValueError, match="cannot load model 'crossmodal-lite-2\\+int8': the int8 image tower disagrees"):
+    with pytest.raises(ValueError, match=r"model 'crossmodal-lite-2\+int8': the int8 image tower disagrees"):
         load_encoder(f"{encoder.name}+int8", "cpu", tmp_path)
     assert not list(tmp_path.glob("*.image.onnx*"))
 
@@ -105,3 +106,13 @@ def test_a_variant_build_records_its_name_and_never_mixes_vectors(settings, enco
     plain = IndexBuilder(settings, encoder=encoder).build(collection)
     assert plain.model == "crossmodal-lite-2" and plain.model_changed
     assert plain.n_reused == 0 and plain.n_embedded == report.n_embedded
+
+
+def test_a_tower_without_an_onnx_form_is_refused_with_a_clear_error(encoder, tmp_path, monkeypatch):
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::something' to ONNX is not supported")
+
+    monkeypatch.setattr(onnx_text, "export_tower", unsupported)
+    with pytest.raises(ValueError, match=r"\+onnx': the image tower cannot be exported to ONNX \(RuntimeError"):
+        load_encoder(f"{encoder.name}+onnx", "cpu", tmp_path)
+    assert not list(tmp_path.iterdir())
