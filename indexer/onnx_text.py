@@ -186,7 +186,7 @@ def export(encoder: Encoder, index_dir: Path) -> bool:
     base.parent.mkdir(parents=True, exist_ok=True)
     partial = base.with_name(base.name + f".{os.getpid()}.partial.onnx")
     try:
-        if encoder.towers is not None:  # a compressed variant (onnx_towers.py): its text tower as the model runs it
+        if encoder.towers is not None and encoder.towers.text_file:  # a compressed variant (onnx_towers.py): its tower
             shutil.copyfile(encoder.towers.text_file, partial)
         else:
             export_tower(_TextTower(encoder.model), encoder.tokenize(SHAPE_CHECK).cpu(), partial, "tokens")

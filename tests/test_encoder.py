@@ -77,6 +77,25 @@ def test_open_clip_local_checkpoint_loads(tmp_path):
     assert tiny.encode_images([solid_image((1, 2, 3))]).shape == (1, 32)
 
 
+def test_clip_text_towers_run_without_the_padding_after_the_longest_text(tmp_path):
+    """CLIP's causal text towers give the same vectors on tokens cut after the longest text, even where
+    a text holds token 0 ("!"), which is also the padding."""
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+              "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    (tmp_path / "tiny-causal-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "tiny-causal-clip.json")
+    torch.manual_seed(0)
+    torch.save({"state_dict": open_clip.create_model("tiny-causal-clip").state_dict()}, tmp_path / "tiny.pt")
+    tiny = load_encoder(f"tiny-causal-clip:{tmp_path / 'tiny.pt'}", device="cpu")
+    texts = ["a", "wow!!! a dog!", "!", "", "two dogs play in the snow", "very long " * 30]
+    with torch.inference_mode():
+        reference = tiny.model.encode_text(tiny.tokenizer(texts), normalize=True).numpy()
+    np.testing.assert_allclose(tiny.encode_texts(texts), reference, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([tiny.encode_texts([t]) for t in texts]), reference, atol=1e-5)
+    assert tiny.tokenize(["a dog!"]).shape[1] == 5  # start, "a", "dog", "!", end: not the 24 of the context
+    assert tiny.tokenize(["very long " * 30]).shape[1] == 24  # truncated at the context, nothing cut
+
+
 def test_unknown_model_and_missing_checkpoint_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot load model"):
         load_encoder("no-such-arch:some-tag", device="cpu")

@@ -79,6 +79,7 @@ def test_an_open_clip_vision_transformer_exports(tmp_path):
     np.testing.assert_allclose(compressed.encode_images(images), model.encode_images(images), atol=1e-5)
     np.testing.assert_allclose(compressed.encode_texts(TEXTS), model.encode_texts(TEXTS), atol=1e-5)
     assert torch.backends.mha.get_fastpath_enabled()  # turned back on after the export
+    assert compressed.towers.text_file is None  # CLIP's causal text tower stays the model's (onnx_towers._exports_text)
 
 
 def test_a_tower_that_strays_is_refused_with_a_clear_error(encoder, tmp_path, monkeypatch):
