@@ -493,7 +493,7 @@ def index_view(api: SearchClient, status: str) -> None:
     rebuild_form(api, stats, running)
     job_id = st.session_state.get("job_id") or job_id  # the form may have just started one
     if job_id:
-        job_panel(api, job_id)
+        job_panel(api, job_id, stats.build_id if stats is not None else None)
 
 
 def show_stats(stats: schemas.Stats) -> None:
@@ -677,13 +677,20 @@ def _running_job_id(api: SearchClient) -> str | None:
         return None
 
 
-def job_panel(api: SearchClient, job_id: str) -> None:
+def job_panel(api: SearchClient, job_id: str, shown_build: int | None) -> None:
+    """The job's progress or outcome. A job that published its build between this run's stats and here
+    reloads the page once, so its counts are never shown beside the build it replaced."""
     job = guarded(api.job, job_id, _token())
     if job is None:
         st.session_state.job_id = None
     elif job.state in ("queued", "running"):
         live_job(api, job_id)
     else:
+        newer = job.state == "done" and job.build_id is not None and shown_build is not None \
+            and job.build_id > shown_build
+        if newer and st.session_state.get("reloaded_for_job") != job_id:
+            st.session_state.reloaded_for_job = job_id
+            st.rerun()
         show_job(job)
 
 
