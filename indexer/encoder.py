@@ -242,9 +242,9 @@ class Encoder:
 class _TextTower(torch.nn.Module):
     """open_clip's text path as one module (CLIP keeps it in several attributes, HF towers in .text).
 
-    CLIP's own causal towers take tokens cut after the longest text (Encoder.tokenize): they run
-    open_clip's CLIP.encode_text on the first positions only, whose outputs the cut padding never
-    reached (ViT-B-32's 77-token context: a query is ~10 tokens).
+    CLIP's own causal towers take tokens cut after the longest text (Encoder.tokenize): the steps of
+    open_clip's CLIP.encode_text, with its positional embedding and causal mask cut to those positions,
+    whose outputs the cut padding never reached (ViT-B-32's context is 77 tokens; a query, ~10).
     """
 
     def __init__(self, model: torch.nn.Module):
