@@ -175,9 +175,8 @@ JobAction = Literal["replace", "add", "remove", "rescan"]
 class Job(BaseModel):
     id: str
     state: Literal["queued", "running", "done", "failed"]
-    action: JobAction = Field("replace", description="replace: the index "
-                                                                  "becomes `collection` alone; add, remove, "
-                                                                  "rescan: that folder of the index.")
+    action: JobAction = Field("replace", description="replace: the index becomes `collection` alone; "
+                                                     "add, remove, rescan: that folder of the index.")
     collection: str
     captions: str | None
     created_at: datetime

@@ -102,6 +102,26 @@ def settings(tmp_path, database) -> Settings:
                     allowed_hosts=[*Settings().allowed_hosts, "testserver"])
 
 
+def tiny_open_clip(folder: Path, arch: str, vision: dict | None = None, text: dict | None = None) -> str:
+    """A tiny open_clip ViT CLIP registered as `arch`, seeded random weights saved in `folder`: its model
+    name ("ARCH:/path.pt"), the form users give their own checkpoints. `vision`/`text` override the config."""
+    import json
+
+    import open_clip
+    import torch
+
+    config = {"embed_dim": 32,
+              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16,
+                             **(vision or {})},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                           **(text or {})}}
+    (folder / f"{arch}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{arch}.json")
+    torch.manual_seed(0)
+    torch.save({"state_dict": open_clip.create_model(arch).state_dict()}, folder / f"{arch}.pt")
+    return f"{arch}:{folder / f'{arch}.pt'}"
+
+
 def solid_image(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> Image.Image:
     noise = np.random.default_rng(sum(color)).integers(0, 12, (size[1], size[0], 3))
     return Image.fromarray(np.clip(np.array(color) + noise, 0, 255).astype(np.uint8))

@@ -1,18 +1,16 @@
 """The encoder interface: offline default model, open_clip checkpoints, the shared space."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 
 from crossmodal.indexer.encoder import load_encoder, pick_device
 from crossmodal.indexer.model_names import ModelSpec
 from crossmodal.indexer.pixels import stack
-from tests.conftest import solid_image
+from tests.conftest import solid_image, tiny_open_clip
 
 
 def test_default_model_loads_offline_and_embeds_into_one_normalised_space(encoder, sample_source):
@@ -66,13 +64,7 @@ def test_model_spec_parsing(name, arch, pretrained):
 
 def test_open_clip_local_checkpoint_loads(tmp_path):
     """The path real users take with their own checkpoints: ARCH:/path/to/file.pt."""
-    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "tiny-test-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "tiny-test-clip.json")
-    model = open_clip.create_model("tiny-test-clip")
-    torch.save({"state_dict": model.state_dict()}, tmp_path / "tiny.pt")
-    tiny = load_encoder(f"tiny-test-clip:{tmp_path / 'tiny.pt'}", device="cpu")
+    tiny = load_encoder(tiny_open_clip(tmp_path, "tiny-test-clip"), device="cpu")
     assert tiny.dim == 32
     assert tiny.encode_images([solid_image((1, 2, 3))]).shape == (1, 32)
 
@@ -80,13 +72,8 @@ def test_open_clip_local_checkpoint_loads(tmp_path):
 def test_clip_text_towers_run_without_the_padding_after_the_longest_text(tmp_path):
     """CLIP's causal text towers give the same vectors on tokens cut after the longest text, even where
     a text holds token 0 ("!"), which is also the padding."""
-    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-              "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    (tmp_path / "tiny-causal-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "tiny-causal-clip.json")
-    torch.manual_seed(0)
-    torch.save({"state_dict": open_clip.create_model("tiny-causal-clip").state_dict()}, tmp_path / "tiny.pt")
-    tiny = load_encoder(f"tiny-causal-clip:{tmp_path / 'tiny.pt'}", device="cpu")
+    tiny = load_encoder(tiny_open_clip(tmp_path, "tiny-causal-clip", text={"context_length": 24, "layers": 2}),
+                        device="cpu")
     texts = ["a", "wow!!! a dog!", "!", "", "two dogs play in the snow", "very long " * 30]
     with torch.inference_mode():
         reference = tiny.model.encode_text(tiny.tokenizer(texts), normalize=True).numpy()

@@ -2,10 +2,8 @@
 to the model's vectors, exported once; the variant is part of the model name a build records."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +13,7 @@ from crossmodal.indexer.builder import IndexBuilder
 from crossmodal.indexer.encoder import load_encoder
 from crossmodal.indexer.model_names import check_model_name, default_model_version, resolve_model_name, split_variant
 from crossmodal.search.engine import SearchEngine
-from tests.conftest import solid_image
+from tests.conftest import solid_image, tiny_open_clip
 
 PHOTOS = ["camera.png", "cat.jpg", "coffee.jpg", "horse.png", "moon.png", "grass.png"]
 TEXTS = ["a", "a cat", "two dogs play in the snow beside a red fence", "a cup of coffee on a saucer"]
@@ -66,14 +64,8 @@ def test_the_int8_image_tower_differs_from_float32(encoder, photos, tmp_path):
 
 def test_an_open_clip_vision_transformer_exports(tmp_path):
     """open_clip's ViTs use torch's fused attention, which has no ONNX form: the export turns it off."""
-    vision = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
-    config = {"embed_dim": 32, "vision_cfg": vision,
-              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "tiny-vit-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "tiny-vit-clip.json")
-    torch.manual_seed(0)
-    torch.save({"state_dict": open_clip.create_model("tiny-vit-clip").state_dict()}, tmp_path / "tiny.pt")
-    name = f"tiny-vit-clip:{tmp_path / 'tiny.pt'}"
+    vision = {"layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
+    name = tiny_open_clip(tmp_path, "tiny-vit-clip", vision=vision)
     model, compressed = load_encoder(name, "cpu"), load_encoder(f"{name}+onnx", "cpu")  # a temporary tower folder
     images = [solid_image((i * 40, 90, 200 - i * 30), (50 + 7 * i, 40)) for i in range(5)]
     np.testing.assert_allclose(compressed.encode_images(images), model.encode_images(images), atol=1e-5)
