@@ -75,15 +75,7 @@ def _too_large(path: str, settings: Settings) -> str:
 
 
 def _add_body_limits(app: FastAPI, settings: Settings) -> None:
-    @app.middleware("http")
-    async def refuse_declared_oversize(request: Request, call_next):
-        """A declared Content-Length over the limit is refused before a byte of the body is read;
-        undeclared (chunked) bodies are cut off at the limit by FastAPI's max_body_size."""
-        declared = request.headers.get("content-length", "")
-        slack = MULTIPART_SLACK if request.url.path in UPLOAD_PATHS else 0
-        if declared.isdigit() and int(declared) > _body_limit(request.url.path, settings) + slack:
-            return JSONResponse({"detail": _too_large(request.url.path, settings)}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(DeclaredOversizeRefused, settings=settings)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
@@ -136,6 +128,25 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NoIndex)
     async def no_index(_request: Request, err: NoIndex):
         return JSONResponse({"detail": str(err)}, status_code=503)
+
+
+class DeclaredOversizeRefused:
+    """A declared Content-Length over the limit is refused before a byte of the body is read;
+    undeclared (chunked) bodies are cut off at the limit by FastAPI's max_body_size. Plain ASGI:
+    as an `@app.middleware("http")` function it cost every request a task and a stream wrapper."""
+
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+            path = scope["path"]
+            slack = MULTIPART_SLACK if path in UPLOAD_PATHS else 0
+            if declared.isdigit() and int(declared) > _body_limit(path, self.settings) + slack:
+                response = JSONResponse({"detail": _too_large(path, self.settings)}, status_code=413)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class JsonQueriesOnSearchPath:
