@@ -373,12 +373,14 @@ def evaluate(
         typer.echo(json.dumps(result, indent=2))
         return
     if zero_shot:
-        _echo(f"model {result['model']}, {result['n_images']} images, {result['n_classes']} classes (worst first)")
+        _echo(f"model {result['model']} ({result['text_queries']} text queries), {result['n_images']} images, "
+              f"{result['n_classes']} classes (worst first)")
         _echo(format_class_table(result))
         _echo(f"text->image precision@10 (mean over classes): {result['text_to_image_precision_at_10']:.3f}\n"
               f"image->caption top-1: {result['image_to_caption_top1']:.3f}")
         return
-    _echo(f"model {result['model']}, {result['n_images']} images, {result['n_captions']} captions")
+    _echo(f"model {result['model']} ({result['text_queries']} text queries), {result['n_images']} images, "
+          f"{result['n_captions']} captions")
     _echo(format_modes_table(result) if modes else format_table(result["recall"]))
 
 

@@ -249,7 +249,10 @@ class IndexBuilder:
         """The text tower for searches that start without torch (onnx_text.py), written once per model. The
         model is loaded for it only where its tower is known to export (crossmodal-lite's); other models
         are tried when the build loaded them anyway (open_clip's BPE towers are not exported)."""
-        if not self.settings.export_text_tower or onnx_text.exported(self.settings.index_dir, lazy.name):
+        if not self.settings.export_text_tower:
+            return
+        if onnx_text.exported(self.settings.index_dir, lazy.name):
+            onnx_text.quantize_queries(self.settings.index_dir, lazy.name)  # once; towers exported before it existed
             return
         if not lazy.loaded and default_model_version(lazy.name) is None:
             return

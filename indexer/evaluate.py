@@ -7,6 +7,8 @@ Two protocols:
   class, so each class caption is shared by all its images): text-to-image precision@10 of each
   class caption, averaged over classes; image-to-caption top-1, the share of images whose best
   caption is their own class's (zero-shot classification accuracy).
+Text queries are encoded as the service encodes them (with the int8 query tower by default: see
+Settings.text_query_precision); captions and images are the vectors the build indexed.
 """
 from __future__ import annotations
 
@@ -94,6 +96,17 @@ def _stored_vectors(store, manifest, kind: str, keys: list[str]) -> np.ndarray:
     return vectors_from_bytes([blobs[k] for k in keys], manifest.dim)
 
 
+def _text_queries(settings, store, manifest, keys: list[str], texts: list[str]) -> tuple[np.ndarray, str]:
+    """(vectors, precision) of text queries as the service encodes them: through the int8 query tower where
+    search uses one (onnx_text, Settings.text_query_precision), else the vectors the build stored."""
+    from crossmodal.indexer import onnx_text
+
+    tower = onnx_text.load(settings.index_dir, manifest.model, settings.text_query_precision)
+    if tower is None or tower.precision == "float32":
+        return _stored_vectors(store, manifest, "text", keys), "float32"
+    return tower.encode_texts(texts), tower.precision
+
+
 def _search_images(store, opened, queries: np.ndarray) -> np.ndarray:
     from crossmodal.indexer.ranking import exact_lookup
 
@@ -113,7 +126,9 @@ def evaluate_published(settings) -> dict:
     store, opened, rows = _published_rows(settings)
     manifest = opened.manifest
     query_images = sorted({(r[1], r[3]) for r in rows})
-    text_vectors = _stored_vectors(store, manifest, "text", [r[2] for r in rows])
+    texts = {i: hit[0] for i, hit in store.caption_hits([r[0] for r in rows]).items()}
+    text_vectors, query_precision = _text_queries(settings, store, manifest, [r[2] for r in rows],
+                                            [texts[r[0]] for r in rows])
     image_vectors = _stored_vectors(store, manifest, "image", [h for _, h in query_images])
     t2i_ranks = _first_hit(_search_images(store, opened, text_vectors), [{r[1]} for r in rows])
     captions_of: dict[int, set[int]] = {}
@@ -121,8 +136,8 @@ def evaluate_published(settings) -> dict:
         captions_of.setdefault(image_id, set()).add(caption_id)
     i2t = _search_captions(store, opened, image_vectors)
     i2t_ranks = _first_hit(i2t, [captions_of[i] for i, _ in query_images])
-    return {"model": manifest.model, "build_id": manifest.build_id, "n_images": len(query_images),
-            "n_captions": len(rows), "recall": recall_from_ranks(t2i_ranks, i2t_ranks)}
+    return {"model": manifest.model, "build_id": manifest.build_id, "text_queries": query_precision,
+            "n_images": len(query_images), "n_captions": len(rows), "recall": recall_from_ranks(t2i_ranks, i2t_ranks)}
 
 
 MODES = ("vector", "keyword", "hybrid")
@@ -145,14 +160,15 @@ def evaluate_modes(settings, chunk: int = 256) -> dict:
     depth = fusion_depth(settings)
     indexed = set(faiss_index.indexed_ids(opened.images, opened.image_vectors).tolist())
     exact = exact_lookup(opened.image_vectors, store, manifest.model, "image")
+    queries, query_precision = _text_queries(settings, store, manifest, [r[2] for r in rows],
+                                             [texts[r[0]] for r in rows])
     vector_lists = []
     for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
-        queries = _stored_vectors(store, manifest, "text", [r[2] for r in part])
-        vector_lists += ranked(opened.images, manifest.image_index_type, queries, depth, exact, opened.image_penalties)
+        vector_lists += ranked(opened.images, manifest.image_index_type, queries[start:start + chunk], depth, exact,
+                               opened.image_penalties)
     wanted = [{r[1]} for r in rows]
-    result = {"model": manifest.model, "n_images": len(captions_of), "n_captions": len(rows),
-              "vector": _recall(vector_lists, wanted)}
+    result = {"model": manifest.model, "text_queries": query_precision, "n_images": len(captions_of),
+              "n_captions": len(rows), "vector": _recall(vector_lists, wanted)}
     for setting, held_out in (("query_caption_held_out", lambda r: [r[0]]),
                               ("query_photo_uncaptioned", lambda r: captions_of[r[1]])):
         keyword_lists = [[(i, s) for i, s in store.keyword_search(texts[r[0]], depth, held_out(r)) if i in indexed]
@@ -195,12 +211,14 @@ def evaluate_classes(settings) -> dict:
     one_caption = {key: caption_id for caption_id, key in caption_class.items()}
     texts = {caption_class[cid]: text for cid, (text, *_) in store.caption_hits(list(one_caption.values())).items()}
     query_images = sorted({(r[1], r[3]) for r in rows})
-    t2i = _search_images(store, opened, _stored_vectors(store, manifest, "text", class_keys))
+    class_vectors, query_precision = _text_queries(settings, store, manifest, class_keys,
+                                                   [texts[k] for k in class_keys])
+    t2i = _search_images(store, opened, class_vectors)
     i2c = _search_captions(store, opened, _stored_vectors(store, manifest, "image", [h for _, h in query_images]))
     t2i_hits = np.array([[image_class.get(int(i)) == key for i in row] for row, key in zip(t2i, class_keys)])
     truth = [image_class[i] for i, _ in query_images]
     i2c_correct = np.array([caption_class.get(int(row[0])) == key for row, key in zip(i2c, truth)])
-    return {"model": manifest.model, "build_id": manifest.build_id,
+    return {"model": manifest.model, "build_id": manifest.build_id, "text_queries": query_precision,
             **class_metrics(t2i_hits, i2c_correct, [texts[k] for k in class_keys], [texts[k] for k in truth])}
 
 

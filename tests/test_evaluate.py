@@ -36,7 +36,8 @@ def test_eval_on_a_lossy_index_ranks_exactly_as_the_engine_does(tmp_path, encode
     from crossmodal.indexer.store import CaptionRow
     from crossmodal.search.engine import SearchEngine
 
-    lossy = Settings(index_dir=tmp_path / "lossy", device="cpu", index_factory="IVF2,PQ64x4")
+    lossy = Settings(index_dir=tmp_path / "lossy", device="cpu", index_factory="IVF2,PQ64x4",
+                     text_query_precision="float32")  # the stored caption vectors are the queries
     IndexBuilder(lossy, encoder=encoder).build(collection)
     engine = SearchEngine(lossy, encoder=encoder)
     model = engine.snapshot.manifest.model
@@ -52,6 +53,31 @@ def test_eval_on_a_lossy_index_ranks_exactly_as_the_engine_does(tmp_path, encode
                  if hit.id in own[i]), 10) for i in image_ids]
     expected = recall_from_ranks(np.array(t2i), np.array(i2t))
     assert evaluate_published(lossy)["recall"] == expected
+
+
+def test_eval_encodes_text_queries_as_the_service_does(tmp_path, encoder, collection):
+    """With the int8 query tower (the default), eval's text queries are the service's own, not the stored
+    caption vectors: its text-to-image ranks equal those of the text search that users run."""
+    from crossmodal.indexer.builder import IndexBuilder
+    from crossmodal.indexer.evaluate import evaluate_published
+    from crossmodal.indexer.settings import Settings
+    from crossmodal.indexer.store import CaptionRow
+    from crossmodal.search.engine import SearchEngine
+
+    settings = Settings(index_dir=tmp_path / "index", device="cpu")
+    IndexBuilder(settings, encoder=encoder).build(collection)
+    engine = SearchEngine(settings)  # no model handed in: text queries go through the exported tower
+    assert engine.text_encoder.precision == "int8"
+    with engine.store.session() as s:
+        pairs = s.execute(select(CaptionRow.text, CaptionRow.image_id).order_by(CaptionRow.id)).all()
+    ranks = np.array([next((rank for rank, hit in enumerate(engine.images_by_text(text, k=10)) if hit.id == i), 10)
+                      for text, i in pairs])
+    result = evaluate_published(settings)
+    assert result["text_queries"] == "int8"
+    assert result["recall"]["text_to_image"] == {f"R@{k}": float((ranks < k).mean() * 100) for k in (1, 5, 10)}
+    as_stored = evaluate_published(settings.model_copy(update={"text_query_precision": "float32"}))
+    assert as_stored["text_queries"] == "float32" and as_stored["recall"]["image_to_text"] == \
+        result["recall"]["image_to_text"]  # captions and images are the build's vectors either way
 
 
 def _class_folder(root, sample_source):
@@ -81,7 +107,7 @@ def test_zero_shot_eval_agrees_with_brute_force_over_the_stored_vectors(tmp_path
     from crossmodal.search.engine import SearchEngine
 
     folder = _class_folder(tmp_path / "classes", sample_source)
-    settings = Settings(index_dir=tmp_path / "index", device="cpu")
+    settings = Settings(index_dir=tmp_path / "index", device="cpu", text_query_precision="float32")
     IndexBuilder(settings, encoder=encoder).build(folder / "images", folder / "captions.tsv")
     result = evaluate_classes(settings)
     assert result["n_classes"] == 6 and result["n_images"] == 12 and len(result["classes"]) == 6

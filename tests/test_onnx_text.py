@@ -71,3 +71,50 @@ def test_a_tower_that_cannot_be_exported_is_left_to_the_model(settings, encoder,
     assert not onnx_text.export(encoder, settings.index_dir)
     assert not onnx_text.exported(settings.index_dir, encoder.name)
     assert not list((settings.index_dir / onnx_text.FOLDER).glob("*"))  # nothing half-written left
+
+
+QUERIES = ["a dog", "a cat on a sofa", "two dogs play in the snow beside a red fence", "a bowl of soup",
+           "people sitting at a table in a restaurant", "sunset over the ocean"]
+
+
+def test_the_int8_query_tower_is_written_checked_and_used_by_search(exporting, encoder):
+    meta = json.loads(next((exporting.index_dir / onnx_text.FOLDER).glob("*[0-9a-f].json")).read_text())
+    assert meta["int8"]["least_cosine"] >= onnx_text.QUERY_INT8_AGREEMENT
+    int8 = onnx_text.load(exporting.index_dir, encoder.name, "int8")
+    float32 = onnx_text.load(exporting.index_dir, encoder.name, "float32")
+    assert (int8.precision, float32.precision) == ("int8", "float32")
+    close, exact = int8.encode_texts(QUERIES), float32.encode_texts(QUERIES)
+    assert (close * exact).sum(1).min() >= 0.99 and np.abs(close - exact).max() > 1e-4  # quantized, and close
+    # one int8 scale per pass: so each text is encoded alone, and its vector never depends on its neighbours
+    alone = np.stack([int8.encode_texts([text])[0] for text in QUERIES])
+    np.testing.assert_array_equal(alone, close)
+    assert SearchEngine(exporting).text_encoder.precision == "int8"  # the default
+    as_exported = exporting.model_copy(update={"text_query_precision": "float32"})
+    assert SearchEngine(as_exported).text_encoder.precision == "float32"
+
+
+def test_a_refused_int8_tower_leaves_float32_and_is_not_tried_again(settings, encoder, monkeypatch):
+    monkeypatch.setattr(onnx_text, "QUERY_INT8_AGREEMENT", 1.01)  # no int8 tower can pass
+    assert onnx_text.export(encoder, settings.index_dir)
+    folder = settings.index_dir / onnx_text.FOLDER
+    meta = json.loads(next(folder.glob("*[0-9a-f].json")).read_text())
+    assert "stray from float32" in meta["int8"]["refused"]
+    assert not list(folder.glob("*int8*")) and not list(folder.glob("*partial*"))
+    assert onnx_text.load(settings.index_dir, encoder.name, "int8").precision == "float32"
+    from crossmodal.indexer import onnx_towers
+
+    monkeypatch.setattr(onnx_towers, "quantize_query_tower", lambda *a: pytest.fail("tried again"))
+    onnx_text.quantize_queries(settings.index_dir, encoder.name)
+
+
+def test_a_tower_exported_before_int8_gets_it_from_an_unchanged_re_run(exporting, encoder, collection, monkeypatch):
+    folder = exporting.index_dir / onnx_text.FOLDER
+    meta_file = next(folder.glob("*[0-9a-f].json"))
+    meta = json.loads(meta_file.read_text())
+    (folder / meta.pop("int8")["file"]).unlink()
+    meta_file.write_text(json.dumps(meta))  # as an index exported by the previous release
+    import crossmodal.indexer.encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "load_encoder", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert IndexBuilder(exporting).build(collection).unchanged
+    assert onnx_text.load(exporting.index_dir, encoder.name, "int8").precision == "int8"
