@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     request_head_timeout: float = 10.0
     request_body_timeout: float = 60.0
     max_connections: int = 512
+    # Threads answering requests at once (FastAPI's pool for the plain-def endpoints); 0 = cores + 1.
+    # More only add contention for the cores: searches are CPU work (search/service.py).
+    request_threads: int = Field(default=0, ge=0)
     max_upload_bytes: int = 20 * 1024 * 1024
     # Pixels an upload may decode to (after a JPEG's reduced-scale decoding): bounds its memory.
     max_upload_pixels: int = 16_000_000
@@ -121,6 +124,9 @@ class Settings(BaseSettings):
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.index_dir / 'metadata.db'}"
+
+    def resolved_request_threads(self) -> int:
+        return self.request_threads or (os.cpu_count() or 1) + 1
 
     @property
     def compressed_tower_dir(self) -> Path:

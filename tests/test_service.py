@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 
@@ -40,6 +41,17 @@ def test_health_ready_stats(client):
     assert stats["images"] == 18 and stats["captions"] == 22 and stats["model"] == "crossmodal-lite-2"
     assert stats["dim"] == 896 and stats["image_index_type"] == "Flat" and stats["build_id"] >= 1
     assert client.get("/docs").status_code == 200 and "/v1/images/search" in client.get("/openapi.json").text
+
+
+def test_requests_run_on_a_pool_of_cores_plus_one_threads(indexed, encoder):
+    """Searches are CPU work: anyio's 40 threads only fought over the cores (search/service.py)."""
+    from anyio import to_thread
+
+    for threads, expected in ((0, (os.cpu_count() or 1) + 1), (2, 2)):
+        settings = indexed.model_copy(update={"request_threads": threads})
+        with TestClient(create_app(settings, SearchEngine(settings, encoder=encoder))) as client:
+            assert client.portal.call(lambda: to_thread.current_default_thread_limiter().total_tokens) == expected
+            assert client.get("/v1/images/search", params={"q": "a cat"}).status_code == 200
 
 
 def test_text_to_images_with_paging(client):
