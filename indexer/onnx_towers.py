@@ -9,8 +9,10 @@ with another variant's. Measured side by side in tests/benchmarks/compressed_enc
 - int8 runs open_clip's ViT-B-32 image tower 2.5x as fast as float32 on this CPU;
 - crossmodal-lite's image tower is mostly convolutions, which are left in float32: ONNX Runtime's
   int8 convolutions ran it 10x slower and moved its vectors to a cosine of 0.82;
-- text towers stay float32: a query costs one pass (3 ms), and in crossmodal-lite the int8
-  MiniLM moved caption vectors to a cosine of 0.24 (its feed-forward outputs have outliers).
+- text towers stay float32 for the captions a build indexes: the int8 MiniLM, quantized as the
+  image towers are (per tensor, every matrix product), moved caption vectors to a cosine of 0.24.
+  Text queries get their own int8 tower, quantized with more care (`quantize_query_tower`), whatever
+  the variant (onnx_text.py).
 A quantized tower whose vectors stray from the model's on probe photos is refused at export.
 
 The towers are exported once per model, torch and ONNX Runtime version (onnx_text.key) into
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -146,7 +149,8 @@ def _quantize(path: Path) -> None:
 
     quantized = path.with_name(path.name + ".int8")
     try:
-        quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        with _without_preprocessing_advice():
+            quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
         quantized.replace(path)
     finally:
         quantized.unlink(missing_ok=True)
@@ -168,8 +172,27 @@ def quantize_query_tower(source: Path, target: Path) -> None:
         len(shapes.get(name, ())) == 2 and shapes[name][0] <= shapes[name][1] for name in node.input)]
     if not nodes or not all(nodes):
         raise VariantUnavailable("the text tower has no named matrix products with weights to quantize")
-    quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     nodes_to_quantize=nodes, per_channel=True)
+    with _without_preprocessing_advice():
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         nodes_to_quantize=nodes, per_channel=True)
+
+
+class _PreprocessingAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider")
+
+
+@contextmanager
+def _without_preprocessing_advice():
+    """ONNX Runtime's quantizer advises every call, on the root logger, to pre-process the model first
+    (shape inference and fusions for static quantization); dynamic quantization has no use for it,
+    and a user running `crossmodal index` even less."""
+    advice = _PreprocessingAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(advice)
 
 
 def _check(path: Path, input_name: str, inputs: np.ndarray, expected: np.ndarray, least: float, what: str) -> None:

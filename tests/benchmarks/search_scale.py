@@ -227,6 +227,7 @@ def main() -> None:
         built = write_index_dir(index_dir, vectors, model, settings)
         if (args.source / onnx_text.FOLDER).is_dir():  # the text tower `crossmodal index` exports (Fast start)
             shutil.copytree(args.source / onnx_text.FOLDER, index_dir / onnx_text.FOLDER)
+            onnx_text.quantize_queries(index_dir, model)  # the int8 query tower, as a build would add it
         quality = recall_and_memory(index_dir, model, built["file"], built["search_params"], vectors, recall_queries)
         del vectors
         print(f"n={n:>9,}: {built['index_type']} {built['search_params']} built in {built['build_seconds']:.1f} s; "
