@@ -44,8 +44,8 @@ class Settings(BaseSettings):
     # start without torch: a one-shot search in about a second instead of eight.
     export_text_tower: bool = True
     # Text queries through the exported tower with int8 weights ("int8", where one was written) or as
-    # exported ("float32"). int8: a query costs 3.3 instead of 5.3 ms of CPU, Flickr8k Recall@1 0.2-0.4
-    # points lower (README, "Compressed encoders"). Indexed captions are always the model's own vectors.
+    # exported ("float32"). int8: a query costs 3.4 instead of 5.5 ms of CPU, Flickr8k Recall@1 and @10
+    # within 0.2 points (README, "Fast start"). Indexed captions are always the model's own vectors.
     text_query_precision: Literal["int8", "float32"] = "int8"
     # Image decoding threads, overlapped with encoding; -1 = automatic: several beside a GPU; on
     # the CPU two for camera-sized photos (most files over 500 KB), none for small ones (the model

@@ -216,7 +216,7 @@ class SearchEngine:
         (indexer/onnx_text.py), where it exists and no model was handed in, else the model. The export
         needs no torch, so a one-shot search starts in about a second, and it is faster per query too
         (Flickr8k captions on 2 CPUs: 3.3 against 8.0 ms one at a time, 2.9 against 3.2 in batches of 32);
-        its int8 query tower (Settings.text_query_precision) costs 3.3 instead of 5.3 ms of CPU a query."""
+        its int8 query tower (Settings.text_query_precision) costs 3.4 instead of 5.5 ms of CPU a query."""
         snapshot = self.snapshot
         if not self._encoder_given and self._text_looked_up != snapshot.build.id:  # once a build, not per query
             if self._text_encoder is None or self._text_encoder.name != snapshot.manifest.model:
