@@ -1,6 +1,7 @@
 """Indexing camera-sized photos: decoding at reduced scale (DCT domain) against full decoding.
 
     .venv/bin/python tests/benchmarks/large_photos.py --phone-photos DIR   # ~3 min; records results.json
+    CROSSMODAL_MODEL=ViT-B-32:FILE .venv/bin/python tests/benchmarks/large_photos.py --work .cache/bench/large-photos-vit
 
 Three sets of 60 JPEGs, each a distinct file (a comment segment makes each copy new content):
 - `small`: 30 Flickr8k dev photos as they are (about 500x375), two copies each: the rate the goal
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from crossmodal.indexer.builder import IndexBuilder  # noqa: E402
 from crossmodal.indexer.collection import decode_for_model  # noqa: E402
 from crossmodal.indexer.encoder import ImagePreparer, load_encoder  # noqa: E402
-from crossmodal.indexer.model_names import resolve_model_name  # noqa: E402
+from crossmodal.indexer.model_names import default_model_version, resolve_model_name, split_variant  # noqa: E402
 from crossmodal.indexer.pixels import stack  # noqa: E402
 from crossmodal.indexer.settings import Settings  # noqa: E402
 from tests.benchmarks.indexing import PhaseClock, warm_up  # noqa: E402
@@ -124,8 +125,11 @@ def main() -> None:
         values["share_of_small_rate"] = values["images_per_second_reduced_decode"] / \
             figures["small"]["images_per_second_reduced_decode"]
         print(f"  {name}: {values['share_of_small_rate']:.0%} of the small-photo rate (goal: >= 80 %)")
-    if not args.no_record:
-        record("large_photos", figures, model=encoder.name, device=str(encoder.device),
+    if not args.no_record:  # the default model's entry, or one per other model ("large_photos:ViT-B-32")
+        base, variant = split_variant(encoder.name)
+        name = "large_photos" if default_model_version(encoder.name) else \
+            f"large_photos:{base.split(':')[0]}" + (f"+{variant}" if variant else "")
+        record(name, figures, model=encoder.name, device=str(encoder.device),
                data="Flickr8k dev photos (small, and upscaled to 12 and 24 MP)"
                     + (f"; phone photos from {args.phone_photos.name}" if args.phone_photos else ""))
 
