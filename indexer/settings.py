@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     request_body_timeout: float = 60.0
     max_connections: int = 512
     # Threads answering requests at once (FastAPI's pool for the plain-def endpoints); 0 = cores + 1.
-    # More only add contention for the cores: searches are CPU work (search/service.py).
+    # More only add contention for the cores: searches are CPU work (search/service.py). Raise it where
+    # requests mostly wait on a distant database.
     request_threads: int = Field(default=0, ge=0)
     max_upload_bytes: int = 20 * 1024 * 1024
     # Pixels an upload may decode to (after a JPEG's reduced-scale decoding): bounds its memory.
