@@ -12,6 +12,8 @@ Settings.text_query_precision); captions and images are the vectors the build in
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 KS = (1, 5, 10)
@@ -96,15 +98,23 @@ def _stored_vectors(store, manifest, kind: str, keys: list[str]) -> np.ndarray:
     return vectors_from_bytes([blobs[k] for k in keys], manifest.dim)
 
 
-def _text_queries(settings, store, manifest, keys: list[str], texts: list[str]) -> tuple[np.ndarray, str]:
+def _text_queries(settings, store, manifest, keys: list[str],
+                  texts: Callable[[], list[str]]) -> tuple[np.ndarray, str]:
     """(vectors, precision) of text queries as the service encodes them: through the int8 query tower where
-    search uses one (onnx_text, Settings.text_query_precision), else the vectors the build stored."""
+    search uses one (onnx_text, Settings.text_query_precision), else the vectors the build stored (`keys`).
+    `texts` gives the queries' texts, read only for the tower."""
     from crossmodal.indexer import onnx_text
 
-    tower = onnx_text.load(settings.index_dir, manifest.model, settings.text_query_precision)
+    tower = None if settings.text_query_precision == "float32" else \
+        onnx_text.load(settings.index_dir, manifest.model, settings.text_query_precision)
     if tower is None or tower.precision == "float32":
         return _stored_vectors(store, manifest, "text", keys), "float32"
-    return tower.encode_texts(texts), tower.precision
+    return tower.encode_texts(texts()), tower.precision
+
+
+def _caption_texts(store, caption_ids: list[int]) -> list[str]:
+    hits = store.caption_hits(caption_ids)
+    return [hits[i][0] for i in caption_ids]
 
 
 def _search_images(store, opened, queries: np.ndarray) -> np.ndarray:
@@ -126,9 +136,8 @@ def evaluate_published(settings) -> dict:
     store, opened, rows = _published_rows(settings)
     manifest = opened.manifest
     query_images = sorted({(r[1], r[3]) for r in rows})
-    texts = {i: hit[0] for i, hit in store.caption_hits([r[0] for r in rows]).items()}
     text_vectors, query_precision = _text_queries(settings, store, manifest, [r[2] for r in rows],
-                                            [texts[r[0]] for r in rows])
+                                                  lambda: _caption_texts(store, [r[0] for r in rows]))
     image_vectors = _stored_vectors(store, manifest, "image", [h for _, h in query_images])
     t2i_ranks = _first_hit(_search_images(store, opened, text_vectors), [{r[1]} for r in rows])
     captions_of: dict[int, set[int]] = {}
@@ -153,7 +162,7 @@ def evaluate_modes(settings, chunk: int = 256) -> dict:
 
     store, opened, rows = _published_rows(settings)
     manifest = opened.manifest
-    texts = {i: hit[0] for i, hit in store.caption_hits([r[0] for r in rows]).items()}
+    texts = dict(zip([r[0] for r in rows], _caption_texts(store, [r[0] for r in rows])))
     captions_of: dict[int, list[int]] = {}
     for caption_id, image_id, _, _ in rows:
         captions_of.setdefault(image_id, []).append(caption_id)
@@ -161,7 +170,7 @@ def evaluate_modes(settings, chunk: int = 256) -> dict:
     indexed = set(faiss_index.indexed_ids(opened.images, opened.image_vectors).tolist())
     exact = exact_lookup(opened.image_vectors, store, manifest.model, "image")
     queries, query_precision = _text_queries(settings, store, manifest, [r[2] for r in rows],
-                                             [texts[r[0]] for r in rows])
+                                             lambda: [texts[r[0]] for r in rows])
     vector_lists = []
     for start in range(0, len(rows), chunk):
         vector_lists += ranked(opened.images, manifest.image_index_type, queries[start:start + chunk], depth, exact,
@@ -212,7 +221,7 @@ def evaluate_classes(settings) -> dict:
     texts = {caption_class[cid]: text for cid, (text, *_) in store.caption_hits(list(one_caption.values())).items()}
     query_images = sorted({(r[1], r[3]) for r in rows})
     class_vectors, query_precision = _text_queries(settings, store, manifest, class_keys,
-                                                   [texts[k] for k in class_keys])
+                                                   lambda: [texts[k] for k in class_keys])
     t2i = _search_images(store, opened, class_vectors)
     i2c = _search_captions(store, opened, _stored_vectors(store, manifest, "image", [h for _, h in query_images]))
     t2i_hits = np.array([[image_class.get(int(i)) == key for i in row] for row, key in zip(t2i, class_keys)])
