@@ -239,8 +239,9 @@ def export_tower(tower, example, path: Path, input_name: str) -> None:
 
 
 def export(encoder: Encoder, index_dir: Path) -> bool:
-    """Write `encoder`'s text tower for `load`, once; True when the files are there. A tower that cannot
-    be exported, or whose export disagrees with the model on a probe, is left to the model."""
+    """Write `encoder`'s text tower for `load`, once, then its int8 query tower; True when the files are
+    there. A tower that cannot be exported, or whose export disagrees with the model on a probe, is left
+    to the model. (A tower exported already gets its int8 copy from `quantize_queries` alone: builder.py.)"""
     import torch
 
     from crossmodal.indexer.encoder import SHAPE_CHECK, _TextTower
@@ -252,7 +253,6 @@ def export(encoder: Encoder, index_dir: Path) -> bool:
         return False
     base = index_dir / FOLDER / key(encoder.name, installed_torch_version() or torch.__version__)
     if base.with_suffix(".json").is_file():
-        quantize_queries(index_dir, encoder.name)
         return True
     base.parent.mkdir(parents=True, exist_ok=True)
     partial = base.with_name(base.name + f".{os.getpid()}.partial.onnx")
