@@ -13,7 +13,6 @@ The unchanged re-run of `crossmodal index` is measured by indexing.py (its `reru
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.benchmarks.results_file import record  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
 QUERY = "two dogs play in the snow"
 CLI = [sys.executable, "-m", "crossmodal.cli"]
@@ -38,12 +38,6 @@ def one_shot_search(index_dir: Path) -> float:
     if done.returncode != 0 or "images" not in done.stdout:
         sys.exit(f"crossmodal search failed:\n{done.stdout}\n{done.stderr}")
     return seconds
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def service_start(index_dir: Path) -> tuple[float, float]:

@@ -22,7 +22,6 @@ import argparse
 import multiprocessing
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from crossmodal.indexer.builder import IndexBuilder, Progress  # noqa: E402
 from crossmodal.indexer.settings import Settings  # noqa: E402
 from tests import ray_cluster  # noqa: E402
 from tests.benchmarks.results_file import FLICKR8K, record  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
 
 class ImageClock:
@@ -90,10 +90,7 @@ def on_ray(settings: Settings, folder: Path, work: Path, cpus: int, settle: floa
     """Two builds with --ray on a local cluster that is up and idle before the first starts. The
     first is the cluster's first Ray Data job, and pays for Ray Data's own actors (statistics,
     autoscaling, actor locations, usage), which are detached: later jobs on the cluster find them."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = ray_cluster.start_head(port, work / "ray_token", cpus=cpus)
+    address = ray_cluster.start_head(free_port(), work / "ray_token", cpus=cpus)
     try:
         time.sleep(settle)
         return [build(settings.model_copy(update={"index_dir": work / f"ray{run}", "ray_address": address}), folder)
