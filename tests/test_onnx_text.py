@@ -73,12 +73,17 @@ def test_a_tower_that_cannot_be_exported_is_left_to_the_model(settings, encoder,
     assert not list((settings.index_dir / onnx_text.FOLDER).glob("*"))  # nothing half-written left
 
 
+def _meta_file(index_dir):
+    """KEY.json of the one exported tower (not KEY.tokenizer.json)."""
+    return next((index_dir / onnx_text.FOLDER).glob("*[0-9a-f].json"))
+
+
 QUERIES = ["a dog", "a cat on a sofa", "two dogs play in the snow beside a red fence", "a bowl of soup",
            "people sitting at a table in a restaurant", "sunset over the ocean"]
 
 
 def test_the_int8_query_tower_is_written_checked_and_used_by_search(exporting, encoder):
-    meta = json.loads(next((exporting.index_dir / onnx_text.FOLDER).glob("*[0-9a-f].json")).read_text())
+    meta = json.loads(_meta_file(exporting.index_dir).read_text())
     assert meta["int8"]["least_cosine"] >= onnx_text.QUERY_INT8_AGREEMENT
     int8 = onnx_text.load(exporting.index_dir, encoder.name, "int8")
     float32 = onnx_text.load(exporting.index_dir, encoder.name, "float32")
@@ -97,7 +102,7 @@ def test_a_refused_int8_tower_leaves_float32_and_is_not_tried_again(settings, en
     monkeypatch.setattr(onnx_text, "QUERY_INT8_AGREEMENT", 1.01)  # no int8 tower can pass
     assert onnx_text.export(encoder, settings.index_dir)
     folder = settings.index_dir / onnx_text.FOLDER
-    meta = json.loads(next(folder.glob("*[0-9a-f].json")).read_text())
+    meta = json.loads(_meta_file(settings.index_dir).read_text())
     assert "stray from float32" in meta["int8"]["refused"]
     assert not list(folder.glob("*int8*")) and not list(folder.glob("*partial*"))
     assert onnx_text.load(settings.index_dir, encoder.name, "int8").precision == "float32"
@@ -109,7 +114,7 @@ def test_a_refused_int8_tower_leaves_float32_and_is_not_tried_again(settings, en
 
 def test_a_tower_exported_before_int8_gets_it_from_an_unchanged_re_run(exporting, encoder, collection, monkeypatch):
     folder = exporting.index_dir / onnx_text.FOLDER
-    meta_file = next(folder.glob("*[0-9a-f].json"))
+    meta_file = _meta_file(exporting.index_dir)
     meta = json.loads(meta_file.read_text())
     (folder / meta.pop("int8")["file"]).unlink()
     meta_file.write_text(json.dumps(meta))  # as an index exported by the previous release
