@@ -32,7 +32,7 @@ CALTECH = FLICKR8K.parent / "caltech101-dev"
 
 def indexed(folder: Path, index_dir: Path) -> Settings:
     settings = Settings(index_dir=index_dir, device="cpu")
-    IndexBuilder(settings).build(folder / "images", folder / "captions.tsv")  # unchanged: nothing to do
+    IndexBuilder(settings).build(folder / "images", folder / "captions.tsv")  # a re-run finds nothing changed
     return settings
 
 
