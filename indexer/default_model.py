@@ -7,7 +7,9 @@ Only the projection heads and the temperature are ours (trained by `crossmodal.i
 stored in `data/models/VERSION/heads.safetensors`). The architecture is an ordinary open_clip
 config (timm vision tower + HF text tower), registered at run time because the HF tower's path
 depends on where the package is installed. From version 2 on, a label bridge (label_bridge.py)
-sits beside each head when the config's `crossmodal.label_bridge` names its weight.
+sits beside each head when the config's `crossmodal.label_bridge` names its weight; from version 3
+on, texts are glossed before tokenizing (glossary.py) when the config's `crossmodal.glossary` names
+the file.
 """
 from __future__ import annotations
 
@@ -20,18 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from crossmodal.indexer.model_names import CURRENT_DEFAULT_MODEL, MODELS_DIR
+from crossmodal.indexer import glossary
+from crossmodal.indexer.model_names import CONFIG_FILE_NAME, CURRENT_DEFAULT_MODEL, MODELS_DIR, read_config
 
-CONFIG_FILE_NAME = "open_clip_config.json"
+__all__ = ["CONFIG_FILE_NAME", "HEADS_FILE_NAME", "create_default_model", "read_config"]
 HEADS_FILE_NAME = "heads.safetensors"
 
 
 class ModelFilesMissing(RuntimeError):
     """Raised when the trained heads are absent, with the command that makes them."""
-
-
-def read_config(version: str = CURRENT_DEFAULT_MODEL) -> dict[str, Any]:
-    return json.loads((MODELS_DIR / version / CONFIG_FILE_NAME).read_text())
 
 
 def _package_dir(spec: str) -> str:
@@ -109,8 +108,8 @@ def _image_backbone_state(package: str, trunk: nn.Module) -> dict[str, torch.Ten
 def create_default_model(device: torch.device, load_heads: bool = True, version: str = CURRENT_DEFAULT_MODEL):
     """Build a version of `crossmodal-lite`; returns (model, preprocess, tokenizer) like open_clip does.
 
-    With load_heads=False the projection heads are left untrained and unbridged (used by
-    training, which only needs the frozen towers).
+    With load_heads=False the projection heads are left untrained and unbridged, and texts are
+    not glossed (used by training, which only needs the frozen towers' own features).
     """
     import open_clip
 
@@ -138,6 +137,9 @@ def create_default_model(device: torch.device, load_heads: bool = True, version:
             _add_label_bridge(model, extra)
         _load_heads(model, version)
     tokenizer = open_clip.get_tokenizer(version)
+    words = glossary.for_model(version) if load_heads else None
+    if words is not None:
+        tokenizer = glossary.GlossingTokenizer(tokenizer, words)
     return model.to(device).eval(), default_preprocess(version), tokenizer
 
 

@@ -15,18 +15,26 @@ torch nor open_clip. The forms:
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from crossmodal.indexer.settings import DATA_DIR
 
 DEFAULT_MODEL_NAME = "crossmodal-lite"  # what users ask for: always the current version
-DEFAULT_MODEL_VERSIONS = ("crossmodal-lite-1", "crossmodal-lite-2")  # each a folder under MODELS_DIR
+DEFAULT_MODEL_VERSIONS = ("crossmodal-lite-1", "crossmodal-lite-2", "crossmodal-lite-3")  # each a folder under MODELS_DIR
 CURRENT_DEFAULT_MODEL = DEFAULT_MODEL_VERSIONS[-1]
 MODELS_DIR = DATA_DIR / "models"
 MODEL_DIR = MODELS_DIR / CURRENT_DEFAULT_MODEL
+CONFIG_FILE_NAME = "open_clip_config.json"  # in each version's folder
 # Compressed CPU variants (onnx_towers.py): both towers in ONNX Runtime, float32 or with int8 matrix products.
 VARIANTS = ("onnx", "int8")
+
+
+def read_config(version: str = CURRENT_DEFAULT_MODEL) -> dict[str, Any]:
+    """A crossmodal-lite version's config: its open_clip model config plus our `crossmodal` settings."""
+    return json.loads((MODELS_DIR / version / CONFIG_FILE_NAME).read_text())
 
 
 def split_variant(name: str) -> tuple[str, str | None]:

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from crossmodal.indexer import glossary
+from crossmodal.indexer.glossary import Glossary
 from crossmodal.indexer.model_names import ModelSpec, default_model_version, split_variant
 
 if TYPE_CHECKING:
@@ -107,6 +109,7 @@ class OnnxTextEncoder:
     tokenizer: object  # tokenizers.Tokenizer, truncating at the context length, no padding
     pad_id: int
     precision: str = "float32"  # of the tower's weights: "int8" for the query tower (QUERY_PRECISIONS)
+    glossary: Glossary | None = None  # the model's (glossary.py): texts are glossed as its tokenizer does
 
     def __post_init__(self) -> None:
         # float32 passes take both cores, one at a time; int8 ones run alone, one core each, side by side
@@ -122,6 +125,7 @@ class OnnxTextEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """Tokens padded to the longest text (the tower masks padding: the vectors are those of full padding)."""
+        texts = self.glossary.expand_all(list(texts)) if self.glossary else texts
         ids = [encoding.ids for encoding in self.tokenizer.encode_batch([clean(t) for t in texts])]
         tokens = np.full((len(ids), max(len(i) for i in ids)), self.pad_id, dtype=np.int64)
         for row, values in enumerate(ids):
@@ -159,7 +163,8 @@ def load(index_dir: Path, model: str, precision: str = "float32") -> OnnxTextEnc
     tokenizer = Tokenizer.from_file(str(base.with_suffix(".tokenizer.json")))
     tokenizer.enable_truncation(meta["context_length"])
     tokenizer.no_padding()
-    return OnnxTextEncoder(meta["model"], meta["dim"], session, tokenizer, meta["pad_id"], used)
+    return OnnxTextEncoder(meta["model"], meta["dim"], session, tokenizer, meta["pad_id"], used,
+                           glossary.for_model(meta["model"]))
 
 
 def quantize_queries(index_dir: Path, model: str) -> None:
@@ -267,7 +272,7 @@ def export(encoder: Encoder, index_dir: Path) -> bool:
         os.replace(partial, base.with_suffix(".onnx"))
         _write_json(base.with_suffix(".json"), meta)  # last: it marks the export complete
         exported = load(index_dir, encoder.name)
-        probe = ["a", *SHAPE_CHECK, "  Two   DOGS &amp; a “cat”  " + "very long " * 60]
+        probe = ["a", *SHAPE_CHECK, "  Two   DOGS &amp; a “cat”  " + "very long " * 60, "an okapi beside a gerenuk"]
         if exported is None or np.abs(exported.encode_texts(probe) - encoder.encode_texts(probe)).max() > AGREEMENT:
             raise ValueError("the exported tower disagrees with the model")
     except Exception as err:  # any failure: search keeps loading the model
