@@ -26,6 +26,13 @@ def class_names() -> list[str]:
     return list(IMAGENET_CLASSNAMES)
 
 
+def defined_class_texts(names: list[str], definitions: list[str]) -> list[str]:
+    """Each class name with its WordNet definition: "impala: African antelope with ridged curved horns"
+    brings the class near a glossed query's "gerenuk: slender East African antelope ..." (glossary.py).
+    Averaged with CLASS_TEMPLATES' embedding: caltech101-dev +0.03 precision@10, Flickr8k dev unchanged."""
+    return [f"a photo of a {n}. {n}: {d}." for n, d in zip(names, definitions)]
+
+
 class LabelBridge(nn.Module):
     """Image features -> ImageNet probabilities -> mix of class-name text embeddings.
 

@@ -5,7 +5,9 @@ epoch on a CPU. Settings are chosen on the dev split; the best dev epoch is kept
 bridge (label_bridge.py) is then fused beside the heads, the hubness bank is embedded from
 training data with the fused model and its strength chosen on dev (see hubness.py), and the
 bridge alone is measured as the zero-shot baseline. Given a zero-shot classes folder
-(caltech101-dev), each seed is also measured there; it is never trained on.
+(caltech101-dev), each seed is also measured there; it is never trained on. The training
+captions' words become the glossary's known words (glossary.py); dev and zero-shot texts are
+measured glossed, as the model will encode them.
 """
 from __future__ import annotations
 
@@ -22,19 +24,22 @@ from PIL import Image, ImageOps
 from torch import nn
 from tqdm import tqdm
 
+from crossmodal.indexer import glossary
 from crossmodal.indexer.collection import decode_image, read_captions
-from crossmodal.indexer.default_model import (CONFIG_FILE_NAME, HEADS_FILE_NAME, create_default_model, image_classifier,
-                                              read_config)
+from crossmodal.indexer.default_model import (CONFIG_FILE_NAME, HEADS_FILE_NAME, _package_dir, create_default_model,
+                                              image_classifier, read_config)
 from crossmodal.indexer.encoder import Encoder
 from crossmodal.indexer.evaluate import recall_at_k
 from crossmodal.indexer.hubness import BANK_FILE_NAME, HubnessBank
-from crossmodal.indexer.label_bridge import CLASS_TEMPLATES, LabelBridge, class_names, class_text_from_pooled
+from crossmodal.indexer.label_bridge import (CLASS_TEMPLATES, LabelBridge, class_names, class_text_from_pooled,
+                                             defined_class_texts)
 from crossmodal.indexer.model_names import MODEL_DIR
 from crossmodal.indexer.prefetch import prefetched_batches
 
 log = logging.getLogger(__name__)
 VIEWS = ("center", "flip", "zoom", "zoomflip")  # cached augmented views of each training image
 ZOOM = 0.8  # the zoom views keep the central 80% of the image (measured: +0.9 T->I R@1 on dev)
+GLOSSARY_FILE_NAME = "glossary.txt"
 BANK_SIZE = 2048  # bank queries per modality: 2 MB each at float16
 HUBNESS_K = 10  # capped by the bank's size
 HUBNESS_BETAS = (0.3, 0.5, 0.7)
@@ -54,6 +59,8 @@ class TrainConfig:
     pseudo_caption_min_prob: float = 0.0  # > 0: photos the head calls a class this surely get "a photo of a NAME."
     distil_weight: float = 0.0  # > 0: extra InfoNCE term pairing each class's direction with its name
     bridge_weight: float = 0.3  # the label bridge's share of the score (label_bridge.py); 0: heads alone
+    glossary: bool = True  # gloss words the training captions never used (glossary.py)
+    class_definitions: bool = True  # the bridge's class names embedded with their WordNet definitions too
 
 
 def _split_pairs(split_dir: Path) -> tuple[list[str], np.ndarray, list[str]]:
@@ -144,35 +151,78 @@ class ImageNetHead:
     bias: torch.Tensor
     name_features: np.ndarray  # [templates, 1000, text pool width]
     bridge_text: torch.Tensor  # [1000, bridge width], unit rows (label_bridge.CLASS_TEMPLATES)
+    defined_bridge_text: torch.Tensor  # the same averaged with each name followed by its definition
 
     def probabilities(self, image_features: np.ndarray) -> np.ndarray:
         return (torch.from_numpy(image_features) @ self.weight.T + self.bias).softmax(-1).numpy()
 
-    def bridge(self, weight: float) -> LabelBridge:
+    def bridge(self, weight: float, definitions: bool = True) -> LabelBridge:
         classifier = nn.Linear(self.weight.shape[1], self.weight.shape[0])
         classifier.load_state_dict({"weight": self.weight, "bias": self.bias})
-        return LabelBridge.centred(classifier, self.bridge_text, weight)
+        return LabelBridge.centred(classifier, self.defined_bridge_text if definitions else self.bridge_text, weight)
 
 
 @torch.inference_mode()
 def imagenet_head(cache_dir: Path, device: torch.device) -> ImageNetHead:
-    """Computed once (about 30 s of text encoding) and cached beside the tower features."""
+    """Computed once (about 40 s of text encoding) and cached beside the tower features."""
     config = read_config()
     classifier = image_classifier(config["crossmodal"]["image_backbone_package"])
     width = config["crossmodal"]["text_pool_width"] // 2  # the pooler's first half is the last layer's mean
-    cache_file = feature_cache_file(cache_dir, "imagenet-names", DISTIL_TEMPLATES)
+    names = class_names()
+    features = _cached_text_features(cache_dir, "imagenet-names", DISTIL_TEMPLATES, device,
+                                     [[t.format(n) for n in names] for t in DISTIL_TEMPLATES])
+    defined = _cached_text_features(cache_dir, "imagenet-defined", ("defined",), device,
+                                    [defined_class_texts(names, glossary.class_definitions())])
+    plain = torch.from_numpy(features[:len(CLASS_TEMPLATES)])
+    return ImageNetHead(classifier.weight.detach(), classifier.bias.detach(), features,
+                        class_text_from_pooled(plain, width),
+                        class_text_from_pooled(torch.cat([plain, torch.from_numpy(defined)]), width))
+
+
+def _cached_text_features(cache_dir: Path, name: str, recipe: tuple[str, ...], device: torch.device,
+                          texts: list[list[str]]) -> np.ndarray:
+    """Frozen text-tower features [len(texts), len(texts[0]), pool width] of lists of texts, cached."""
+    cache_file = feature_cache_file(cache_dir, name, recipe)
     if not cache_file.exists():
         model, _, tokenizer = _feature_model(device)
-        encode = lambda tokens: model.encode_text(tokens.to(device), normalize=False)  # noqa: E731
-        names = class_names()
-        features = np.stack([np.concatenate([encode(tokenizer([t.format(n) for n in names[i:i + 250]])).float()
-                                             .cpu().numpy() for i in range(0, len(names), 250)])
-                             for t in tqdm(DISTIL_TEMPLATES, desc="class-name features", unit="template")])
+        encode = lambda batch: model.encode_text(tokenizer(batch).to(device), normalize=False)  # noqa: E731
+        features = np.stack([np.concatenate([encode(group[i:i + 250]).float().cpu().numpy()
+                                             for i in range(0, len(group), 250)])
+                             for group in tqdm(texts, desc=f"{name} features", unit="template")])
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache_file, name_features=features)
-    features = np.load(cache_file)["name_features"]
-    bridge_text = class_text_from_pooled(torch.from_numpy(features[:len(CLASS_TEMPLATES)]), width)
-    return ImageNetHead(classifier.weight.detach(), classifier.bias.detach(), features, bridge_text)
+    return np.load(cache_file)["name_features"]
+
+
+def glossed_entries(train_captions: list[str]) -> list[str]:
+    """What the model glosses (glossary.choose): its captions' words and its text tower's are known."""
+    return glossary.choose(glossary.wordnet_definitions(), train_captions, _tower_words(), class_names())
+
+
+def _tower_words() -> set[str]:
+    """The whole words of the text tower's tokenizer (word pieces "##..." left out)."""
+    from transformers import AutoTokenizer
+
+    folder = _package_dir(read_config()["model_cfg"]["text_cfg"]["hf_tokenizer_name"])
+    return {token for token in AutoTokenizer.from_pretrained(folder).get_vocab() if not token.startswith("##")}
+
+
+@torch.inference_mode()
+def glossed_features(feats: dict[str, np.ndarray], texts: list[str], words: glossary.Glossary,
+                     device: torch.device) -> dict[str, np.ndarray]:
+    """`feats` with the text features of texts the glossary changes re-encoded from the glossed text
+    (a few hundred of Flickr8k dev's 5,000 captions: seconds, so not cached)."""
+    glossed = words.expand_all(texts)
+    changed = [i for i, (a, b) in enumerate(zip(glossed, texts)) if a != b]
+    if not changed:
+        return feats
+    model, _, tokenizer = _feature_model(device)
+    towers = Encoder("towers", model, None, tokenizer, device)
+    text = feats["text"].copy()
+    for start in range(0, len(changed), 256):
+        rows = changed[start:start + 256]
+        text[rows] = model.encode_text(towers.tokenize([glossed[i] for i in rows]), normalize=False).float().cpu().numpy()
+    return {**feats, "text": text}
 
 
 def class_directions(head: ImageNetHead, image_stats: tuple[np.ndarray, np.ndarray], norm: float) -> torch.Tensor:
@@ -397,8 +447,11 @@ def export_heads(heads: dict[str, torch.Tensor], bridge: LabelBridge | None) -> 
 def _write_config(out_dir: Path, cfg: TrainConfig) -> None:
     config = read_config()
     config["crossmodal"].pop("label_bridge", None)
+    config["crossmodal"].pop("glossary", None)
     if cfg.bridge_weight:
         config["crossmodal"]["label_bridge"] = {"weight": cfg.bridge_weight, "temperature": 1.0}
+    if cfg.glossary:
+        config["crossmodal"]["glossary"] = GLOSSARY_FILE_NAME
     (out_dir / CONFIG_FILE_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -416,12 +469,19 @@ def run_training(data_dir: Path, cache_dir: Path, seeds: list[int], cfg: TrainCo
     if zero_shot_dir is not None:
         zero_shot = (cache_features(zero_shot_dir, feature_cache_file(cache_dir, zero_shot_dir.name, ("center",)),
                                     device, ("center",)), _split_pairs(zero_shot_dir)[2])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / GLOSSARY_FILE_NAME).unlink(missing_ok=True)
+    if cfg.glossary:  # words of the training captions are never glossed, so `train` is unchanged by it
+        words = glossary.write(out_dir / GLOSSARY_FILE_NAME, glossed_entries(_split_pairs(data_dir / "train")[2]))
+        dev = glossed_features(dev, _split_pairs(data_dir / "dev")[2], words, device)
+        if zero_shot is not None:
+            zero_shot = (glossed_features(zero_shot[0], zero_shot[1], words, device), zero_shot[1])
     feature_seconds = time.perf_counter() - start
     runs = []
     for seed in seeds:
         t0 = time.perf_counter()
         heads, metrics, history = train_heads(train, dev, TrainConfig(**{**asdict(cfg), "seed": seed}), head)
-        bridge = head.bridge(cfg.bridge_weight) if cfg.bridge_weight else None
+        bridge = head.bridge(cfg.bridge_weight, cfg.class_definitions) if cfg.bridge_weight else None
         embed = feature_embedder(heads, bridge)
         bank, corrected = hubness_bank(embed, train, dev, seed)
         run = {"seed": seed, "dev": corrected, "dev_without_hubness": metrics, "hubness": bank.describe(),
@@ -431,11 +491,11 @@ def run_training(data_dir: Path, cache_dir: Path, seeds: list[int], cfg: TrainCo
             run["zero_shot"] = {k: found[k] for k in ("text_to_image_precision_at_10", "image_to_caption_top1")}
         runs.append(run)
         if seed == seeds[0]:
-            out_dir.mkdir(parents=True, exist_ok=True)
             save_file(export_heads(heads, bridge), str(out_dir / HEADS_FILE_NAME))
             bank.save(out_dir / BANK_FILE_NAME)
             _write_config(out_dir, cfg)
-    saved = [out_dir / HEADS_FILE_NAME, out_dir / BANK_FILE_NAME]
+    saved = [out_dir / name for name in (HEADS_FILE_NAME, BANK_FILE_NAME, GLOSSARY_FILE_NAME)
+             if (out_dir / name).exists()]
     report = {"config": asdict(cfg), "views": VIEWS, "feature_seconds": feature_seconds,
               "label_bridged_baseline": label_bridged_baseline(head, dev), "runs": runs,
               "saved": [str(f) for f in saved], "saved_bytes": sum(f.stat().st_size for f in saved)}

@@ -49,6 +49,11 @@ def test_training_writes_heads_bank_and_report_that_load(tmp_path, sample_source
     assert heads["visual.head.proj.bridge.class_text"].shape == (1000, 384)
     config = json.loads((out.parent / "open_clip_config.json").read_text())
     assert config["crossmodal"]["label_bridge"]["weight"] == TrainConfig().bridge_weight
+    glossary_file = out.parent / config["crossmodal"]["glossary"]  # the training captions' words are the known ones
+    train_words = " ".join(line.split("\t")[1] for line in
+                           (tmp_path / "data" / "train" / "captions.tsv").read_text().splitlines()[1:]).lower()
+    glossed = glossary_file.read_text().splitlines()
+    assert "okapi" in glossed and not [p for p in glossed if p.isalpha() and p in train_words.split()]
     np.testing.assert_allclose(np.linalg.norm(bank.text, axis=1), 1.0, atol=1e-2)
     saved = json.loads((out.parent / "training_report.json").read_text())
-    assert saved["saved_bytes"] == out.stat().st_size + (out.parent / BANK_FILE_NAME).stat().st_size
+    assert saved["saved_bytes"] == sum(f.stat().st_size for f in (out, out.parent / BANK_FILE_NAME, glossary_file))

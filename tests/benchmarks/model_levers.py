@@ -22,13 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crossmodal.indexer import glossary
 from crossmodal.indexer.hubness import HubnessBank
 from crossmodal.indexer.train import (VIEWS, TrainConfig, _split_pairs, bridge_embedder, cache_features,
-                                      feature_cache_file, feature_embedder, hubness_bank, imagenet_head, train_heads,
-                                      zero_shot_on_features)
+                                      feature_cache_file, feature_embedder, glossed_entries, glossed_features,
+                                      hubness_bank, imagenet_head, train_heads, zero_shot_on_features)
 
-LEVERS = {
-    "heads (today's recipe)": {},
+LEVERS = {  # TrainConfig fields: version 2's recipe, then what version 3 added; the rest add to version 3
+    "heads + bridge (version 2)": {"glossary": False, "class_definitions": False},
+    "+ glossary": {"class_definitions": False},
+    "+ glossary + class definitions (version 3)": {},
     "pseudo-captions p>=0.5": {"pseudo_caption_min_prob": 0.5},
     "distil class directions 0.5": {"distil_weight": 0.5},
     "pseudo-captions + distil 0.5": {"pseudo_caption_min_prob": 0.5, "distil_weight": 0.5},
@@ -76,21 +79,27 @@ def main() -> None:
                                device, ("center",))
     zero_shot_texts = _split_pairs(args.zero_shot)[2]
     head = imagenet_head(args.cache_dir, device)
+    words = glossary.Glossary(glossary.wordnet_definitions(),
+                              frozenset(glossed_entries(_split_pairs(args.flickr / "train")[2])))
+    glossed = {False: (dev, zero_shot), True: (glossed_features(dev, _split_pairs(args.flickr / "dev")[2], words, device),
+                                               glossed_features(zero_shot, zero_shot_texts, words, device))}
     results = []
-    zs = zero_shot_on_features(bridge_embedder(head), None, zero_shot, zero_shot_texts)
+    zs = zero_shot_on_features(bridge_embedder(head), None, glossed[True][1], zero_shot_texts)
     print(f"label bridge alone (no trained parameters, no correction): zero-shot P@10 "
           f"{zs['text_to_image_precision_at_10']:.3f} top-1 {zs['image_to_caption_top1']:.3f}", flush=True)
     for name in args.levers.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             cfg = replace(TrainConfig(), seed=seed, **LEVERS[name])
+            lever_dev, lever_zero_shot = glossed[cfg.glossary]  # texts as the model would encode them
             start = time.perf_counter()
-            heads, _, _ = train_heads(train, dev, cfg, head)
+            heads, _, _ = train_heads(train, lever_dev, cfg, head)
             seconds = time.perf_counter() - start
             for weight in [float(w) for w in args.bridge_weights.split(",")]:
-                embed = feature_embedder(heads, head.bridge(weight) if weight else None)
-                bank, _ = hubness_bank(embed, train, dev, seed)
+                embed = feature_embedder(heads, head.bridge(weight, cfg.class_definitions) if weight else None)
+                bank, _ = hubness_bank(embed, train, lever_dev, seed)
                 row = {"lever": name, "seed": seed, "bridge_weight": weight, "train_seconds": seconds,
-                       "beta": bank.beta, "config": asdict(cfg), **measure(embed, bank, dev, zero_shot, zero_shot_texts)}
+                       "beta": bank.beta, "config": asdict(cfg),
+                       **measure(embed, bank, lever_dev, lever_zero_shot, zero_shot_texts)}
                 results.append(row)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                                   if k != "config"}), flush=True)
