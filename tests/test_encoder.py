@@ -15,7 +15,7 @@ from tests.conftest import solid_image, tiny_open_clip
 
 def test_default_model_loads_offline_and_embeds_into_one_normalised_space(encoder, sample_source):
     # 512 from the trained heads, 384 from the label bridge (label_bridge.py)
-    assert encoder.name == "crossmodal-lite-2" and encoder.dim == 512 + 384 and encoder.device.type == "cpu"
+    assert encoder.name == "crossmodal-lite-3" and encoder.dim == 512 + 384 and encoder.device.type == "cpu"
     from PIL import Image
     images = encoder.encode_images([Image.open(sample_source / "cat.jpg"), solid_image((0, 0, 0))])
     texts = encoder.encode_texts(["a cat", "a dog", ""])
@@ -120,7 +120,7 @@ def test_default_preprocess_from_config_is_open_clips_transform(encoder):
     from crossmodal.indexer.encoder import preparer_from_config
     pre = encoder.model.visual.preprocess_cfg
     theirs = image_transform_v2(PreprocessCfg(**pre), is_train=False)
-    assert repr(preparer_from_config("crossmodal-lite-2").preprocess) == repr(theirs) == repr(encoder.preprocess)
+    assert repr(preparer_from_config("crossmodal-lite-3").preprocess) == repr(theirs) == repr(encoder.preprocess)
     assert preparer_from_config("ViT-B-32") is None  # open_clip models settle theirs as they load
 
 
@@ -175,9 +175,12 @@ def test_the_alias_names_the_current_version_and_an_old_recorded_name_loads_vers
     from crossmodal.indexer.hubness import load_bank
     from crossmodal.indexer.model_names import CURRENT_DEFAULT_MODEL, default_model_version, resolve_model_name
 
-    assert resolve_model_name("crossmodal-lite") == CURRENT_DEFAULT_MODEL == "crossmodal-lite-2"
+    assert resolve_model_name("crossmodal-lite") == CURRENT_DEFAULT_MODEL == "crossmodal-lite-3"
     assert resolve_model_name("ViT-B-32:laion2b_s34b_b79k") == "ViT-B-32:laion2b_s34b_b79k"
     assert default_model_version("crossmodal-lite") == "crossmodal-lite-1"
+    from crossmodal.indexer import glossary
+    assert glossary.for_model("crossmodal-lite-2") is None and glossary.for_model("crossmodal-lite") is None
+    assert glossary.for_model(CURRENT_DEFAULT_MODEL) is not None  # version 3 glosses; 1 and 2 load as they were
     old = load_encoder("crossmodal-lite", device="cpu")
     assert old.name == "crossmodal-lite" and old.dim == 512 and load_bank("crossmodal-lite").text.shape[1] == 512
     cat, horse = old.encode_images([Image.open(sample_source / "cat.jpg"), Image.open(sample_source / "horse.png")])
@@ -192,7 +195,7 @@ def test_a_camera_photo_decoded_at_reduced_scale_keeps_its_vector(encoder, tmp_p
     from crossmodal.indexer.collection import decode_for_model
     from tests.test_collection import camera_sized
 
-    assert encoder.preparer.decode_side == 520  # crossmodal-lite-2 resizes to 260
+    assert encoder.preparer.decode_side == 520  # crossmodal-lite-3 resizes to 260
     for size, orientation in (((4000, 3000), 1), ((3264, 1836), 1), ((4000, 3000), 6)):
         data = camera_sized(size, orientation)
         whole, *_ = decode_for_model(data, 10**8)

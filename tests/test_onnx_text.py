@@ -37,11 +37,12 @@ def test_the_export_tokenizes_and_encodes_as_the_model_does(exporting, encoder):
 
 
 def test_a_search_process_answers_text_queries_without_torch(exporting, encoder):
+    """With the float32 export, whose vectors are the model's: int8 ones may swap near ties (tested below)."""
     expected = [h.path for h in SearchEngine(exporting, encoder=encoder).images_by_text("a cat on a sofa", k=5)]
     code = ("import json, sys; from pathlib import Path; from crossmodal.indexer.settings import Settings; "
             "from crossmodal.search.engine import SearchEngine; "
             f"engine = SearchEngine(Settings(index_dir=Path({str(exporting.index_dir)!r}), database_url="
-            f"{exporting.resolved_database_url()!r})); "
+            f"{exporting.resolved_database_url()!r}, text_query_precision='float32')); "
             "print(json.dumps([[h.path for h in engine.images_by_text('a cat on a sofa', k=5)], "
             "sorted(m for m in ('torch', 'open_clip', 'transformers') if m in sys.modules)]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
