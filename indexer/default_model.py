@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from crossmodal.indexer import glossary
-from crossmodal.indexer.model_names import CONFIG_FILE_NAME, CURRENT_DEFAULT_MODEL, MODELS_DIR, read_config
+from crossmodal.indexer.model_names import CURRENT_DEFAULT_MODEL, MODELS_DIR, read_config
 
-__all__ = ["CONFIG_FILE_NAME", "HEADS_FILE_NAME", "create_default_model", "read_config"]
 HEADS_FILE_NAME = "heads.safetensors"
 
 

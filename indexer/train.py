@@ -26,14 +26,13 @@ from tqdm import tqdm
 
 from crossmodal.indexer import glossary
 from crossmodal.indexer.collection import decode_image, read_captions
-from crossmodal.indexer.default_model import (CONFIG_FILE_NAME, HEADS_FILE_NAME, _package_dir, create_default_model,
-                                              image_classifier, read_config)
+from crossmodal.indexer.default_model import HEADS_FILE_NAME, _package_dir, create_default_model, image_classifier
 from crossmodal.indexer.encoder import Encoder
 from crossmodal.indexer.evaluate import recall_at_k
 from crossmodal.indexer.hubness import BANK_FILE_NAME, HubnessBank
 from crossmodal.indexer.label_bridge import (CLASS_TEMPLATES, LabelBridge, class_names, class_text_from_pooled,
                                              defined_class_texts)
-from crossmodal.indexer.model_names import MODEL_DIR
+from crossmodal.indexer.model_names import CONFIG_FILE_NAME, MODEL_DIR, read_config
 from crossmodal.indexer.prefetch import prefetched_batches
 
 log = logging.getLogger(__name__)
