@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 from sqlalchemy import update
 
+from crossmodal.indexer.model_names import CURRENT_DEFAULT_MODEL
 from crossmodal.indexer.store import ImageRow
 from crossmodal.search.engine import SearchEngine
 from crossmodal.search.service import create_app
@@ -228,7 +229,7 @@ def test_a_rebuild_may_name_only_an_allowed_model_with_weights(client, small_lim
         response = other.post("/v1/index/jobs", json={"collection": str(collection), "model": "RN50"})
         assert response.status_code == 400 and "without weights" in response.json()["detail"]
         assert other.get("/v1/index/jobs").json() == []  # no job was started
-        assert other.get("/v1/stats").json()["model"] == "crossmodal-lite-2"
+        assert other.get("/v1/stats").json()["model"] == CURRENT_DEFAULT_MODEL  # the index's model, unchanged
 
 
 def test_a_query_of_invisible_characters_gets_422(client):
