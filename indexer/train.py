@@ -11,6 +11,7 @@ measured glossed, as the model will encode them.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -71,8 +72,10 @@ def _split_pairs(split_dir: Path) -> tuple[list[str], np.ndarray, list[str]]:
     return names, caption_image, [text for _, text in captions.rows]
 
 
+@functools.lru_cache(maxsize=1)
 def _feature_model(device: torch.device):
-    """The frozen towers only: projections replaced by identity, so outputs are tower features."""
+    """The frozen towers only: projections replaced by identity, so outputs are tower features.
+    Loaded once a run: each split, the class names and the glossed texts need it."""
     model, preprocess, tokenizer = create_default_model(device, load_heads=False)
     model.visual.head.proj = nn.Identity()
     model.text.proj = nn.Identity()
@@ -123,18 +126,26 @@ def cache_features(split_dir: Path, cache_file: Path, device: torch.device, view
         pixels = tensors.flatten(0, 1).to(device).contiguous(memory_format=torch.channels_last)
         feats = model.encode_image(pixels, normalize=False).float().cpu()
         image_features.append(feats.view(n, v, -1).transpose(0, 1).numpy())
-    towers = Encoder("towers", model, preprocess, tokenizer, device)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    text_features = np.zeros((len(texts), towers.dim), dtype=np.float32)
-    for start in tqdm(range(0, len(texts), 256), desc=f"text features {split_dir.name}", unit="batch"):
-        rows = order[start:start + 256]
-        tokens = towers.tokenize([texts[i] for i in rows])
-        text_features[rows] = model.encode_text(tokens, normalize=False).float().cpu().numpy()
-    result = {"image": np.concatenate(image_features, axis=1), "text": text_features,
+    result = {"image": np.concatenate(image_features, axis=1),
+              "text": _text_features(texts, device, f"text features {split_dir.name}"),
               "caption_image": caption_image}
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache_file, **result)
     return result
+
+
+@torch.inference_mode()
+def _text_features(texts: list[str], device: torch.device, desc: str | None = None) -> np.ndarray:
+    """Frozen text-tower features [len(texts), pool width], in batches of similar lengths (a progress
+    bar named `desc`, if given)."""
+    model, preprocess, tokenizer = _feature_model(device)
+    towers = Encoder("towers", model, preprocess, tokenizer, device)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    features = np.zeros((len(texts), towers.dim), dtype=np.float32)
+    for start in tqdm(range(0, len(texts), 256), desc=desc, unit="batch", disable=desc is None):
+        rows = order[start:start + 256]
+        features[rows] = model.encode_text(towers.tokenize([texts[i] for i in rows]), normalize=False).float().cpu().numpy()
+    return features
 
 
 # The bridge's templates first: its class-name embeddings come from the same encoded features.
@@ -183,10 +194,7 @@ def _cached_text_features(cache_dir: Path, name: str, recipe: tuple[str, ...], d
     """Frozen text-tower features [len(texts), len(texts[0]), pool width] of lists of texts, cached."""
     cache_file = feature_cache_file(cache_dir, name, recipe)
     if not cache_file.exists():
-        model, _, tokenizer = _feature_model(device)
-        encode = lambda batch: model.encode_text(tokenizer(batch).to(device), normalize=False)  # noqa: E731
-        features = np.stack([np.concatenate([encode(group[i:i + 250]).float().cpu().numpy()
-                                             for i in range(0, len(group), 250)])
+        features = np.stack([_text_features(group, device)
                              for group in tqdm(texts, desc=f"{name} features", unit="template")])
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache_file, name_features=features)
@@ -215,12 +223,8 @@ def glossed_features(feats: dict[str, np.ndarray], texts: list[str], words: glos
     changed = [i for i, (a, b) in enumerate(zip(glossed, texts)) if a != b]
     if not changed:
         return feats
-    model, _, tokenizer = _feature_model(device)
-    towers = Encoder("towers", model, None, tokenizer, device)
     text = feats["text"].copy()
-    for start in range(0, len(changed), 256):
-        rows = changed[start:start + 256]
-        text[rows] = model.encode_text(towers.tokenize([glossed[i] for i in rows]), normalize=False).float().cpu().numpy()
+    text[changed] = _text_features([glossed[i] for i in changed], device)
     return {**feats, "text": text}
 
 
