@@ -9,7 +9,8 @@ config (timm vision tower + HF text tower), registered at run time because the H
 depends on where the package is installed. From version 2 on, a label bridge (label_bridge.py)
 sits beside each head when the config's `crossmodal.label_bridge` names its weight; from version 3
 on, texts are glossed before tokenizing (glossary.py) when the config's `crossmodal.glossary` names
-the file.
+the file; from version 4 on, the bridge's share of a text follows how unlike the training captions
+it is, when `crossmodal.label_bridge.unfamiliar` is set.
 """
 from __future__ import annotations
 
@@ -144,13 +145,18 @@ def create_default_model(device: torch.device, load_heads: bool = True, version:
 
 def _add_label_bridge(model: nn.Module, extra: dict[str, Any]) -> None:
     """Wrap both projections with one shared bridge; its class-name embeddings load with the heads."""
-    from crossmodal.indexer.label_bridge import FusedHead, LabelBridge, class_names
+    from crossmodal.indexer.label_bridge import Familiarity, FusedHead, LabelBridge, class_names
 
     classifier = image_classifier(extra["image_backbone_package"])
     width = extra["text_pool_width"] // 2  # the pooler's first half: the last layer's mean
     settings = extra["label_bridge"]
+    familiar = None
+    if "unfamiliar" in settings:  # version 4 on: the caption sample loads with the heads
+        unfamiliar = settings["unfamiliar"]
+        familiar = Familiarity(torch.zeros(unfamiliar["captions"], width), unfamiliar["weight"],
+                               *unfamiliar["similarity"])
     bridge = LabelBridge(classifier, torch.zeros(len(class_names()), width), torch.zeros(width), width,
-                         settings["weight"], settings.get("temperature", 1.0))
+                         settings["weight"], settings.get("temperature", 1.0), familiar)
     model.visual.head.proj = FusedHead(model.visual.head.proj, bridge, "image")
     model.text.proj = FusedHead(model.text.proj, bridge, "text")
 

@@ -31,8 +31,8 @@ from crossmodal.indexer.default_model import HEADS_FILE_NAME, _package_dir, crea
 from crossmodal.indexer.encoder import Encoder
 from crossmodal.indexer.evaluate import recall_at_k
 from crossmodal.indexer.hubness import BANK_FILE_NAME, HubnessBank
-from crossmodal.indexer.label_bridge import (CLASS_TEMPLATES, LabelBridge, class_names, class_text_from_pooled,
-                                             defined_class_texts)
+from crossmodal.indexer.label_bridge import (CLASS_TEMPLATES, Familiarity, LabelBridge, class_names,
+                                             class_text_from_pooled, defined_class_texts)
 from crossmodal.indexer.model_names import CONFIG_FILE_NAME, MODEL_DIR, read_config
 from crossmodal.indexer.prefetch import prefetched_batches
 
@@ -59,6 +59,10 @@ class TrainConfig:
     pseudo_caption_min_prob: float = 0.0  # > 0: photos the head calls a class this surely get "a photo of a NAME."
     distil_weight: float = 0.0  # > 0: extra InfoNCE term pairing each class's direction with its name
     bridge_weight: float = 0.3  # the label bridge's share of the score (label_bridge.py); 0: heads alone
+    bridge_temperature: float = 2.0  # of the ImageNet softmax; version 3 and before: 1
+    unfamiliar_bridge_weight: float | None = 0.8  # a text unlike every training caption's share; None: bridge_weight
+    familiar_similarity: tuple[float, float] = (0.45, 0.6)  # unfamiliar at or below the first; familiar from 2nd
+    familiar_captions: int = 4096  # training captions the model keeps to measure that (float16: 3 MB)
     glossary: bool = True  # gloss words the training captions never used (glossary.py)
     class_definitions: bool = True  # the bridge's class names embedded with their WordNet definitions too
 
@@ -166,10 +170,30 @@ class ImageNetHead:
     def probabilities(self, image_features: np.ndarray) -> np.ndarray:
         return (torch.from_numpy(image_features) @ self.weight.T + self.bias).softmax(-1).numpy()
 
-    def bridge(self, weight: float, definitions: bool = True) -> LabelBridge:
+    def bridge(self, weight: float, definitions: bool = True, temperature: float = 1.0,
+               familiar: Familiarity | None = None) -> LabelBridge:
         classifier = nn.Linear(self.weight.shape[1], self.weight.shape[0])
         classifier.load_state_dict({"weight": self.weight, "bias": self.bias})
-        return LabelBridge.centred(classifier, self.defined_bridge_text if definitions else self.bridge_text, weight)
+        return LabelBridge.centred(classifier, self.defined_bridge_text if definitions else self.bridge_text, weight,
+                                   temperature, familiar)
+
+
+def model_bridge(head: ImageNetHead, cfg: TrainConfig, train: dict[str, np.ndarray]) -> LabelBridge | None:
+    """The bridge `cfg` ships beside the heads (None: heads alone)."""
+    if not cfg.bridge_weight:
+        return None
+    familiar = None
+    if cfg.unfamiliar_bridge_weight is not None:
+        familiar = Familiarity(familiar_captions(train["text"], cfg.familiar_captions, head.bridge_text.shape[1]),
+                               cfg.unfamiliar_bridge_weight, *cfg.familiar_similarity)
+    return head.bridge(cfg.bridge_weight, cfg.class_definitions, cfg.bridge_temperature, familiar)
+
+
+def familiar_captions(text_features: np.ndarray, count: int, width: int) -> torch.Tensor:
+    """A fixed sample of the training captions' unit last-layer means, rounded to float16 as shipped."""
+    rows = np.sort(np.random.default_rng(0).choice(len(text_features), min(count, len(text_features)), replace=False))
+    sample = nn.functional.normalize(torch.from_numpy(text_features[rows, :width]).float(), dim=-1)
+    return sample.half().float()
 
 
 @torch.inference_mode()
@@ -308,15 +332,15 @@ def corrected_recall(bank: HubnessBank, image: np.ndarray, text: np.ndarray, cap
             "image_to_text": recall_at_k(np.hstack([image, ones(image)]), text_gallery, caption_image)["image_to_text"]}
 
 
-def label_bridged_baseline(head: ImageNetHead, dev: dict[str, np.ndarray]) -> dict:
+def label_bridged_baseline(head: ImageNetHead, dev: dict[str, np.ndarray], temperature: float = 1.0) -> dict:
     """Zero-shot baseline with no trained parameters: the label bridge alone (label_bridge.py)."""
-    embed = bridge_embedder(head)
+    embed = bridge_embedder(head, temperature)
     return recall_at_k(embed(dev["image"][0], "image"), embed(dev["text"], "text"), dev["caption_image"])
 
 
-def bridge_embedder(head: ImageNetHead):
+def bridge_embedder(head: ImageNetHead, temperature: float = 1.0):
     """embed(tower features, kind) through the label bridge alone, as feature_embedder does for the model."""
-    bridge = head.bridge(1.0)
+    bridge = head.bridge(1.0, temperature=temperature)
 
     def embed(features: np.ndarray, kind: str) -> np.ndarray:
         with torch.no_grad():
@@ -413,8 +437,9 @@ def feature_embedder(heads: dict[str, torch.Tensor], bridge: LabelBridge | None)
             return out
         with torch.no_grad():
             pooled = torch.from_numpy(np.ascontiguousarray(features))
-            route = bridge.image(pooled) if kind == "image" else bridge.text(pooled)
-            return bridge.fuse(torch.from_numpy(out), route).numpy()
+            if kind == "image":
+                return bridge.fuse(torch.from_numpy(out), bridge.image(pooled)).numpy()
+            return bridge.fuse(torch.from_numpy(out), bridge.text(pooled), bridge.text_weight(pooled)).numpy()
     return embed
 
 
@@ -444,15 +469,19 @@ def export_heads(heads: dict[str, torch.Tensor], bridge: LabelBridge | None) -> 
            for key, value in heads.items()}
     for name in ("class_text", "center"):
         out[f"visual.head.proj.bridge.{name}"] = getattr(bridge, name).detach().clone().contiguous()
+    if bridge.familiar is not None:  # float16: the values familiar_captions rounded them to
+        out["visual.head.proj.bridge.familiar.captions"] = bridge.familiar.captions.half().contiguous()
     return out
 
 
-def _write_config(out_dir: Path, cfg: TrainConfig) -> None:
+def _write_config(out_dir: Path, cfg: TrainConfig, bridge: LabelBridge | None) -> None:
     config = read_config()
     config["crossmodal"].pop("label_bridge", None)
     config["crossmodal"].pop("glossary", None)
-    if cfg.bridge_weight:
-        config["crossmodal"]["label_bridge"] = {"weight": cfg.bridge_weight, "temperature": 1.0}
+    if bridge is not None:
+        config["crossmodal"]["label_bridge"] = {"weight": bridge.weight, "temperature": bridge.temperature}
+        if bridge.familiar is not None:
+            config["crossmodal"]["label_bridge"]["unfamiliar"] = bridge.familiar.settings()
     if cfg.glossary:
         config["crossmodal"]["glossary"] = GLOSSARY_FILE_NAME
     (out_dir / CONFIG_FILE_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -484,7 +513,7 @@ def run_training(data_dir: Path, cache_dir: Path, seeds: list[int], cfg: TrainCo
     for seed in seeds:
         t0 = time.perf_counter()
         heads, metrics, history = train_heads(train, dev, TrainConfig(**{**asdict(cfg), "seed": seed}), head)
-        bridge = head.bridge(cfg.bridge_weight, cfg.class_definitions) if cfg.bridge_weight else None
+        bridge = model_bridge(head, cfg, train)
         embed = feature_embedder(heads, bridge)
         bank, corrected = hubness_bank(embed, train, dev, seed)
         run = {"seed": seed, "dev": corrected, "dev_without_hubness": metrics, "hubness": bank.describe(),
@@ -496,11 +525,11 @@ def run_training(data_dir: Path, cache_dir: Path, seeds: list[int], cfg: TrainCo
         if seed == seeds[0]:
             save_file(export_heads(heads, bridge), str(out_dir / HEADS_FILE_NAME))
             bank.save(out_dir / BANK_FILE_NAME)
-            _write_config(out_dir, cfg)
+            _write_config(out_dir, cfg, bridge)
     saved = [out_dir / name for name in (HEADS_FILE_NAME, BANK_FILE_NAME, GLOSSARY_FILE_NAME)
              if (out_dir / name).exists()]
     report = {"config": asdict(cfg), "views": VIEWS, "feature_seconds": feature_seconds,
-              "label_bridged_baseline": label_bridged_baseline(head, dev), "runs": runs,
+              "label_bridged_baseline": label_bridged_baseline(head, dev, cfg.bridge_temperature), "runs": runs,
               "saved": [str(f) for f in saved], "saved_bytes": sum(f.stat().st_size for f in saved)}
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -26,18 +26,24 @@ from crossmodal.indexer import glossary
 from crossmodal.indexer.hubness import HubnessBank
 from crossmodal.indexer.train import (VIEWS, TrainConfig, _split_pairs, bridge_embedder, cache_features,
                                       feature_cache_file, feature_embedder, glossed_entries, glossed_features,
-                                      hubness_bank, imagenet_head, train_heads, zero_shot_on_features)
+                                      hubness_bank, imagenet_head, model_bridge, train_heads,
+                                      zero_shot_on_features)
 
-LEVERS = {  # TrainConfig fields: version 2's recipe, then what version 3 added; the rest add to version 3
-    "heads + bridge (version 2)": {"glossary": False, "class_definitions": False},
-    "+ glossary": {"class_definitions": False},
-    "+ glossary + class definitions (version 3)": {},
-    "pseudo-captions p>=0.5": {"pseudo_caption_min_prob": 0.5},
-    "distil class directions 0.5": {"distil_weight": 0.5},
-    "pseudo-captions + distil 0.5": {"pseudo_caption_min_prob": 0.5, "distil_weight": 0.5},
-    "distil class directions 0.1": {"distil_weight": 0.1},
-    "distil class directions 0.25": {"distil_weight": 0.25},
-    "distil class directions 1.0": {"distil_weight": 1.0},
+VERSION_3 = {"bridge_temperature": 1.0, "unfamiliar_bridge_weight": None}
+LEVERS = {  # TrainConfig fields: version 2's recipe, then what versions 3 and 4 added; the rest add to version 3
+    "heads + bridge (version 2)": {**VERSION_3, "glossary": False, "class_definitions": False},
+    "+ glossary": {**VERSION_3, "class_definitions": False},
+    "+ glossary + class definitions (version 3)": VERSION_3,
+    "+ softer bridge (temperature 2)": {"unfamiliar_bridge_weight": None},
+    "+ unfamiliar texts lean on the bridge (version 4)": {},
+    "+ unfamiliar texts at 0.7": {"unfamiliar_bridge_weight": 0.7},
+    "+ unfamiliar texts from similarity 0.5 to 0.65": {"familiar_similarity": (0.5, 0.65)},
+    "pseudo-captions p>=0.5": {**VERSION_3, "pseudo_caption_min_prob": 0.5},
+    "distil class directions 0.5": {**VERSION_3, "distil_weight": 0.5},
+    "pseudo-captions + distil 0.5": {**VERSION_3, "pseudo_caption_min_prob": 0.5, "distil_weight": 0.5},
+    "distil class directions 0.1": {**VERSION_3, "distil_weight": 0.1},
+    "distil class directions 0.25": {**VERSION_3, "distil_weight": 0.25},
+    "distil class directions 1.0": {**VERSION_3, "distil_weight": 1.0},
 }
 BRIDGE_WEIGHTS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6)
 
@@ -67,7 +73,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/train-features"))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--levers", default=",".join(LEVERS), help="comma-separated names from LEVERS")
-    parser.add_argument("--bridge-weights", default=",".join(map(str, BRIDGE_WEIGHTS)))
+    parser.add_argument("--bridge-weights", default=",".join(map(str, BRIDGE_WEIGHTS)),
+                        help="the model's share of the bridge (an unfamiliar text's share is the lever's own)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -84,9 +91,10 @@ def main() -> None:
     glossed = {False: (dev, zero_shot), True: (glossed_features(dev, _split_pairs(args.flickr / "dev")[2], words, device),
                                                glossed_features(zero_shot, zero_shot_texts, words, device))}
     results = []
-    zs = zero_shot_on_features(bridge_embedder(head), None, glossed[True][1], zero_shot_texts)
-    print(f"label bridge alone (no trained parameters, no correction): zero-shot P@10 "
-          f"{zs['text_to_image_precision_at_10']:.3f} top-1 {zs['image_to_caption_top1']:.3f}", flush=True)
+    for temperature in (1.0, TrainConfig().bridge_temperature):
+        zs = zero_shot_on_features(bridge_embedder(head, temperature), None, glossed[True][1], zero_shot_texts)
+        print(f"label bridge alone at temperature {temperature} (no trained parameters, no correction): zero-shot "
+              f"P@10 {zs['text_to_image_precision_at_10']:.3f} top-1 {zs['image_to_caption_top1']:.3f}", flush=True)
     for name in args.levers.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             cfg = replace(TrainConfig(), seed=seed, **LEVERS[name])
@@ -95,7 +103,7 @@ def main() -> None:
             heads, _, _ = train_heads(train, lever_dev, cfg, head)
             seconds = time.perf_counter() - start
             for weight in [float(w) for w in args.bridge_weights.split(",")]:
-                embed = feature_embedder(heads, head.bridge(weight, cfg.class_definitions) if weight else None)
+                embed = feature_embedder(heads, model_bridge(head, replace(cfg, bridge_weight=weight), train))
                 bank, _ = hubness_bank(embed, train, lever_dev, seed)
                 row = {"lever": name, "seed": seed, "bridge_weight": weight, "train_seconds": seconds,
                        "beta": bank.beta, "config": asdict(cfg),
