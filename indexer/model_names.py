@@ -23,7 +23,7 @@ from typing import Any
 from crossmodal.indexer.settings import DATA_DIR
 
 DEFAULT_MODEL_NAME = "crossmodal-lite"  # what users ask for: always the current version
-DEFAULT_MODEL_VERSIONS = ("crossmodal-lite-1", "crossmodal-lite-2", "crossmodal-lite-3")  # each a folder under MODELS_DIR
+DEFAULT_MODEL_VERSIONS = ("crossmodal-lite-1", "crossmodal-lite-2", "crossmodal-lite-3", "crossmodal-lite-4")  # each a folder under MODELS_DIR
 CURRENT_DEFAULT_MODEL = DEFAULT_MODEL_VERSIONS[-1]
 MODELS_DIR = DATA_DIR / "models"
 MODEL_DIR = MODELS_DIR / CURRENT_DEFAULT_MODEL

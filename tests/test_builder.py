@@ -25,7 +25,7 @@ def build(settings, encoder, collection, **kwargs):
 
 
 ASTRONAUT = pytest.mark.xfail(strict=True, reason="issue 19: neither tower knows astronauts; the moon photo "
-                                                   "ranks first (see crossmodal-lite-3's model card)")
+                                                   "ranks first (see crossmodal-lite-4's model card)")
 
 
 @pytest.mark.parametrize("query, photo", [("a cat", "cat.jpg"), ("a horse", "horse.png"), ("a rocket", "rocket.webp"),
@@ -166,7 +166,7 @@ def test_switching_model_re_embeds_everything_and_says_so(settings, encoder, col
     build(settings, encoder, collection)
     other = Encoder("crossmodal-lite-copy:local", encoder.model, encoder.preprocess, encoder.tokenizer, encoder.device)
     switched, _ = build(settings, other, collection, model="crossmodal-lite-copy:local")
-    assert switched.model_changed and switched.previous_model == "crossmodal-lite-3"
+    assert switched.model_changed and switched.previous_model == "crossmodal-lite-4"
     assert switched.n_embedded == 18 and switched.n_reused == 0
     with IndexBuilder(settings, encoder=other).store.session() as s:
         models = set(s.scalars(select(Embedding.model)))

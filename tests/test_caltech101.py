@@ -1,8 +1,9 @@
 """Real data: zero-shot classes of caltech101-dev through the product (skips without ../shared).
 
-The floors hold what the shipped crossmodal-lite measures (version 3: 0.617 and 0.552, see its
-model card), minus a margin for noise across machines; version 2 measured 0.515 and 0.497 and
-version 1 0.17 and 0.21, so they also guard the glossary, the class definitions and the label bridge.
+The floors hold what the shipped crossmodal-lite measures (version 4: 0.678 and 0.583, see its
+model card), minus a margin for noise across machines; version 3 measured 0.617 and 0.552, version 2
+0.515 and 0.497 and version 1 0.17 and 0.21, so they also guard the softer bridge and the texts'
+familiarity, the glossary, the class definitions and the label bridge.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from crossmodal.indexer.builder import IndexBuilder
 from crossmodal.indexer.evaluate import evaluate_classes
 from tests.conftest import caltech101_dev
 
-P10_FLOOR = 0.57
-TOP1_FLOOR = 0.51
+P10_FLOOR = 0.63
+TOP1_FLOOR = 0.54
 
 
 @pytest.mark.slow

@@ -20,11 +20,11 @@ TEXTS = ["a", "a cat", "two dogs play in the snow beside a red fence", "a cup of
 
 
 def test_variant_names():
-    assert split_variant("crossmodal-lite-3+int8") == ("crossmodal-lite-3", "int8")
+    assert split_variant("crossmodal-lite-4+int8") == ("crossmodal-lite-4", "int8")
     assert split_variant("ViT-B-32:/models/my+model.pt") == ("ViT-B-32:/models/my+model.pt", None)
-    assert resolve_model_name("crossmodal-lite+int8") == "crossmodal-lite-3+int8"  # a version, never the alias
+    assert resolve_model_name("crossmodal-lite+int8") == "crossmodal-lite-4+int8"  # a version, never the alias
     assert resolve_model_name("ViT-B-32:laion2b_s34b_b79k+onnx") == "ViT-B-32:laion2b_s34b_b79k+onnx"
-    assert default_model_version("crossmodal-lite-3+onnx") == "crossmodal-lite-3"
+    assert default_model_version("crossmodal-lite-4+onnx") == "crossmodal-lite-4"
     check_model_name("crossmodal-lite+int8")
     with pytest.raises(ValueError, match="unknown variant 'fp16': the variants are onnx, int8"):
         check_model_name("crossmodal-lite+fp16")
@@ -40,7 +40,7 @@ def photos(sample_source) -> list[Image.Image]:
 @pytest.mark.parametrize("variant, least", [("onnx", 0.99999), ("int8", 0.995)])
 def test_a_variant_embeds_as_the_model_does_and_is_exported_once(encoder, photos, tmp_path, variant, least):
     compressed = load_encoder(f"{encoder.name}+{variant}", "cpu", tmp_path)
-    assert compressed.name == f"crossmodal-lite-3+{variant}" and compressed.dim == encoder.dim
+    assert compressed.name == f"crossmodal-lite-4+{variant}" and compressed.dim == encoder.dim
     cosines = (compressed.encode_images(photos) * encoder.encode_images(photos)).sum(1)
     assert cosines.min() >= least, cosines
     # text towers stay float32 in every variant (onnx_towers.py says why)
@@ -78,7 +78,7 @@ def test_a_tower_that_strays_is_refused_with_a_clear_error(encoder, tmp_path, mo
     from crossmodal.indexer import onnx_towers
 
     monkeypatch.setattr(onnx_towers, "INT8_AGREEMENT", 1.0)  # int8 never reproduces float32 exactly
-    with pytest.raises(ValueError, match=r"model 'crossmodal-lite-3\+int8': the int8 image tower disagrees"):
+    with pytest.raises(ValueError, match=r"model 'crossmodal-lite-4\+int8': the int8 image tower disagrees"):
         load_encoder(f"{encoder.name}+int8", "cpu", tmp_path)
     assert not list(tmp_path.glob("*.image.onnx*"))
 
@@ -86,18 +86,18 @@ def test_a_tower_that_strays_is_refused_with_a_clear_error(encoder, tmp_path, mo
 def test_a_variant_build_records_its_name_and_never_mixes_vectors(settings, encoder, collection):
     settings = settings.model_copy(update={"export_text_tower": True})
     report = IndexBuilder(settings).build(collection, model="crossmodal-lite+int8")
-    assert report.model == "crossmodal-lite-3+int8" and report.n_embedded > 0
+    assert report.model == "crossmodal-lite-4+int8" and report.n_embedded > 0
     assert (settings.compressed_tower_dir).is_dir()
     # search answers from the variant's own towers: its text tower exported for torch-free queries too
     engine = SearchEngine(settings)
-    assert engine.snapshot.manifest.model == "crossmodal-lite-3+int8"
-    assert onnx_text.exported(settings.index_dir, "crossmodal-lite-3+int8")
+    assert engine.snapshot.manifest.model == "crossmodal-lite-4+int8"
+    assert onnx_text.exported(settings.index_dir, "crossmodal-lite-4+int8")
     assert engine.images_by_text("an orange tabby cat", k=1)[0].path == "cat.jpg"
     by_image = engine.images_by_image(Image.open(collection / "horse.png"), k=1)
     assert by_image[0].path == "horse.png" and by_image[0].score > 0.99
     # back to the plain model: every photo is embedded again, none of the int8 vectors is reused
     plain = IndexBuilder(settings, encoder=encoder).build(collection)
-    assert plain.model == "crossmodal-lite-3" and plain.model_changed
+    assert plain.model == "crossmodal-lite-4" and plain.model_changed
     assert plain.n_reused == 0 and plain.n_embedded == report.n_embedded
 
 

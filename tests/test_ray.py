@@ -32,7 +32,7 @@ def noise_photos(folder, n: int, seed: int = 0) -> None:
 def stored_vectors(settings: Settings) -> dict[str, np.ndarray]:
     store = Store(settings.resolved_database_url())
     keys = store.image_keys()
-    found = store.embeddings("crossmodal-lite-3", "image", list(set(keys.values())))
+    found = store.embeddings("crossmodal-lite-4", "image", list(set(keys.values())))
     store.close()
     return {key: np.frombuffer(blob, dtype=np.float32) for key, blob in found.items()}
 

@@ -38,7 +38,7 @@ def test_health_ready_stats(client):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"ready": True, "reason": None}
     stats = client.get("/v1/stats").json()
-    assert stats["images"] == 18 and stats["captions"] == 22 and stats["model"] == "crossmodal-lite-3"
+    assert stats["images"] == 18 and stats["captions"] == 22 and stats["model"] == "crossmodal-lite-4"
     assert stats["dim"] == 896 and stats["image_index_type"] == "Flat" and stats["build_id"] >= 1
     assert client.get("/docs").status_code == 200 and "/v1/images/search" in client.get("/openapi.json").text
 

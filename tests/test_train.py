@@ -48,7 +48,14 @@ def test_training_writes_heads_bank_and_report_that_load(tmp_path, sample_source
             "visual.head.proj.bridge.center"} <= set(heads)
     assert heads["visual.head.proj.bridge.class_text"].shape == (1000, 384)
     config = json.loads((out.parent / "open_clip_config.json").read_text())
-    assert config["crossmodal"]["label_bridge"]["weight"] == TrainConfig().bridge_weight
+    bridge = config["crossmodal"]["label_bridge"]
+    assert bridge["weight"] == TrainConfig().bridge_weight and bridge["temperature"] == TrainConfig().bridge_temperature
+    # the training captions the model keeps to tell a familiar text from an unfamiliar one: all of so few
+    n_train = len((tmp_path / "data" / "train" / "captions.tsv").read_text().splitlines()) - 1
+    assert bridge["unfamiliar"] == {"weight": 0.8, "similarity": [0.45, 0.6], "captions": n_train}
+    familiar = heads["visual.head.proj.bridge.familiar.captions"]
+    assert familiar.shape == (n_train, 384) and familiar.dtype == torch.float16
+    np.testing.assert_allclose(familiar.float().norm(dim=1).numpy(), 1.0, atol=1e-3)
     glossary_file = out.parent / config["crossmodal"]["glossary"]  # the training captions' words are the known ones
     train_words = " ".join(line.split("\t")[1] for line in
                            (tmp_path / "data" / "train" / "captions.tsv").read_text().splitlines()[1:]).lower()

@@ -27,10 +27,10 @@ def test_the_wheel_installs_and_runs_outside_the_repository(tmp_path):
     wheel = next(dist.glob("crossmodal-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for shipped in ("crossmodal/cli.py", "crossmodal/indexer/builder.py", "crossmodal/search/service.py",
-                    "crossmodal/ui/app.py", "crossmodal/data/models/crossmodal-lite-3/heads.safetensors",
-                    "crossmodal/data/models/crossmodal-lite-3/open_clip_config.json",
-                    "crossmodal/data/models/crossmodal-lite-3/hubness_bank.safetensors",
-                    "crossmodal/data/models/crossmodal-lite-3/glossary.txt",
+                    "crossmodal/ui/app.py", "crossmodal/data/models/crossmodal-lite-4/heads.safetensors",
+                    "crossmodal/data/models/crossmodal-lite-4/open_clip_config.json",
+                    "crossmodal/data/models/crossmodal-lite-4/hubness_bank.safetensors",
+                    "crossmodal/data/models/crossmodal-lite-4/glossary.txt",
                     "crossmodal/data/models/crossmodal-lite-2/heads.safetensors",
                     "crossmodal/data/models/crossmodal-lite-1/heads.safetensors",
                     "crossmodal/data/sample/captions.tsv"):
@@ -58,5 +58,5 @@ def test_the_wheel_installs_and_runs_outside_the_repository(tmp_path):
     found = run([crossmodal, "search", "a man with a camera", "-k", "1", "--index-dir", work / "index"], work)
     assert "camera.png" in found
     glossed = run([venv / "bin" / "python", "-c", "from crossmodal.indexer import glossary; "
-                   "print(glossary.for_model('crossmodal-lite-3').expand('an okapi'))"], work)
+                   "print(glossary.for_model('crossmodal-lite-4').expand('an okapi'))"], work)
     assert "giraffe" in glossed  # the glossary file and timm's definitions, found from the installed package
