@@ -150,11 +150,7 @@ def _add_label_bridge(model: nn.Module, extra: dict[str, Any]) -> None:
     classifier = image_classifier(extra["image_backbone_package"])
     width = extra["text_pool_width"] // 2  # the pooler's first half: the last layer's mean
     settings = extra["label_bridge"]
-    familiar = None
-    if "unfamiliar" in settings:  # version 4 on: the caption sample loads with the heads
-        unfamiliar = settings["unfamiliar"]
-        familiar = Familiarity(torch.zeros(unfamiliar["captions"], width), unfamiliar["weight"],
-                               *unfamiliar["similarity"])
+    familiar = Familiarity.from_settings(settings["unfamiliar"], width) if "unfamiliar" in settings else None
     bridge = LabelBridge(classifier, torch.zeros(len(class_names()), width), torch.zeros(width), width,
                          settings["weight"], settings.get("temperature", 1.0), familiar)
     model.visual.head.proj = FusedHead(model.visual.head.proj, bridge, "image")

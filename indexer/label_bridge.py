@@ -40,9 +40,10 @@ class Familiarity(nn.Module):
 
     The heads know only Flickr8k's words: "a photo of a gramophone." is nearer no shipped training
     caption than 0.43 (cosine of the text tower's last-layer means); two thirds of Flickr8k dev's
-    captions are nearer one than 0.6, and 2 % are at 0.45 or below. A text's bridge share rises linearly from the model's `weight` at
-    similarity `familiar` to `unfamiliar_weight` at `unfamiliar` and below. `captions` are unit
-    embeddings of a sample of the training captions (train.familiar_captions).
+    captions are nearer one than 0.6, and 2 % are at 0.45 or below. A text's bridge share rises
+    linearly from the model's `weight` at similarity `familiar` to `unfamiliar_weight` at
+    `unfamiliar` and below. `captions` are unit embeddings of a sample of the training captions
+    (train.familiar_captions).
     """
 
     def __init__(self, captions: torch.Tensor, unfamiliar_weight: float, unfamiliar: float, familiar: float):
@@ -52,9 +53,14 @@ class Familiarity(nn.Module):
         self.unfamiliar, self.familiar = float(unfamiliar), float(familiar)
 
     def settings(self) -> dict:
-        """As the model config's `label_bridge.unfamiliar` records them (default_model.py)."""
+        """As the model config's `label_bridge.unfamiliar` records them (read back by from_settings)."""
         return {"weight": self.unfamiliar_weight, "similarity": [self.unfamiliar, self.familiar],
                 "captions": len(self.captions)}
+
+    @classmethod
+    def from_settings(cls, settings: dict, width: int) -> "Familiarity":
+        """From the config's record; the captions themselves load with the heads."""
+        return cls(torch.zeros(settings["captions"], width), settings["weight"], *settings["similarity"])
 
     def weight(self, texts: torch.Tensor, weight: float) -> torch.Tensor:
         nearest = (texts @ self.captions.T).amax(dim=-1, keepdim=True)
@@ -96,13 +102,23 @@ class LabelBridge(nn.Module):
         return nn.functional.normalize(probs @ self.class_text, dim=-1)
 
     def text(self, pooled: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(nn.functional.normalize(pooled[:, :self.width], dim=-1) - self.center, dim=-1)
+        return nn.functional.normalize(self._last_layer(pooled) - self.center, dim=-1)
 
     def text_weight(self, pooled: torch.Tensor) -> torch.Tensor | float:
         """The bridge's share for each text: `weight`, or more for texts unlike any training caption."""
         if self.familiar is None:
             return self.weight
-        return self.familiar.weight(nn.functional.normalize(pooled[:, :self.width], dim=-1), self.weight)
+        return self.familiar.weight(self._last_layer(pooled), self.weight)
+
+    def _last_layer(self, pooled: torch.Tensor) -> torch.Tensor:
+        """A text's own embedding: the pooler's last-layer mean, at unit length."""
+        return nn.functional.normalize(pooled[:, :self.width], dim=-1)
+
+    def fused(self, heads: torch.Tensor, pooled: torch.Tensor, kind: str) -> torch.Tensor:
+        """A tower's output: its head's projection of `pooled` beside its own route through the bridge."""
+        if kind == "image":
+            return self.fuse(heads, self.image(pooled))
+        return self.fuse(heads, self.text(pooled), self.text_weight(pooled))
 
     def fuse(self, heads: torch.Tensor, bridge: torch.Tensor,
              weight: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -120,9 +136,7 @@ class FusedHead(nn.Module):
         self.proj, self.bridge, self.kind = proj, bridge, kind
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        if self.kind == "image":
-            return self.bridge.fuse(self.proj(pooled), self.bridge.image(pooled))
-        return self.bridge.fuse(self.proj(pooled), self.bridge.text(pooled), self.bridge.text_weight(pooled))
+        return self.bridge.fused(self.proj(pooled), pooled, self.kind)
 
 
 def class_text_from_pooled(pooled: torch.Tensor, width: int) -> torch.Tensor:

@@ -437,9 +437,7 @@ def feature_embedder(heads: dict[str, torch.Tensor], bridge: LabelBridge | None)
             return out
         with torch.no_grad():
             pooled = torch.from_numpy(np.ascontiguousarray(features))
-            if kind == "image":
-                return bridge.fuse(torch.from_numpy(out), bridge.image(pooled)).numpy()
-            return bridge.fuse(torch.from_numpy(out), bridge.text(pooled), bridge.text_weight(pooled)).numpy()
+            return bridge.fused(torch.from_numpy(out), pooled, kind).numpy()
     return embed
 
 
@@ -509,11 +507,11 @@ def run_training(data_dir: Path, cache_dir: Path, seeds: list[int], cfg: TrainCo
         if zero_shot is not None:
             zero_shot = (glossed_features(zero_shot[0], zero_shot[1], words, device), zero_shot[1])
     feature_seconds = time.perf_counter() - start
+    bridge = model_bridge(head, cfg, train)  # the same for every seed
     runs = []
     for seed in seeds:
         t0 = time.perf_counter()
         heads, metrics, history = train_heads(train, dev, TrainConfig(**{**asdict(cfg), "seed": seed}), head)
-        bridge = model_bridge(head, cfg, train)
         embed = feature_embedder(heads, bridge)
         bank, corrected = hubness_bank(embed, train, dev, seed)
         run = {"seed": seed, "dev": corrected, "dev_without_hubness": metrics, "hubness": bank.describe(),
