@@ -138,17 +138,24 @@ def cache_features(split_dir: Path, cache_file: Path, device: torch.device, view
     return result
 
 
+@functools.lru_cache(maxsize=1)
+def _text_towers(device: torch.device) -> Encoder:
+    """The frozen towers as an Encoder, for its tokenizer and width; built once a run, since its
+    constructor runs a probe text through the tower."""
+    return Encoder("towers", *_feature_model(device), device)
+
+
 @torch.inference_mode()
 def _text_features(texts: list[str], device: torch.device, desc: str | None = None) -> np.ndarray:
     """Frozen text-tower features [len(texts), pool width], in batches of similar lengths (a progress
     bar named `desc`, if given)."""
-    model, preprocess, tokenizer = _feature_model(device)
-    towers = Encoder("towers", model, preprocess, tokenizer, device)
+    towers = _text_towers(device)
     order = np.argsort([len(t) for t in texts], kind="stable")
     features = np.zeros((len(texts), towers.dim), dtype=np.float32)
     for start in tqdm(range(0, len(texts), 256), desc=desc, unit="batch", disable=desc is None):
         rows = order[start:start + 256]
-        features[rows] = model.encode_text(towers.tokenize([texts[i] for i in rows]), normalize=False).float().cpu().numpy()
+        tokens = towers.tokenize([texts[i] for i in rows])
+        features[rows] = towers.model.encode_text(tokens, normalize=False).float().cpu().numpy()
     return features
 
 
